@@ -1,0 +1,21 @@
+"""AdEMAMix for Optax: Adam with a mixture of a fast and a slow EMA.
+
+Pagliardini, Ablin, Grangier, "The AdEMAMix Optimizer: Better, Faster, Older"
+(arXiv 2409.03137).
+"""
+
+from ademamix_optax._alias import ademamix
+from ademamix_optax._schedules import alpha_warmup
+from ademamix_optax._schedules import beta3_warmup
+from ademamix_optax._transform import scale_by_ademamix
+from ademamix_optax._transform import ScaleByAdEMAMixState
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'ScaleByAdEMAMixState',
+    'ademamix',
+    'alpha_warmup',
+    'beta3_warmup',
+    'scale_by_ademamix',
+)

@@ -1,0 +1,211 @@
+r"""The AdEMAMix gradient transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ademamix_optax import _schedules
+from ademamix_optax import _validation
+
+
+class ScaleByAdEMAMixState(NamedTuple):
+  """State of :func:`scale_by_ademamix`.
+
+  Attributes:
+    count: Number of updates made so far; shape ``()``, dtype ``int32``. The
+      step :math:`t` of the next update is ``count + 1``.
+    m1: Fast EMA of the gradients, a tree like the parameters stored in
+      ``mu_dtype`` (default: the parameters' dtypes); ``None`` when
+      ``b1 == 0``, where the raw gradient takes its place.
+    m2: Slow EMA of the gradients, like ``m1`` (never ``None``).
+    nu: EMA of the squared gradients, in the parameters' dtypes.
+  """
+
+  count: jax.typing.ArrayLike  # shape=(), dtype=jnp.int32.
+  m1: Optional[optax.Updates]
+  m2: optax.Updates
+  nu: optax.Updates
+
+
+def _maybe_warmup(value, t_alpha_beta3, make_schedule):
+  """Wraps a non-schedule hyperparameter in its warmup, if one is asked for."""
+  if callable(value) or t_alpha_beta3 is None:
+    return value
+  if _validation.is_concrete_zero(t_alpha_beta3):
+    return value
+  return make_schedule(value)
+
+
+def _abs_sq(x: jax.Array) -> jax.Array:
+  if jnp.iscomplexobj(x):
+    return (x.conj() * x).real
+  return x * x
+
+
+def scale_by_ademamix(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    b3: optax.ScalarOrSchedule = 0.9999,
+    alpha: optax.ScalarOrSchedule = 5.0,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    *,
+    t_alpha_beta3: Optional[int] = None,
+) -> optax.GradientTransformation:
+  r"""Rescales updates with AdEMAMix, Adam with a mixture of two EMAs.
+
+  With :math:`g_t` the incoming updates (gradients) at the 1-based step
+  :math:`t`, ``b1``, ``b2``, ``b3``, ``alpha``, ``eps``, ``eps_root`` written
+  :math:`\beta_1, \beta_2, \beta_3(t), \alpha(t), \varepsilon,
+  \bar\varepsilon`:
+
+  .. math::
+
+    \begin{aligned}
+      m_1 &\leftarrow \beta_1 m_1 + (1 - \beta_1)\, g_t \\
+      m_2 &\leftarrow \beta_3(t)\, m_2 + (1 - \beta_3(t))\, g_t \\
+      \nu &\leftarrow \beta_2 \nu + (1 - \beta_2)\, |g_t|^2 \\
+      u_t &= \frac{m_1 / (1 - \beta_1^t) + \alpha(t)\, m_2}
+                  {\sqrt{\nu / (1 - \beta_2^t) + \bar\varepsilon}
+                   + \varepsilon}
+    \end{aligned}
+
+  The slow EMA :math:`m_2` is deliberately not bias-corrected. The
+  transformation returns :math:`u_t`; chain it with
+  :func:`optax.scale_by_learning_rate` (and weight decay), or use
+  :func:`ademamix_optax.ademamix`.
+
+  ``alpha`` and ``b3`` may be schedules, called with the 1-based step
+  :math:`t`. When ``t_alpha_beta3`` is a positive integer :math:`T`, a constant
+  ``alpha`` becomes :func:`ademamix_optax.alpha_warmup` ``(alpha, T)`` and a
+  constant ``b3`` becomes :func:`ademamix_optax.beta3_warmup`
+  ``(b3, T, b_start=b1)``: the paper's :math:`T_{\alpha,\beta_3}`.
+
+  With ``b1 == 0`` (a Python or NumPy number) the fast EMA is not stored at
+  all (``state.m1`` is ``None``) and :math:`m_1 = g_t`: two parameter-sized
+  buffers instead of three. A ``b1`` given as a JAX array (as
+  :func:`optax.inject_hyperparams` does) keeps the buffer, since its value may
+  change.
+
+  Arithmetic runs in at least float32; ``m1`` and ``m2`` are stored in
+  ``mu_dtype`` and ``nu`` in the parameters' dtype, and the state's dtypes
+  never change from one step to the next.
+
+  Args:
+    b1: Decay rate of the fast EMA, in [0, 1); 0 drops the fast EMA.
+    b2: Decay rate of the EMA of squared gradients, in [0, 1).
+    b3: Decay rate of the slow EMA, in [0, 1), or a schedule of the step.
+    alpha: Weight of the slow EMA, ``>= 0``, or a schedule of the step.
+    eps: Added to the denominator outside the square root, ``>= 0``.
+    eps_root: Added inside the square root, ``>= 0`` (useful when
+      differentiating through the update).
+    mu_dtype: Optional storage dtype of ``m1`` and ``m2``; ``None`` keeps the
+      parameters' dtypes.
+    t_alpha_beta3: Optional number of warmup steps :math:`T_{\alpha,\beta_3}`
+      for constant ``alpha`` and ``b3``; ``None`` or ``0`` for no warmup. The
+      paper sets it to the total number of training steps.
+
+  Returns:
+    A :class:`optax.GradientTransformation` whose state is a
+    :class:`ScaleByAdEMAMixState`.
+
+  Raises:
+    ValueError: at construction, for a concrete hyperparameter outside its
+      range or an unknown ``mu_dtype``; the message names the argument.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import ademamix_optax as amx
+    >>> tx = amx.scale_by_ademamix(b3=0.999, alpha=5.0, t_alpha_beta3=10)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.array([0.5, 0.5]), state)
+    >>> print(', '.join('{:.4f}'.format(u) for u in updates))
+    1.0046, 1.0046
+
+  References:
+    Pagliardini et al, `The AdEMAMix Optimizer: Better, Faster, Older
+    <https://arxiv.org/abs/2409.03137>`_, 2024
+  """
+  _validation.check_interval('b1', b1, low=0.0, high=1.0)
+  _validation.check_interval('b2', b2, low=0.0, high=1.0)
+  _validation.check_interval('b3', b3, low=0.0, high=1.0)
+  _validation.check_interval('alpha', alpha, low=0.0)
+  _validation.check_interval('eps', eps, low=0.0)
+  _validation.check_interval('eps_root', eps_root, low=0.0)
+  _validation.check_steps('t_alpha_beta3', t_alpha_beta3)
+  mu_dtype = _validation.canonicalize_float_dtype('mu_dtype', mu_dtype)
+
+  alpha_fn = _maybe_warmup(
+      alpha, t_alpha_beta3,
+      lambda a: _schedules.alpha_warmup(a, t_alpha_beta3))
+  b3_fn = _maybe_warmup(
+      b3, t_alpha_beta3,
+      lambda b: _schedules.beta3_warmup(b, t_alpha_beta3, b_start=b1))
+  # Only a plain number can drop the fast EMA: an array may be injected and
+  # change, and the state's structure must not depend on it.
+  use_m1 = not _validation.is_concrete_zero(b1)
+
+  def init_fn(params: optax.Params) -> ScaleByAdEMAMixState:
+    m1 = optax.tree.zeros_like(params, dtype=mu_dtype) if use_m1 else None
+    return ScaleByAdEMAMixState(
+        count=jnp.zeros([], jnp.int32),
+        m1=m1,
+        m2=optax.tree.zeros_like(params, dtype=mu_dtype),
+        nu=optax.tree.zeros_like(params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count_inc = optax.safe_increment(state.count)
+    alpha_t = alpha_fn(count_inc) if callable(alpha_fn) else alpha_fn
+    b3_t = b3_fn(count_inc) if callable(b3_fn) else b3_fn
+    # Same expressions (and rounding) as optax.tree.bias_correction.
+    bc1 = 1 - b1**count_inc
+    bc2 = 1 - b2**count_inc
+
+    def leaf(g, m1, m2, nu):
+      cdt = jnp.promote_types(g.dtype, jnp.float32)
+      g_c = g.astype(cdt)
+      if m1 is None:
+        m1_new = m1_hat = g_c
+      else:
+        m1_new = (1 - b1) * g_c + b1 * m1.astype(cdt)
+        m1_hat = m1_new / bc1.astype(cdt)
+      m2_new = (1 - b3_t) * g_c + b3_t * m2.astype(cdt)
+      nu_new = (1 - b2) * _abs_sq(g_c) + b2 * nu.astype(cdt)
+      nu_hat = nu_new / bc2.astype(nu_new.dtype)
+      u = (m1_hat + alpha_t * m2_new) / (jnp.sqrt(nu_hat + eps_root) + eps)
+      return (
+          u.astype(g.dtype),
+          None if m1 is None else m1_new.astype(m1.dtype),
+          m2_new.astype(m2.dtype),
+          nu_new.astype(nu.dtype),
+      )
+
+    g_leaves, treedef = jax.tree.flatten(updates)
+    m2_leaves = treedef.flatten_up_to(state.m2)
+    nu_leaves = treedef.flatten_up_to(state.nu)
+    if state.m1 is None:
+      m1_leaves = [None] * len(g_leaves)
+    else:
+      m1_leaves = treedef.flatten_up_to(state.m1)
+    out = [leaf(*args) for args in
+           zip(g_leaves, m1_leaves, m2_leaves, nu_leaves)]
+    u, m1, m2, nu = (
+        [o[i] for o in out] for i in range(4)
+    )
+    new_state = ScaleByAdEMAMixState(
+        count=count_inc,
+        m1=None if state.m1 is None else treedef.unflatten(m1),
+        m2=treedef.unflatten(m2),
+        nu=treedef.unflatten(nu),
+    )
+    return treedef.unflatten(u), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

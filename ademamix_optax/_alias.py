@@ -24,6 +24,8 @@ def ademamix(
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     *,
     t_alpha_beta3: Optional[int] = None,
+    nu_dtype: Optional[jax.typing.DTypeLike] = None,
+    stochastic_rounding: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdEMAMix with decoupled weight decay (Pagliardini et al, 2024).
 
@@ -70,6 +72,10 @@ def ademamix(
     t_alpha_beta3: Optional warmup length :math:`T_{\alpha,\beta_3}` for
       constant ``alpha`` and ``b3`` (see
       :func:`ademamix_optax.scale_by_ademamix`).
+    nu_dtype: Optional storage dtype of the second-moment EMA.
+    stochastic_rounding: Whether states stored narrower than float32 are
+      written back with (deterministic) stochastic rounding; see
+      :func:`ademamix_optax.scale_by_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -117,6 +123,8 @@ def ademamix(
           eps_root=eps_root,
           mu_dtype=mu_dtype,
           t_alpha_beta3=t_alpha_beta3,
+          nu_dtype=nu_dtype,
+          stochastic_rounding=stochastic_rounding,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

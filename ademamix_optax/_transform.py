@@ -2,12 +2,13 @@ r"""The AdEMAMix gradient transformation."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from ademamix_optax import _rounding
 from ademamix_optax import _schedules
 from ademamix_optax import _validation
 
@@ -22,7 +23,8 @@ class ScaleByAdEMAMixState(NamedTuple):
       ``mu_dtype`` (default: the parameters' dtypes); ``None`` when
       ``b1 == 0``, where the raw gradient takes its place.
     m2: Slow EMA of the gradients, like ``m1`` (never ``None``).
-    nu: EMA of the squared gradients, in the parameters' dtypes.
+    nu: EMA of the squared gradients, stored in ``nu_dtype`` (default: the
+      parameters' dtypes).
   """
 
   count: jax.typing.ArrayLike  # shape=(), dtype=jnp.int32.
@@ -46,6 +48,47 @@ def _abs_sq(x: jax.Array) -> jax.Array:
   return x * x
 
 
+def _needs_rounding(dtype: jnp.dtype, stochastic: bool) -> bool:
+  """Whether a buffer stored in ``dtype`` is written back stochastically."""
+  return (
+      stochastic
+      and jnp.issubdtype(dtype, jnp.floating)
+      and jnp.finfo(dtype).bits < 32
+  )
+
+
+class _Store:
+  """Writes one leaf's new moments back to their storage dtypes.
+
+  Buffers stored narrower than float32 are rounded stochastically, with bits
+  hashed from (element, step, leaf): m1 and m2 take the high and low halves
+  of one hash, nu a second one. Other buffers are cast as usual.
+  """
+
+  def __init__(self, shape, count, leaf, stochastic):
+    self._shape = shape
+    self._count = count
+    self._leaf = leaf
+    self._stochastic = stochastic
+    self._bits = None
+
+  def _hash(self):
+    if self._bits is None:
+      key = _rounding.stream_key(self._count, self._leaf, 0)
+      self._bits = _rounding.random_bits(self._shape, key)
+    return self._bits
+
+  def __call__(self, value, dtype, buffer):
+    if not _needs_rounding(dtype, self._stochastic):
+      return value.astype(dtype)
+    bits = self._hash()
+    if buffer == 'm2':
+      bits = bits << 16
+    elif buffer == 'nu':
+      bits = _rounding.rehash(bits)
+    return _rounding.stochastic_round(value, dtype, bits)
+
+
 def scale_by_ademamix(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
@@ -56,6 +99,8 @@ def scale_by_ademamix(
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     *,
     t_alpha_beta3: Optional[int] = None,
+    nu_dtype: Optional[jax.typing.DTypeLike] = None,
+    stochastic_rounding: bool = True,
 ) -> optax.GradientTransformation:
   r"""Rescales updates with AdEMAMix, Adam with a mixture of two EMAs.
 
@@ -93,8 +138,14 @@ def scale_by_ademamix(
   change.
 
   Arithmetic runs in at least float32; ``m1`` and ``m2`` are stored in
-  ``mu_dtype`` and ``nu`` in the parameters' dtype, and the state's dtypes
-  never change from one step to the next.
+  ``mu_dtype`` and ``nu`` in ``nu_dtype`` (both default to the parameters'
+  dtypes), and the state's dtypes never change from one step to the next.
+  A buffer stored in a dtype narrower than float32 (bfloat16, float16) is
+  written back with stochastic rounding: with round-to-nearest a bfloat16
+  EMA with ``b3 = 0.9999`` stalls (each step's change is below half an ulp),
+  while stochastic rounding keeps it unbiased. The random bits are a hash of
+  the element's index, the step and the leaf: deterministic, identical after a
+  resume, independent of sharding, and computed inside the fused update.
 
   Args:
     b1: Decay rate of the fast EMA, in [0, 1); 0 drops the fast EMA.
@@ -109,6 +160,11 @@ def scale_by_ademamix(
     t_alpha_beta3: Optional number of warmup steps :math:`T_{\alpha,\beta_3}`
       for constant ``alpha`` and ``b3``; ``None`` or ``0`` for no warmup. The
       paper sets it to the total number of training steps.
+    nu_dtype: Optional storage dtype of ``nu``; ``None`` keeps the
+      parameters' dtypes.
+    stochastic_rounding: Whether buffers stored narrower than float32 are
+      written back with stochastic rounding (default) or round-to-nearest
+      (which stalls slow EMAs; kept for comparison).
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -140,6 +196,7 @@ def scale_by_ademamix(
   _validation.check_interval('eps_root', eps_root, low=0.0)
   _validation.check_steps('t_alpha_beta3', t_alpha_beta3)
   mu_dtype = _validation.canonicalize_float_dtype('mu_dtype', mu_dtype)
+  nu_dtype = _validation.canonicalize_float_dtype('nu_dtype', nu_dtype)
 
   alpha_fn = _maybe_warmup(
       alpha, t_alpha_beta3,
@@ -157,7 +214,7 @@ def scale_by_ademamix(
         count=jnp.zeros([], jnp.int32),
         m1=m1,
         m2=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params),
+        nu=optax.tree.zeros_like(params, dtype=nu_dtype),
     )
 
   def update_fn(updates, state, params=None):
@@ -169,7 +226,8 @@ def scale_by_ademamix(
     bc1 = 1 - b1**count_inc
     bc2 = 1 - b2**count_inc
 
-    def leaf(g, m1, m2, nu):
+    def leaf(index, g, m1, m2, nu):
+      store = _Store(g.shape, count_inc, index, stochastic_rounding)
       cdt = jnp.promote_types(g.dtype, jnp.float32)
       g_c = g.astype(cdt)
       if m1 is None:
@@ -183,9 +241,9 @@ def scale_by_ademamix(
       u = (m1_hat + alpha_t * m2_new) / (jnp.sqrt(nu_hat + eps_root) + eps)
       return (
           u.astype(g.dtype),
-          None if m1 is None else m1_new.astype(m1.dtype),
-          m2_new.astype(m2.dtype),
-          nu_new.astype(nu.dtype),
+          None if m1 is None else store(m1_new, m1.dtype, 'm1'),
+          store(m2_new, m2.dtype, 'm2'),
+          store(nu_new, nu.dtype, 'nu'),
       )
 
     g_leaves, treedef = jax.tree.flatten(updates)
@@ -195,8 +253,8 @@ def scale_by_ademamix(
       m1_leaves = [None] * len(g_leaves)
     else:
       m1_leaves = treedef.flatten_up_to(state.m1)
-    out = [leaf(*args) for args in
-           zip(g_leaves, m1_leaves, m2_leaves, nu_leaves)]
+    out = [leaf(i, *args) for i, args in
+           enumerate(zip(g_leaves, m1_leaves, m2_leaves, nu_leaves))]
     u, m1, m2, nu = (
         [o[i] for o in out] for i in range(4)
     )

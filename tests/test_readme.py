@@ -39,4 +39,4 @@ def test_readme_usage_snippet_runs():
   new = namespace['optax'].apply_updates(namespace['params'], updates)
   assert jax.tree.structure(new) == jax.tree.structure(params)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new))
-  assert not np.allclose(np.asarray(new['w']), 1.0)
+  assert (np.asarray(new['w']) < 1.0).all()  # moved against the gradient

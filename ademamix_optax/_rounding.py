@@ -47,7 +47,7 @@ def stream_key(count: jax.Array, leaf: int, buffer: int) -> jax.Array:
   return _mix(_mix(seed))
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+def flat_index(shape: tuple[int, ...]) -> jax.Array:
   """The row-major linear index of each element, as uint32, shape ``shape``.
 
   Built from per-dimension iotas (not a reshaped 1-D iota) so that the
@@ -64,9 +64,14 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
+def mix_index(index: jax.Array, key: jax.Array) -> jax.Array:
+  """Uniform uint32 bits for each element index under ``key``."""
+  return _mix(index ^ key)
+
+
 def random_bits(shape: tuple[int, ...], key: jax.Array) -> jax.Array:
   """Uniform uint32 bits for each element of ``shape`` under ``key``."""
-  return _mix(_flat_index(shape) ^ key)
+  return mix_index(flat_index(shape), key)
 
 
 def rehash(bits: jax.Array) -> jax.Array:

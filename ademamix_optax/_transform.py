@@ -10,6 +10,7 @@ import optax
 
 from ademamix_optax import _rounding
 from ademamix_optax import _schedules
+from ademamix_optax import _update
 from ademamix_optax import _validation
 
 
@@ -40,53 +41,6 @@ def _maybe_warmup(value, t_alpha_beta3, make_schedule):
   if _validation.is_concrete_zero(t_alpha_beta3):
     return value
   return make_schedule(value)
-
-
-def _abs_sq(x: jax.Array) -> jax.Array:
-  if jnp.iscomplexobj(x):
-    return (x.conj() * x).real
-  return x * x
-
-
-def _needs_rounding(dtype: jnp.dtype, stochastic: bool) -> bool:
-  """Whether a buffer stored in ``dtype`` is written back stochastically."""
-  return (
-      stochastic
-      and jnp.issubdtype(dtype, jnp.floating)
-      and jnp.finfo(dtype).bits < 32
-  )
-
-
-class _Store:
-  """Writes one leaf's new moments back to their storage dtypes.
-
-  Buffers stored narrower than float32 are rounded stochastically, with bits
-  hashed from (element, step, leaf): m1 and m2 take the high and low halves
-  of one hash, nu a second one. Other buffers are cast as usual.
-  """
-
-  def __init__(self, shape, count, leaf, stochastic):
-    self._shape = shape
-    self._count = count
-    self._leaf = leaf
-    self._stochastic = stochastic
-    self._bits = None
-
-  def _hash(self):
-    if self._bits is None:
-      key = _rounding.stream_key(self._count, self._leaf, 0)
-      self._bits = _rounding.random_bits(self._shape, key)
-    return self._bits
-
-  def __call__(self, value, dtype, buffer):
-    if not _needs_rounding(dtype, self._stochastic):
-      return value.astype(dtype)
-    bits = self._hash()
-    if buffer == 'm2':
-      bits = bits << 16
-    elif buffer == 'nu':
-      bits = _rounding.rehash(bits)
-    return _rounding.stochastic_round(value, dtype, bits)
 
 
 def scale_by_ademamix(
@@ -226,25 +180,14 @@ def scale_by_ademamix(
     bc1 = 1 - b1**count_inc
     bc2 = 1 - b2**count_inc
 
+    scalars = _update.StepScalars(
+        count=count_inc, b1=b1, b2=b2, b3=b3_t, alpha=alpha_t, bc1=bc1,
+        bc2=bc2, eps=eps, eps_root=eps_root)
+
     def leaf(index, g, m1, m2, nu):
-      store = _Store(g.shape, count_inc, index, stochastic_rounding)
-      cdt = jnp.promote_types(g.dtype, jnp.float32)
-      g_c = g.astype(cdt)
-      if m1 is None:
-        m1_new = m1_hat = g_c
-      else:
-        m1_new = (1 - b1) * g_c + b1 * m1.astype(cdt)
-        m1_hat = m1_new / bc1.astype(cdt)
-      m2_new = (1 - b3_t) * g_c + b3_t * m2.astype(cdt)
-      nu_new = (1 - b2) * _abs_sq(g_c) + b2 * nu.astype(cdt)
-      nu_hat = nu_new / bc2.astype(nu_new.dtype)
-      u = (m1_hat + alpha_t * m2_new) / (jnp.sqrt(nu_hat + eps_root) + eps)
-      return (
-          u.astype(g.dtype),
-          None if m1 is None else store(m1_new, m1.dtype, 'm1'),
-          store(m2_new, m2.dtype, 'm2'),
-          store(nu_new, nu.dtype, 'nu'),
-      )
+      return _update.leaf_update(
+          g, m1, m2, nu, scalars, leaf=index, stochastic=stochastic_rounding,
+          flat_index=lambda: _rounding.flat_index(g.shape))
 
     g_leaves, treedef = jax.tree.flatten(updates)
     m2_leaves = treedef.flatten_up_to(state.m2)

@@ -42,8 +42,10 @@ def _mix(x: jax.Array) -> jax.Array:
 def stream_key(count: jax.Array, leaf: int, buffer: int) -> jax.Array:
   """A scalar uint32 key for one buffer of one leaf at one step."""
   count = jnp.asarray(count).astype(jnp.uint32)
-  seed = count * _K_STEP + np.uint32(leaf) * _K_LEAF
-  seed = seed + np.uint32(buffer) * _K_BUFFER
+  # Static fields are combined in Python ints (mod 2**32), not as NumPy
+  # scalars, whose wrap-around warns.
+  fields = (leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
+  seed = count * _K_STEP + np.uint32(fields)
   return _mix(_mix(seed))
 
 

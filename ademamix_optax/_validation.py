@@ -8,6 +8,7 @@ update) cannot be inspected and are let through unchecked.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Optional
 
@@ -47,10 +48,25 @@ def check_interval(
     high: Optional[float] = None,
     high_open: bool = True,
 ) -> None:
-  """Raises ``ValueError`` if a concrete ``value`` is outside [low, high)."""
+  """Raises ``ValueError`` if a concrete ``value`` is outside [low, high).
+
+  Booleans, non-finite values and arrays that are not scalars are rejected
+  too; callables and traced values are let through.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{name} must be a number, got {name}={value!r}.')
+  if (
+      isinstance(value, (np.ndarray, jax.Array))
+      and not isinstance(value, jax.core.Tracer)
+      and np.ndim(value) != 0
+  ):
+    raise ValueError(
+        f'{name} must be a scalar, got {name} of shape {np.shape(value)}.')
   v = concrete_scalar(value)
   if v is None:
     return
+  if not math.isfinite(v):
+    raise ValueError(f'{name} must be finite, got {name}={value!r}.')
   ok = v >= low
   if high is not None:
     ok = ok and (v < high if high_open else v <= high)

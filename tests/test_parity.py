@@ -1,0 +1,470 @@
+"""Trajectory parity of ademamix_optax with references.
+
+The package (float32, jitted, ``lax.scan``) is run for a few hundred steps and
+compared, at several steps, with the float64 NumPy implementation of the
+paper's Algorithm 1 in ``numpy_reference.py``, over every option; and, for
+the settings it supports (constant ``alpha`` and ``b3``, ``b1 > 0``), with
+``optax.contrib.ademamix``.
+
+Gradients are drawn from a seeded RNG independently of the parameters, so
+float32 rounding does not compound through a loss; one test also follows a
+real loss (a quadratic and the Rosenbrock function), with looser tolerances.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import ademamix_optax as amx
+import numpy_reference as ref
+
+N_STEPS = 200
+T_WARMUP = 100  # Inside the run: both the warmup and the constant phase.
+# 1-based steps at which everything is compared.
+CHECK_STEPS = (1, 2, 3, 10, 50, 99, 100, 101, 150, 200)
+LR = 1e-2
+
+# Several leaves, ranks and gradient scales (scalar leaf included).
+SHAPES = {
+    'dense': {'kernel': (5, 3), 'bias': (3,)},
+    'conv': {'kernel': (2, 2, 3)},
+    'scale': (),
+}
+GRAD_SCALES = {
+    'dense': {'kernel': 1.0, 'bias': 0.01},
+    'conv': {'kernel': 10.0},
+    'scale': 1e-3,
+}
+# Weight decay on the kernels only.
+MASK = {
+    'dense': {'kernel': True, 'bias': False},
+    'conv': {'kernel': True},
+    'scale': False,
+}
+
+
+def _is_shape(x):
+  return isinstance(x, tuple)
+
+
+def _make_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: rng.normal(size=s).astype(np.float32), SHAPES, is_leaf=_is_shape
+  )
+
+
+def _make_grads(n_steps=N_STEPS, seed=1):
+  """Stacked gradients, shape ``(n_steps, *leaf_shape)``, with a mean.
+
+  Each element has a fixed mean plus noise, so that the EMAs do not average
+  out to zero (which would make relative errors meaningless).
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(shape, scale):
+    mean = rng.normal(size=shape)
+    noise = rng.normal(size=(n_steps,) + shape)
+    return (scale * (mean + noise)).astype(np.float32)
+
+  return jax.tree.map(leaf, SHAPES, GRAD_SCALES, is_leaf=_is_shape)
+
+
+def _unstack(stacked, n):
+  return [jax.tree.map(lambda x, k=k: x[k], stacked) for k in range(n)]
+
+
+def _adamix_state(state):
+  """The ScaleByAdEMAMixState of a bare transform or of the alias' chain."""
+  if isinstance(state, amx.ScaleByAdEMAMixState):
+    return state
+  return state[0]
+
+
+def _run_package(tx, params, grads):
+  """Runs ``tx`` over stacked ``grads`` in one jitted scan.
+
+  Returns per-step stacked params, updates and ScaleByAdEMAMixState.
+  """
+
+  def body(carry, g):
+    p, s = carry
+    u, s = tx.update(g, s, p)
+    p = optax.apply_updates(p, u)
+    return (p, s), (p, u, _adamix_state(s))
+
+  @jax.jit
+  def run(p, gs):
+    _, history = jax.lax.scan(body, (p, tx.init(p)), gs)
+    return history
+
+  return jax.device_get(run(params, grads))
+
+
+# Entries of a leaf are compared up to rtol times the leaf's largest entry, so
+# that entries crossing zero do not fail on noise. Parameters start O(1) and
+# can end near zero (the scalar leaf does), so their scale is at least 1.
+_SCALE_FLOOR = {'params': 1.0}
+
+
+def _max_error(actual, expected, floor=0.0):
+  """Max over leaves of ``max |actual - expected| / max |expected|``."""
+  a_leaves, a_def = jax.tree.flatten(actual)
+  e_leaves, e_def = jax.tree.flatten(expected)
+  assert a_def == e_def
+  worst = 0.0
+  for a, e in zip(a_leaves, e_leaves):
+    diff = np.abs(np.asarray(a, dtype=np.float64) - e)
+    scale = max(float(np.max(np.abs(e))), floor, 1e-30)
+    worst = max(worst, float(np.max(diff)) / scale)
+  return worst
+
+
+def _assert_close(actual, expected, rtol, what, floor=0.0):
+  """``|actual - expected| <= rtol (|expected| + max |expected|)`` per leaf."""
+  a_leaves, a_def = jax.tree.flatten(actual)
+  e_leaves, e_def = jax.tree.flatten(expected)
+  assert a_def == e_def, what
+  for a, e in zip(a_leaves, e_leaves):
+    np.testing.assert_allclose(
+        np.asarray(a, dtype=np.float64),
+        e,
+        rtol=rtol,
+        atol=rtol * max(float(np.max(np.abs(e))), floor),
+        err_msg=what,
+    )
+
+
+def _compare_history(pkg, expected, keys, rtol, steps=CHECK_STEPS):
+  """Compares the package's per-step history with the reference's.
+
+  Returns the worst :func:`_max_error` per key (for measuring tolerances).
+  """
+  params, updates, state = pkg
+  got = {'params': params, 'updates': updates, 'm1': state.m1,
+         'm2': state.m2, 'nu': state.nu}
+  worst = {}
+  for key in keys:
+    floor = _SCALE_FLOOR.get(key, 0.0)
+    worst[key] = 0.0
+    for step in steps:
+      if step > len(expected[key]):
+        continue
+      exp = expected[key][step - 1]
+      act = jax.tree.map(lambda x, k=step - 1: x[k], got[key])
+      _assert_close(act, exp, rtol, f'{key} at step {step}', floor)
+      worst[key] = max(worst[key], _max_error(act, exp, floor))
+  return worst
+
+
+def _cosine_lr_np(count):
+  """Linear warmup 0 -> 1e-2 over 20 steps, cosine to 1e-4 at 200 (NumPy)."""
+  if count < 20:
+    return 1e-2 * count / 20
+  k = min(count - 20, 180)
+  return 1e-4 + (1e-2 - 1e-4) * 0.5 * (1.0 + math.cos(math.pi * k / 180))
+
+
+def _alpha_lambda(t):
+  return 1.0 + 0.05 * t
+
+
+def _b3_lambda(t):
+  return 0.99 + 0.009 * t / (t + 50.0)
+
+
+# name -> (package kwargs, reference kwargs, rtol). The reference never sees
+# a package schedule: the package's warmups are matched with numpy_reference
+# ones, optax's learning-rate schedule with a NumPy formula.
+#
+# Observed max errors (|got - want| / max |want| of the leaf, over CHECK_STEPS)
+# are noted per case; rtol = 5e-5 is about 4 times the worst. In every case
+# m1 <= 6e-7, m2 <= 3e-6 and nu <= 2e-6. The updates' 1e-5 comes from the
+# bias correction, as in optax.scale_by_adam: float32(0.999) is 0.999 + 1.3e-8,
+# so 1 - b2**t is 1.3e-5 off in relative terms at t = 1 while the EMA's
+# (1 - b2) is exact, and u is 6.7e-6 off from step 1 on. Parameters add
+# float32 accumulation.
+RTOL = 5e-5
+ALIAS_CASES = {
+    # Observed: params 6e-6, updates 1e-5.
+    'defaults': ({}, {}, RTOL),
+    # Observed: params 6e-6, updates 1e-5.
+    'b1_zero': ({'b1': 0.0}, {'b1': 0.0}, RTOL),
+    # Observed: params 1.3e-5, updates 1e-5.
+    'warmups': (
+        {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP},
+        {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP},
+        RTOL,
+    ),
+    # b3 warms up from b_start = b1 = 0. Observed: params 1.2e-5, updates 1e-5.
+    'b1_zero_warmups': (
+        {'b1': 0.0, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
+        {'b1': 0.0, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
+        RTOL,
+    ),
+    # Observed: params 7e-6, updates 1e-5.
+    'weight_decay_mask': (
+        {'weight_decay': 0.5, 'mask': MASK},
+        {'weight_decay': 0.5, 'mask': MASK},
+        RTOL,
+    ),
+    # Observed: params 4e-6, updates 1e-5.
+    'lr_schedule': (
+        {'learning_rate': optax.warmup_cosine_decay_schedule(
+            0.0, 1e-2, 20, N_STEPS, 1e-4)},
+        {'learning_rate': _cosine_lr_np},
+        RTOL,
+    ),
+    # Observed: params 1e-5, updates 1e-5.
+    'package_schedules': (
+        {'alpha': amx.alpha_warmup(8.0, T_WARMUP),
+         'b3': amx.beta3_warmup(0.999, T_WARMUP, b_start=0.5)},
+        {'alpha': lambda t: ref.alpha_warmup_np(t, 8.0, T_WARMUP),
+         'b3': lambda t: ref.beta3_warmup_np(t, 0.999, T_WARMUP, 0.5)},
+        RTOL,
+    ),
+    # Observed: params 1.3e-5, updates 1e-5.
+    'lambda_schedules': (
+        {'alpha': _alpha_lambda, 'b3': _b3_lambda},
+        {'alpha': _alpha_lambda, 'b3': _b3_lambda},
+        RTOL,
+    ),
+    # Only the constant b3 is warmed up; the alpha schedule is left alone.
+    # Observed: params 1.3e-5, updates 1e-5.
+    'schedule_and_t_alpha_beta3': (
+        {'alpha': _alpha_lambda, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
+        {'alpha': _alpha_lambda, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
+        RTOL,
+    ),
+    # Observed: params 5e-6, updates 1e-5.
+    'eps_root': ({'eps_root': 1e-2}, {'eps_root': 1e-2}, RTOL),
+    # Observed: params 5e-6, updates 1e-5.
+    'large_eps': ({'eps': 1e-2}, {'eps': 1e-2}, RTOL),
+    # Everything at once. Observed: params 8e-7, updates 1.4e-6.
+    'all_options': (
+        {'learning_rate': optax.warmup_cosine_decay_schedule(
+            0.0, 1e-2, 20, N_STEPS, 1e-4),
+         'b1': 0.8, 'b2': 0.99, 'b3': 0.995, 'alpha': 3.0, 'eps': 1e-6,
+         'eps_root': 1e-4, 'weight_decay': 0.1, 'mask': MASK,
+         't_alpha_beta3': T_WARMUP},
+        {'learning_rate': _cosine_lr_np,
+         'b1': 0.8, 'b2': 0.99, 'b3': 0.995, 'alpha': 3.0, 'eps': 1e-6,
+         'eps_root': 1e-4, 'weight_decay': 0.1, 'mask': MASK,
+         't_alpha_beta3': T_WARMUP},
+        RTOL,
+    ),
+}
+
+
+@pytest.mark.parametrize('name', list(ALIAS_CASES))
+def test_alias_matches_reference(name):
+  pkg_kwargs, ref_kwargs, rtol = ALIAS_CASES[name]
+  pkg_kwargs = {'learning_rate': LR, **pkg_kwargs}
+  ref_kwargs = {'learning_rate': LR, **ref_kwargs}
+  params, grads = _make_params(), _make_grads()
+  got = _run_package(amx.ademamix(**pkg_kwargs), params, grads)
+  want = ref.run_reference(params, _unstack(grads, N_STEPS), **ref_kwargs)
+  if pkg_kwargs.get('b1', 0.9) == 0.0:
+    assert got[2].m1 is None
+  _compare_history(got, want, ('params', 'updates', 'm1', 'm2', 'nu'), rtol)
+
+
+# Observed: updates 1e-5 in each case (see above).
+TRANSFORM_CASES = {
+    'defaults': {},
+    'b1_zero': {'b1': 0.0},
+    'warmups': {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP},
+    'b1_zero_warmups': {'b1': 0.0, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
+    'eps_root': {'eps_root': 1e-2},
+    'lambda_schedules': {'alpha': _alpha_lambda, 'b3': _b3_lambda},
+}
+
+
+@pytest.mark.parametrize('name', list(TRANSFORM_CASES))
+def test_transform_matches_reference(name):
+  kwargs = TRANSFORM_CASES[name]
+  params, grads = _make_params(), _make_grads()
+  got = _run_package(amx.scale_by_ademamix(**kwargs), params, grads)
+  want = ref.run_reference_direction(
+      params, _unstack(grads, N_STEPS), **kwargs)
+  if kwargs.get('b1', 0.9) == 0.0:
+    assert got[2].m1 is None
+  _compare_history(got, want, ('updates', 'm1', 'm2', 'nu'), RTOL)
+
+
+def test_b1_zero_stores_no_fast_ema():
+  tx = amx.scale_by_ademamix(b1=0.0, b3=0.999, t_alpha_beta3=50)
+  params, grads = _make_params(), _make_grads(n_steps=150)
+  state = tx.init(params)
+  assert state.m1 is None
+  got = _run_package(tx, params, grads)
+  assert got[2].m1 is None
+  want = ref.run_reference_direction(
+      params, _unstack(grads, 150), b1=0.0, b3=0.999, t_alpha_beta3=50)
+  assert all(m1 is None for m1 in want['m1'])
+  # Observed: updates 1e-5.
+  _compare_history(got, want, ('updates', 'm1', 'm2', 'nu'), RTOL,
+                   steps=(1, 2, 50, 51, 150))
+
+
+def _quadratic_loss(params):
+  """Ill-conditioned quadratics over the leaves of ``params['quad']``."""
+  loss = 0.0
+  for name, scale in (('a', 1.0), ('b', 30.0)):
+    p = params['quad'][name]
+    curvature = scale * jnp.arange(1.0, p.size + 1.0).reshape(p.shape)
+    loss = loss + 0.5 * jnp.sum(curvature * (p - 0.5) ** 2)
+  return loss
+
+
+def _quadratic_grad_np(params):
+  grads = {}
+  for name, scale in (('a', 1.0), ('b', 30.0)):
+    p = params['quad'][name]
+    curvature = scale * np.arange(1.0, p.size + 1.0).reshape(p.shape)
+    grads[name] = curvature * (p - 0.5)
+  return grads
+
+
+def _rosenbrock_grad_np(p):
+  x, y = p
+  return np.array([-2.0 * (1.0 - x) - 400.0 * x * (y - x**2),
+                   200.0 * (y - x**2)])
+
+
+def _loss(params):
+  x, y = params['rosen'][0], params['rosen'][1]
+  return _quadratic_loss(params) + (1.0 - x) ** 2 + 100.0 * (y - x**2) ** 2
+
+
+def _grad_np(params, t):
+  del t
+  return {'quad': _quadratic_grad_np(params),
+          'rosen': _rosenbrock_grad_np(params['rosen'])}
+
+
+def test_real_loss_trajectory_matches_reference():
+  """Gradients of a quadratic plus Rosenbrock loss, recomputed from each side's
+  own parameters: float32 rounding now feeds back through the loss."""
+  n_steps = 300
+  params = {
+      'quad': {'a': np.full((3, 2), -1.0, np.float32),
+               'b': np.array([2.0, -3.0], np.float32)},
+      'rosen': np.array([-3.0, 5.0], np.float32),
+  }
+  kwargs = {'learning_rate': 2e-2, 'b3': 0.999, 'alpha': 8.0,
+            't_alpha_beta3': 150, 'weight_decay': 1e-3}
+  tx = amx.ademamix(**kwargs)
+
+  def body(carry, _):
+    p, s = carry
+    u, s = tx.update(jax.grad(_loss)(p), s, p)
+    p = optax.apply_updates(p, u)
+    return (p, s), (p, u, s[0])
+
+  @jax.jit
+  def run(p):
+    _, history = jax.lax.scan(body, (p, tx.init(p)), length=n_steps)
+    return history
+
+  got = jax.device_get(run(params))
+  want = ref.run_reference(params, _grad_np, n_steps=n_steps, **kwargs)
+  # The loss must actually go down, or the comparison is vacuous.
+  last = jax.tree.map(lambda x: x[-1], got[0])
+  assert float(_loss(last)) < 0.5 * float(_loss(params))
+  # Observed: params 2e-5, m1 4e-5, m2 7e-5, nu 2e-5.
+  _compare_history(got, want, ('params', 'm1', 'm2', 'nu'), 3e-4,
+                   steps=(1, 2, 10, 50, 100, 150, 200, 300))
+
+
+@pytest.mark.parametrize('stochastic', [False, True])
+def test_bfloat16_moments_match_reference(stochastic):
+  """mu_dtype=bfloat16: m1 and m2 are stored rounded, nu stays float32."""
+  kwargs = {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP}
+  params, grads = _make_params(), _make_grads()
+  tx = amx.ademamix(LR, mu_dtype=jnp.bfloat16,
+                    stochastic_rounding=stochastic, **kwargs)
+  state = tx.init(params)[0]
+  got = _run_package(tx, params, grads)
+  for tree in (state.m1, state.m2, got[2].m1, got[2].m2):
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(tree))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got[2].nu))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got[0]))
+  if stochastic:
+    # Against the unrounded reference: stochastic rounding is unbiased but
+    # leaves about one bfloat16 ulp of noise per element, more in the slow
+    # EMA. Observed: params 2e-2, m1 1e-2, m2 5e-2, nu 2e-6.
+    mu_dtype, rtol = None, 0.2
+  else:
+    # Against a reference that rounds its stored m1 and m2 to nearest
+    # bfloat16 too: float32 and float64 sums now and then round to different
+    # neighbours, one ulp that the slow EMA keeps. Observed: params 3e-4,
+    # m1 0, m2 4e-4, nu 2e-6.
+    mu_dtype, rtol = ml_dtypes.bfloat16, 2e-3
+  want = ref.run_reference(params, _unstack(grads, N_STEPS), learning_rate=LR,
+                           mu_dtype=mu_dtype, **kwargs)
+  _compare_history(got, want, ('params', 'm1', 'm2', 'nu'), rtol)
+
+
+def test_bfloat16_state_update_does_not_warn():
+  """A bfloat16 state on a tree of three or more leaves emits no warning.
+
+  Regression: the stochastic-rounding seed once multiplied NumPy ``uint32``
+  scalars, which wrap with a RuntimeWarning from the third leaf on.
+  """
+  tx = amx.scale_by_ademamix(mu_dtype=jnp.bfloat16)
+  params = {'a': jnp.ones(2), 'b': jnp.ones(2), 'c': jnp.ones(2)}
+  updates, _ = jax.jit(tx.update)(params, tx.init(params))
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def _contrib_history(tx_ours, tx_theirs, params, grads):
+  ours = _run_package(tx_ours, params, grads)
+
+  def body(carry, g):
+    p, s = carry
+    u, s = tx_theirs.update(g, s, p)
+    p = optax.apply_updates(p, u)
+    inner = s if hasattr(s, 'm1') else s[0]
+    return (p, s), (p, u, inner)
+
+  @jax.jit
+  def run(p, gs):
+    _, history = jax.lax.scan(body, (p, tx_theirs.init(p)), gs)
+    return history
+
+  return ours, jax.device_get(run(params, grads))
+
+
+def _assert_trees_allclose(a, b, rtol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=0.0)
+
+
+def test_transform_equals_optax_contrib():
+  # optax.contrib.scale_by_ademamix defaults to alpha=6.0: pass it explicitly.
+  kwargs = {'b1': 0.9, 'b2': 0.999, 'b3': 0.999, 'alpha': 5.0, 'eps': 1e-8}
+  params, grads = _make_params(), _make_grads(n_steps=150)
+  ours, theirs = _contrib_history(
+      amx.scale_by_ademamix(**kwargs),
+      optax.contrib.scale_by_ademamix(**kwargs), params, grads)
+  _assert_trees_allclose(ours[1], theirs[1], 1e-6)
+  for name in ('m1', 'm2', 'nu'):
+    _assert_trees_allclose(getattr(ours[2], name), getattr(theirs[2], name),
+                           1e-6)
+
+
+def test_alias_equals_optax_contrib():
+  kwargs = {'learning_rate': LR, 'b1': 0.8, 'b2': 0.99, 'b3': 0.9999,
+            'alpha': 8.0, 'eps': 1e-8, 'eps_root': 1e-6,
+            'weight_decay': 0.1, 'mask': MASK}
+  params, grads = _make_params(), _make_grads(n_steps=150)
+  ours, theirs = _contrib_history(
+      amx.ademamix(**kwargs), optax.contrib.ademamix(**kwargs), params, grads)
+  _assert_trees_allclose(ours[1], theirs[1], 1e-6)
+  _assert_trees_allclose(ours[0], theirs[0], 1e-6)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ademamix_optax import _pallas
 from ademamix_optax import _rounding
 from ademamix_optax import _schedules
 from ademamix_optax import _update
@@ -55,6 +56,7 @@ def scale_by_ademamix(
     t_alpha_beta3: Optional[int] = None,
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
+    implementation: str = 'auto',
 ) -> optax.GradientTransformation:
   r"""Rescales updates with AdEMAMix, Adam with a mixture of two EMAs.
 
@@ -119,6 +121,13 @@ def scale_by_ademamix(
     stochastic_rounding: Whether buffers stored narrower than float32 are
       written back with stochastic rounding (default) or round-to-nearest
       (which stalls slow EMAs; kept for comparison).
+    implementation: ``'xla'`` computes each leaf with ordinary JAX operations
+      that XLA fuses; ``'pallas'`` with a one-pass Pallas kernel per leaf
+      (Triton on GPU, Mosaic on TPU, interpreted on CPU) that reads each
+      buffer once and writes it once, with the same results; ``'auto'``
+      (default) picks per leaf with ``_pallas.use_pallas``, which today
+      always picks XLA: the kernel has not yet been measured faster on any
+      device.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -149,6 +158,10 @@ def scale_by_ademamix(
   _validation.check_interval('eps', eps, low=0.0)
   _validation.check_interval('eps_root', eps_root, low=0.0)
   _validation.check_steps('t_alpha_beta3', t_alpha_beta3)
+  if implementation not in ('auto', 'xla', 'pallas'):
+    raise ValueError(
+        "implementation must be 'auto', 'xla' or 'pallas', got "
+        f'implementation={implementation!r}.')
   mu_dtype = _validation.canonicalize_float_dtype('mu_dtype', mu_dtype)
   nu_dtype = _validation.canonicalize_float_dtype('nu_dtype', nu_dtype)
 
@@ -185,6 +198,15 @@ def scale_by_ademamix(
         bc2=bc2, eps=eps, eps_root=eps_root)
 
     def leaf(index, g, m1, m2, nu):
+      if implementation == 'auto':
+        dtypes = [x.dtype for x in (g, m1, m2, nu) if x is not None]
+        fused = _pallas.use_pallas(jax.default_backend(), g.size, dtypes)
+      else:
+        fused = implementation == 'pallas'
+      if fused:
+        return _pallas.fused_leaf_update(
+            g, m1, m2, nu, scalars, leaf=index,
+            stochastic=stochastic_rounding)
       return _update.leaf_update(
           g, m1, m2, nu, scalars, leaf=index, stochastic=stochastic_rounding,
           flat_index=lambda: _rounding.flat_index(g.shape))

@@ -9,10 +9,17 @@ lower neighbour (in units of the gap), so the stored value is unbiased:
 :math:`\mathbb{E}[\mathrm{sr}(x)] = x`, and the EMA keeps moving on average.
 
 The random bits come from a counter-based hash of (element index, step,
-leaf, buffer): no PRNG state, nothing extra stored, the same numbers on every
+leaf, stream): no PRNG state, nothing extra stored, the same numbers on every
 run and after a resume, and independent of how the array is sharded (the
 element index is the global one). The hash is computed inside the same fused
-elementwise loop as the update.
+elementwise loop as the update, so it must be cheap: the (step, leaf,
+stream) key is a scalar, mixed thoroughly once per step, and each element
+then costs one xor, one multiply and one xorshift (``mix_index``). For a fixed
+element, the well-mixed key makes successive steps' bits independent and
+uniform, which is what keeps the rounding of each EMA unbiased; across the
+elements of one step the bits form a scrambled Weyl-like sequence, uniform
+too. Measured on CPU, the full two-round hash per element made bfloat16 steps
+up to 25% slower than this one.
 """
 
 from __future__ import annotations
@@ -67,18 +74,14 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
 
 
 def mix_index(index: jax.Array, key: jax.Array) -> jax.Array:
-  """Uniform uint32 bits for each element index under ``key``."""
-  return _mix(index ^ key)
+  """Uniform uint32 bits for each element index under a mixed ``key``."""
+  x = (index ^ key) * _M1
+  return x ^ (x >> 16)
 
 
 def random_bits(shape: tuple[int, ...], key: jax.Array) -> jax.Array:
   """Uniform uint32 bits for each element of ``shape`` under ``key``."""
   return mix_index(flat_index(shape), key)
-
-
-def rehash(bits: jax.Array) -> jax.Array:
-  """Fresh bits derived from ``bits``, uncorrelated with them."""
-  return _mix(bits ^ _K_BUFFER)
 
 
 def stochastic_round(x: jax.Array, dtype: jnp.dtype,
@@ -103,8 +106,8 @@ def stochastic_round(x: jax.Array, dtype: jnp.dtype,
     # the magnitude before cutting rounds it up with the right probability.
     raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
     rounded = (raw + (bits >> 16)) & np.uint32(0xFFFF0000)
-    out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
-    return jnp.where(jnp.isnan(x), x, out).astype(dtype)
+    # NaNs stay NaN: a quiet NaN's top mantissa bit survives the cut.
+    return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(dtype)
   # General case: pick between the nearest value and its neighbour on the
   # other side of x, with probability proportional to the distance.
   nearest = x.astype(dtype)

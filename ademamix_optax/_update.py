@@ -73,45 +73,51 @@ def leaf_update(
 
   Returns:
     ``(update, m1, m2, nu)`` with the new moments in their storage dtypes.
+    The update is computed from the new moments as stored (for buffers
+    narrower than the arithmetic, after rounding).
   """
   if dtypes is None:
     dtypes = (g.dtype, None if m1 is None else m1.dtype, m2.dtype, nu.dtype)
   u_dtype, m1_dtype, m2_dtype, nu_dtype = dtypes
   cdt = jnp.promote_types(g.dtype, jnp.float32)
   g_c = g.astype(cdt)
-  if m1 is None:
-    m1_new = m1_hat = g_c
-  else:
-    m1_new = (1 - s.b1) * g_c + s.b1 * m1.astype(cdt)
-    m1_hat = m1_new / jnp.asarray(s.bc1).astype(cdt)
-  m2_new = (1 - s.b3) * g_c + s.b3 * m2.astype(cdt)
-  nu_new = (1 - s.b2) * _abs_sq(g_c) + s.b2 * nu.astype(cdt)
-  nu_hat = nu_new / jnp.asarray(s.bc2).astype(nu_new.dtype)
-  u = (m1_hat + s.alpha * m2_new) / (jnp.sqrt(nu_hat + s.eps_root) + s.eps)
 
   # Narrow buffers: m1 and m2 take the high and low halves of one hash of
-  # (element, step, leaf), nu a rehash of it. Others are cast as usual.
-  bits = []
-
-  def hashed():
-    if not bits:
-      key = _rounding.stream_key(s.count, leaf, 0)
-      bits.append(_rounding.mix_index(flat_index(), key))
-    return bits[0]
+  # (element, step, leaf), nu a hash of its own (XLA computes each buffer in
+  # its own loop, so sharing bits with nu would cost two hashes there). Other
+  # buffers are cast as usual.
+  def hashed(stream):
+    key = _rounding.stream_key(s.count, leaf, stream)
+    return _rounding.mix_index(flat_index(), key)
 
   def store(value, dtype, buffer):
+    """The stored value, and the value the update reads (the same one)."""
+    if jnp.dtype(dtype) == value.dtype:
+      return value, value
     if not needs_rounding(dtype, stochastic):
-      return value.astype(dtype)
-    b = hashed()
-    if buffer == 'm2':
-      b = b << 16
-    elif buffer == 'nu':
-      b = _rounding.rehash(b)
-    return _rounding.stochastic_round(value, dtype, b)
+      stored = value.astype(dtype)
+    else:
+      if buffer == 'nu':
+        b = hashed(1)
+      else:
+        b = hashed(0)
+        if buffer == 'm2':
+          b = b << 16
+      stored = _rounding.stochastic_round(value, dtype, b)
+    # The update reads the moments as stored, so that the step's last loop
+    # needs only the new (narrow) buffers, never the old ones they replaced.
+    return stored, stored.astype(cdt)
 
-  return (
-      u.astype(u_dtype),
-      None if m1 is None else store(m1_new, m1_dtype, 'm1'),
-      store(m2_new, m2_dtype, 'm2'),
-      store(nu_new, nu_dtype, 'nu'),
-  )
+  if m1 is None:
+    m1_stored, m1_hat = None, g_c
+  else:
+    m1_stored, m1_c = store((1 - s.b1) * g_c + s.b1 * m1.astype(cdt),
+                            m1_dtype, 'm1')
+    m1_hat = m1_c / jnp.asarray(s.bc1).astype(cdt)
+  m2_stored, m2_c = store((1 - s.b3) * g_c + s.b3 * m2.astype(cdt),
+                          m2_dtype, 'm2')
+  nu_stored, nu_c = store((1 - s.b2) * _abs_sq(g_c) + s.b2 * nu.astype(cdt),
+                          nu_dtype, 'nu')
+  nu_hat = nu_c / jnp.asarray(s.bc2).astype(nu_c.dtype)
+  u = (m1_hat + s.alpha * m2_c) / (jnp.sqrt(nu_hat + s.eps_root) + s.eps)
+  return u.astype(u_dtype), m1_stored, m2_stored, nu_stored

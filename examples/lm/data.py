@@ -1,0 +1,177 @@
+"""Byte-level text data: the Python standard library's source, or a file.
+
+Everything here is deterministic. The corpus is read in a fixed order and
+split in a fixed way, and training batch ``i`` is a pure function of
+``(seed, i)``, so a run resumed at step ``i`` sees exactly the batches that an
+uninterrupted run would have seen, with no data-loader state to save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sysconfig
+import zlib
+from typing import Optional, Sequence
+
+import numpy as np
+
+# Third-party packages installed next to the standard library are not part of
+# it.
+_SKIP_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """Train and validation bytes, with where they came from.
+
+  Attributes:
+    train_U8: The training text as a flat ``uint8`` array.
+    val_U8: The validation text, never seen in training.
+    source: A human-readable description of the origin.
+    num_train_files: Files in the training split (0 for a single file).
+    num_val_files: Files in the validation split (0 for a single file).
+  """
+
+  train_U8: np.ndarray
+  val_U8: np.ndarray
+  source: str
+  num_train_files: int = 0
+  num_val_files: int = 0
+
+
+def stdlib_dir() -> pathlib.Path:
+  """The running interpreter's standard library directory."""
+  return pathlib.Path(sysconfig.get_paths()['stdlib'])
+
+
+def is_validation_file(relative_path: str, val_fraction: float) -> bool:
+  """The split rule: a CRC32 of the file's relative POSIX path.
+
+  Stable across runs, machines and Python's hash seed, and a file's side does
+  not depend on which other files exist.
+  """
+  bucket = zlib.crc32(relative_path.encode('utf-8')) % 10_000
+  return bucket < round(val_fraction * 10_000)
+
+
+def list_python_files(root: pathlib.Path) -> list[str]:
+  """Relative POSIX paths of the ``.py`` files under ``root``, sorted."""
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+    relative_dir = pathlib.Path(dirpath).relative_to(root)
+    paths.extend((relative_dir / f).as_posix() for f in filenames
+                 if f.endswith('.py'))
+  return sorted(paths)
+
+
+def _concat(chunks: Sequence[bytes]) -> np.ndarray:
+  return np.frombuffer(b''.join(chunks), dtype=np.uint8).copy()
+
+
+def load_stdlib(
+    max_bytes: int, val_fraction: float, root: Optional[pathlib.Path] = None
+) -> Corpus:
+  """Reads the standard library's ``.py`` files, split by file.
+
+  Files are taken in sorted order of their relative paths until ``max_bytes``
+  is reached (the file that crosses the cap is the last one), then each file
+  goes to validation or training by :func:`is_validation_file`. Each file
+  ends with a newline.
+
+  Args:
+    max_bytes: Cap on the bytes read, both splits together.
+    val_fraction: Expected fraction of files held out.
+    root: Directory to read; the interpreter's stdlib when ``None``.
+
+  Returns:
+    The :class:`Corpus`.
+  """
+  root = stdlib_dir() if root is None else root
+  train, val = [], []
+  total = 0
+  for relative in list_python_files(root):
+    if total >= max_bytes:
+      break
+    text = (root / relative).read_bytes()
+    if not text.endswith(b'\n'):
+      text += b'\n'
+    total += len(text)
+    (val if is_validation_file(relative, val_fraction) else train).append(text)
+  if not train or not val:
+    raise ValueError(
+        f'{root} gave {len(train)} training and {len(val)} validation files '
+        f'under max_bytes={max_bytes}; raise max_bytes.')
+  return Corpus(
+      train_U8=_concat(train),
+      val_U8=_concat(val),
+      source=f'Python stdlib .py files under {root}',
+      num_train_files=len(train),
+      num_val_files=len(val),
+  )
+
+
+def load_file(path: str, max_bytes: int, val_fraction: float) -> Corpus:
+  """Reads one file; its last ``val_fraction`` of bytes is validation."""
+  with open(path, 'rb') as f:
+    text = f.read(max_bytes)
+  split = len(text) - int(len(text) * val_fraction)
+  u8 = np.frombuffer(text, dtype=np.uint8)
+  return Corpus(
+      train_U8=u8[:split].copy(),
+      val_U8=u8[split:].copy(),
+      source=f'{path} (last {val_fraction:.0%} of bytes held out)',
+  )
+
+
+def load_corpus(
+    path: Optional[str], max_bytes: int, val_fraction: float
+) -> Corpus:
+  """The stdlib when ``path`` is ``None``, else the named text file."""
+  if path is None:
+    return load_stdlib(max_bytes, val_fraction)
+  return load_file(path, max_bytes, val_fraction)
+
+
+def check_length(corpus: Corpus, context: int, val_sequences: int) -> None:
+  """Raises if a split is too short for the requested windows."""
+  if len(corpus.train_U8) < context + 2:
+    raise ValueError(
+        f'Training text has {len(corpus.train_U8)} bytes, fewer than '
+        f'context + 2 = {context + 2}.')
+  if len(corpus.val_U8) < val_sequences * (context + 1):
+    raise ValueError(
+        f'Validation text has {len(corpus.val_U8)} bytes, fewer than '
+        f'{val_sequences} windows of {context + 1}; lower the number of '
+        'evaluation batches or raise max_bytes.')
+
+
+def train_batch(
+    train_U8: np.ndarray, seed: int, index: int, batch: int, context: int
+) -> np.ndarray:
+  """Training batch ``index``: random windows, a pure function of the args.
+
+  Returns:
+    A ``uint8`` array of shape ``(batch, context + 1)``: inputs are
+    ``[:, :-1]`` and next-byte targets ``[:, 1:]``.
+  """
+  rng = np.random.default_rng([seed, index])
+  starts_B = rng.integers(0, len(train_U8) - context, size=batch)
+  offsets_L1 = np.arange(context + 1)
+  return train_U8[starts_B[:, None] + offsets_L1[None, :]]
+
+
+def val_batches(
+    val_U8: np.ndarray, num_batches: int, batch: int, context: int
+) -> np.ndarray:
+  """Fixed validation windows, spread evenly over the validation text.
+
+  Returns:
+    A ``uint8`` array of shape ``(num_batches, batch, context + 1)``.
+  """
+  n = num_batches * batch
+  starts = np.linspace(0, len(val_U8) - (context + 1), n).astype(np.int64)
+  windows = val_U8[starts[:, None] + np.arange(context + 1)[None, :]]
+  return windows.reshape(num_batches, batch, context + 1)

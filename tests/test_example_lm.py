@@ -1,0 +1,295 @@
+"""Tests of the language-model example (examples/lm).
+
+A tiny configuration (derived from the default) runs end to end through the
+command line; the run is then repeated with an interruption and ``--resume``
+(bit-identical), and on an 8-device simulated CPU mesh in a subprocess
+(close, since the reductions are ordered differently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ademamix_optax as amx
+
+from examples.lm import __main__ as cli
+from examples.lm import configs
+from examples.lm import data
+from examples.lm import report
+from examples.lm import train
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Measured (2-core CPU, jax 0.10.2): data=4,model=2 (also 2x4 and 8x1)
+# differs from the single-device run by <= 1e-6 in the losses and <= 3.1e-6
+# in the parameters after the tiny config's 6 steps (float32 reductions in
+# another order); the bounds leave a 10x margin.
+_MESH_LOSS_ATOL = 1e-5
+_MESH_PARAM_ATOL = 3e-5
+
+
+def _run_cli(argv: list[str]) -> tuple[dict, str]:
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    result = cli.main(argv)
+  return result, out.getvalue()
+
+
+def _flat(tree: Any) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+  """The tiny config, both optimizers, through the command line."""
+  workdir = tmp_path_factory.mktemp('tiny')
+  result, text = _run_cli(['--config', 'tiny', '--workdir', str(workdir)])
+  return workdir, result, text
+
+
+def test_tiny_config_is_derived_from_default():
+  changed = {f.name for f in dataclasses.fields(configs.Config)
+             if getattr(configs.TINY, f.name) != getattr(configs.DEFAULT,
+                                                         f.name)}
+  assert changed <= {'max_bytes', 'd_model', 'layers', 'heads', 'context',
+                     'steps', 'batch', 'eval_every', 'eval_batches',
+                     'log_every', 'checkpoint_every'}
+  assert configs.DEFAULT.resolved_b3 == 0.999
+  long_run = dataclasses.replace(configs.DEFAULT, steps=100_000)
+  assert long_run.resolved_b3 == 0.9999
+  assert dataclasses.replace(long_run, b3=0.99).resolved_b3 == 0.99
+  with pytest.raises(ValueError, match='heads'):
+    dataclasses.replace(configs.DEFAULT, heads=3)
+  with pytest.raises(ValueError, match='optimizers'):
+    dataclasses.replace(configs.DEFAULT, optimizers=('sgd',))
+
+
+def test_cli_flags_override_config():
+  args = cli.parse_args(['--steps', '7', '--d-model', '64', '--b3', '0.99',
+                         '--optimizers', 'ademamix', '--mesh',
+                         'data=2,model=4', '--state-dtype', 'bfloat16'])
+  config = cli.config_from_args(args)
+  assert config == dataclasses.replace(
+      configs.DEFAULT, steps=7, d_model=64, b3=0.99,
+      optimizers=('ademamix',), mesh_data=2, mesh_model=4,
+      state_dtype='bfloat16')
+
+
+def test_stdlib_split_is_by_file_and_deterministic(tmp_path):
+  for name, text in [('a.py', 'x = 1\n'), ('b/c.py', 'y = 2'),
+                     ('site-packages/d.py', 'z = 3\n')]:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+  assert data.list_python_files(tmp_path) == ['a.py', 'b/c.py']
+  # Take the validation fraction such that exactly one file is held out.
+  for fraction in np.linspace(0.05, 0.95, 19):
+    held = [data.is_validation_file(p, fraction) for p in ('a.py', 'b/c.py')]
+    if sum(held) == 1:
+      break
+  else:
+    pytest.skip('no fraction separates the two files')
+  corpus = data.load_stdlib(10**6, fraction, root=tmp_path)
+  val_text, train_text = ((b'x = 1\n', b'y = 2\n') if held[0]
+                          else (b'y = 2\n', b'x = 1\n'))
+  assert corpus.val_U8.tobytes() == val_text
+  assert corpus.train_U8.tobytes() == train_text
+
+
+def test_batches_are_a_pure_function_of_seed_and_index():
+  text_U8 = np.arange(1000, dtype=np.int64).astype(np.uint8)
+  a = data.train_batch(text_U8, seed=3, index=5, batch=4, context=8)
+  assert a.shape == (4, 9) and a.dtype == np.uint8
+  np.testing.assert_array_equal(
+      a, data.train_batch(text_U8, seed=3, index=5, batch=4, context=8))
+  assert not np.array_equal(
+      a, data.train_batch(text_U8, seed=3, index=6, batch=4, context=8))
+  assert not np.array_equal(
+      a, data.train_batch(text_U8, seed=4, index=5, batch=4, context=8))
+  # Windows are contiguous text.
+  np.testing.assert_array_equal(np.diff(a.astype(np.int64), axis=1) % 256, 1)
+
+
+def test_fsdp_spec_and_decay_mask():
+  assert train.fsdp_spec((256, 32), 2) == jax.sharding.PartitionSpec(
+      'model', None)
+  assert train.fsdp_spec((32, 128), 2) == jax.sharding.PartitionSpec(
+      None, 'model')
+  assert train.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
+  assert train.fsdp_spec((), 2) == jax.sharding.PartitionSpec()
+  assert train.fsdp_spec((64, 64), 1) == jax.sharding.PartitionSpec()
+  params = {'blocks': [{'mlp': {'up': {'kernel': 1, 'bias': 2}},
+                        'ln_mlp': {'scale': 3}}],
+            'embed': {'embedding': 4}, 'pos_embed': 5}
+  assert train.decay_mask(params) == {
+      'blocks': [{'mlp': {'up': {'kernel': True, 'bias': False}},
+                  'ln_mlp': {'scale': False}}],
+      'embed': {'embedding': False}, 'pos_embed': False}
+
+
+def test_steps_to_reach():
+  steps, losses = [10, 20, 30], [3.0, 2.0, 1.0]
+  assert report.steps_to_reach(steps, losses, 2.5) == 15.0
+  assert report.steps_to_reach(steps, losses, 3.5) == 10.0
+  assert report.steps_to_reach(steps, losses, 0.5) is None
+
+
+def test_non_finite_loss_raises():
+  with pytest.raises(FloatingPointError, match='adamw.*step 4'):
+    train.check_finite('adamw', [3, 4], np.array([1.0, np.nan]))
+  train.check_finite('adamw', [3, 4], np.array([1.0, 2.0]))
+
+
+def test_tiny_run_writes_table_json_and_plot(tiny_run):
+  workdir, result, text = tiny_run
+  steps = configs.TINY.steps
+  assert '| AdamW | 6 |' in text and '| AdEMAMix | 6 |' in text
+  assert "AdamW steps to reach AdEMAMix's final val loss" in text
+  assert (workdir / 'results.md').read_text().startswith('| optimizer')
+  assert (workdir / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  payload = json.loads((workdir / 'curves.json').read_text())
+  assert payload['config']['resolved_b3'] == 0.999
+  for name in ('adamw', 'ademamix'):
+    curves = payload['curves'][name]
+    assert curves['step'] == list(range(1, steps + 1))
+    assert len(curves['train_loss']) == len(curves['lr']) == steps
+    assert curves['eval_step'] == [3, 6]
+    assert all(np.isfinite(curves['val_loss']))
+    # The loss starts near ln(256) and goes down.
+    assert abs(curves['train_loss'][0] - np.log(256)) < 0.2
+    assert curves['val_loss'][-1] < curves['train_loss'][0]
+    assert curves['train_loss'] == result['runs'][name]['history'][
+        'train_loss']
+  amx = payload['curves']['ademamix']
+  assert amx['alpha'][-1] == 8.0 and amx['b3'][-1] == 0.999
+  assert amx['alpha'][0] == pytest.approx(8.0 / steps)
+  assert amx['b3'][0] < amx['b3'][-1]
+  assert 'alpha' not in payload['curves']['adamw']
+  # Same init and data: the first step's loss is the same for both.
+  assert (payload['curves']['adamw']['train_loss'][0]
+          == amx['train_loss'][0])
+
+
+def test_resume_is_bit_identical(tiny_run, tmp_path):
+  # In one process the compiled step is shared (train.make_program caches
+  # it); across processes XLA compiles the same program to the same code.
+  _, reference, _ = tiny_run
+  argv = ['--config', 'tiny', '--optimizers', 'ademamix',
+          '--workdir', str(tmp_path)]
+  stopped, text = _run_cli(argv + ['--stop-after', '4'])
+  assert 'continue with --resume' in text
+  assert stopped['runs']['ademamix']['step'] == 4
+  assert not (tmp_path / 'curves.json').exists()
+  with pytest.raises(ValueError, match='lr'):
+    _run_cli(argv + ['--resume', '--lr', '0.1'])
+  resumed, _ = _run_cli(argv + ['--resume'])
+  run, ref = resumed['runs']['ademamix'], reference['runs']['ademamix']
+  assert run['step'] == configs.TINY.steps
+  for key in ('step', 'train_loss', 'eval_step', 'val_loss'):
+    assert run['history'][key] == ref['history'][key], key
+  got, want = _flat(run['params']), _flat(ref['params'])
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert (tmp_path / 'curves.json').exists()
+
+
+_MESH_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax
+    import numpy as np
+    from examples.lm import __main__ as cli
+    assert jax.device_count() == 8, jax.devices()
+    result = cli.main(['--config', 'tiny', '--optimizers', 'ademamix',
+                       '--mesh', 'data=4,model=2', '--workdir', sys.argv[1]])
+    run = result['runs']['ademamix']
+    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+            jax.tree_util.tree_leaves_with_path(run['params'])}
+    np.savez(sys.argv[2], **flat)
+    with open(sys.argv[3], 'w') as f:
+      json.dump({'history': run['history'], 'specs': run['specs']}, f)
+''')
+
+
+def test_mesh_run_matches_single_device(tiny_run, tmp_path):
+  _, reference, _ = tiny_run
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      ' --xla_force_host_platform_device_count=8').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = os.pathsep.join(
+      filter(None, [str(_REPO), env.get('PYTHONPATH')]))
+  npz, meta = tmp_path / 'params.npz', tmp_path / 'meta.json'
+  proc = subprocess.run(
+      [sys.executable, '-c', _MESH_SCRIPT, str(tmp_path / 'work'), str(npz),
+       str(meta)],
+      cwd=_REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "'data': 4, 'model': 2" in proc.stdout
+  got = json.loads(meta.read_text())
+  ref = reference['runs']['ademamix']
+  np.testing.assert_allclose(
+      got['history']['train_loss'], ref['history']['train_loss'], rtol=0,
+      atol=_MESH_LOSS_ATOL)
+  np.testing.assert_allclose(
+      got['history']['val_loss'], ref['history']['val_loss'], rtol=0,
+      atol=_MESH_LOSS_ATOL)
+  want = _flat(ref['params'])
+  with np.load(npz) as params:
+    assert set(params.files) == set(want)
+    for key in want:
+      np.testing.assert_allclose(params[key], want[key], rtol=0,
+                                 atol=_MESH_PARAM_ATOL, err_msg=key)
+  # Every moment of the optimizer is sharded like its parameter, and the
+  # parameters follow the largest-divisible-dimension rule.
+  specs = got['specs']
+  sharded = 0
+  for path, spec in specs.items():
+    if not path.startswith('model'):
+      continue
+    param = path[len('model'):]
+    shape = want[param.removesuffix('.value')].shape
+    assert spec == train.spec_entries(train.fsdp_spec(shape, 2), len(shape))
+    sharded += 'model' in spec
+    moments = [p for p in specs if p.startswith('optimizer')
+               and p.endswith(param)]
+    assert len(moments) == 3, (path, moments)  # m1, m2, nu.
+    for moment in moments:
+      assert specs[moment] == spec, moment
+  assert sharded > 0
+
+
+@pytest.mark.parametrize('state_dtype, expected', [
+    ('float32', {}),
+    ('bfloat16', {'mu_dtype': jnp.bfloat16, 'nu_dtype': jnp.bfloat16,
+                  'stochastic_rounding': True}),
+    ('bfloat16-nearest', {'mu_dtype': jnp.bfloat16,
+                          'nu_dtype': jnp.bfloat16,
+                          'stochastic_rounding': False}),
+])
+def test_state_dtype_reaches_the_optimizers(state_dtype, expected):
+  config = dataclasses.replace(configs.TINY, state_dtype=state_dtype)
+  assert train._state_dtype_kwargs(config, amx.ademamix) == expected
+  adamw = train._state_dtype_kwargs(config, optax.adamw)
+  assert adamw == ({} if not expected else {'mu_dtype': jnp.bfloat16})
+  # The optimizer state really is stored that way.
+  tx = train.make_optimizer('ademamix', config)
+  state = tx.init({'w': jnp.ones((4, 4))})
+  dtypes = {x.dtype for x in jax.tree.leaves(state)
+            if getattr(x, 'ndim', 0) == 2}
+  assert dtypes == {jnp.dtype(expected.get('mu_dtype', jnp.float32))}

@@ -5,6 +5,7 @@ Pagliardini, Ablin, Grangier, "The AdEMAMix Optimizer: Better, Faster, Older"
 """
 
 from ademamix_optax._alias import ademamix
+from ademamix_optax._convert import adam_state_to_ademamix
 from ademamix_optax._schedules import alpha_warmup
 from ademamix_optax._schedules import beta3_warmup
 from ademamix_optax._transform import scale_by_ademamix
@@ -14,6 +15,7 @@ __version__ = '0.1.0'
 
 __all__ = (
     'ScaleByAdEMAMixState',
+    'adam_state_to_ademamix',
     'ademamix',
     'alpha_warmup',
     'beta3_warmup',

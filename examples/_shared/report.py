@@ -1,0 +1,73 @@
+"""Writing results: Markdown tables, JSON files, figures and versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """Formats rows (already formatted cells or numbers) as a Markdown table."""
+
+  def cell(x: Any) -> str:
+    if isinstance(x, float):
+      return f'{x:.4f}'
+    return str(x)
+
+  lines = [
+      '| ' + ' | '.join(header) + ' |',
+      '|' + '|'.join('---' for _ in header) + '|',
+  ]
+  lines += ['| ' + ' | '.join(cell(x) for x in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def environment() -> dict[str, Any]:
+  """Versions and machine, recorded next to every result."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  return {
+      'python': platform.python_version(),
+      'jax': jax.__version__,
+      'optax': optax.__version__,
+      'flax': flax.__version__,
+      'backend': jax.default_backend(),
+      'devices': [str(d) for d in jax.devices()],
+      'cpu_count': os.cpu_count(),
+      'machine': platform.machine(),
+  }
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=1) + '\n')
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=90, bbox_inches='tight')
+  plt.close(fig)
+
+
+def workdir_path(workdir: str | os.PathLike[str]) -> pathlib.Path:
+  path = pathlib.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+  """``matplotlib.pyplot.subplots`` on the Agg backend."""
+  return plt.subplots(*args, **kwargs)

@@ -1,0 +1,215 @@
+r"""Image classification on scikit-learn's 8x8 digits with a Flax Linen CNN.
+
+The 1,797 images of :func:`sklearn.datasets.load_digits` ship with
+scikit-learn (no download). A fixed stratified split keeps 25% for testing.
+A small CNN is trained with :class:`flax.training.train_state.TrainState`
+from the same initialisation and on the same batches with AdamW and with
+AdEMAMix, for several seeds; the test accuracy is the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn import datasets
+from sklearn import model_selection
+
+import ademamix_optax as amx
+from examples._shared import report
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Hyperparameters; the defaults are the run shown in the README."""
+
+  steps: int = 1500
+  batch_size: int = 64
+  learning_rate: float = 3e-3  # Peak of a warmup-cosine schedule.
+  warmup_steps: int = 100
+  weight_decay: float = 1e-4
+  b1: float = 0.9
+  b2: float = 0.999
+  b3: float = 0.999
+  alpha: float = 5.0
+  width: int = 32  # Channels of the first convolution (doubled next).
+  eval_every: int = 100
+  seeds: tuple[int, ...] = (0, 1, 2)
+  test_size: float = 0.25
+  split_seed: int = 0
+
+  def __post_init__(self):
+    if self.steps % self.eval_every:
+      raise ValueError(
+          f'steps={self.steps} must be a multiple of '
+          f'eval_every={self.eval_every}.'
+      )
+
+
+class CNN(nn.Module):
+  """Two 3x3 convolutions, 2x2 average pooling, two dense layers."""
+
+  width: int = 32
+
+  @nn.compact
+  def __call__(self, x_BxHxWx1: jax.Array) -> jax.Array:
+    x = nn.relu(nn.Conv(self.width, (3, 3))(x_BxHxWx1))
+    x = nn.relu(nn.Conv(2 * self.width, (3, 3))(x))
+    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(4 * self.width)(x))
+    return nn.Dense(10)(x)
+
+
+def load_split(config: Config) -> dict[str, np.ndarray]:
+  """The fixed, stratified train/test split; images in [0, 1], NHWC."""
+  digits = datasets.load_digits()
+  x = (digits.images / 16.0).astype(np.float32)[..., None]
+  y = digits.target.astype(np.int32)
+  x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
+      x, y, test_size=config.test_size, stratify=y,
+      random_state=config.split_seed)
+  return {'x_train': x_tr, 'y_train': y_tr, 'x_test': x_te, 'y_test': y_te}
+
+
+def make_optimizers(config: Config) -> dict[str, optax.GradientTransformation]:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, config.warmup_steps, config.steps,
+      config.learning_rate / 100)
+  common = dict(b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+  return {
+      'AdamW': optax.adamw(schedule, **common),
+      'AdEMAMix': amx.ademamix(
+          schedule, b3=config.b3, alpha=config.alpha,
+          t_alpha_beta3=config.steps, **common),
+  }
+
+
+def _loss_and_logits(params, apply_fn, x, y):
+  logits = apply_fn({'params': params}, x)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, logits
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _train_step(state, data, key, batch_size):
+  """One step on a batch drawn without replacement from ``key``.
+
+  A Python loop calls this step: on XLA:CPU, convolutions inside a
+  ``lax.scan`` body ran about 40 times slower here (0.3 s against 8 ms per
+  step), so this example does not scan.
+  """
+  n = data['x_train'].shape[0]
+  idx = jax.random.choice(key, n, (batch_size,), replace=False)
+  x, y = data['x_train'][idx], data['y_train'][idx]
+  grad_fn = jax.value_and_grad(_loss_and_logits, has_aux=True)
+  (loss, _), grads = grad_fn(state.params, state.apply_fn, x, y)
+  return state.apply_gradients(grads=grads), loss
+
+
+@jax.jit
+def _evaluate(state, x, y):
+  loss, logits = _loss_and_logits(state.params, state.apply_fn, x, y)
+  return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+def train_one(config: Config, tx: optax.GradientTransformation, seed: int,
+              data: dict[str, jax.Array]) -> dict[str, Any]:
+  """One run: curves of train loss, test loss and test accuracy."""
+  model = CNN(width=config.width)
+  init_key, data_key = jax.random.split(jax.random.key(seed))
+  params = model.init(init_key, data['x_train'][:1])['params']
+  state = train_state.TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx)
+  curve = {'step': [], 'train_loss': [], 'test_loss': [], 'test_acc': []}
+  for chunk_start in range(0, config.steps, config.eval_every):
+    losses = []
+    for step in range(chunk_start, chunk_start + config.eval_every):
+      key = jax.random.fold_in(data_key, step)
+      state, loss = _train_step(state, data, key, config.batch_size)
+      losses.append(loss)
+    losses = np.asarray(jax.device_get(losses))
+    if not np.all(np.isfinite(losses)):
+      raise FloatingPointError(f'Non-finite loss after step {chunk_start}.')
+    test_loss, test_acc = _evaluate(state, data['x_test'], data['y_test'])
+    curve['step'].append(chunk_start + config.eval_every)
+    curve['train_loss'].append(float(losses.mean()))
+    curve['test_loss'].append(float(test_loss))
+    curve['test_acc'].append(float(test_acc))
+  return curve
+
+
+def train_and_evaluate(
+    config: Config, workdir: str | os.PathLike[str]
+) -> dict[str, Any]:
+  """Trains both optimizers for every seed; writes JSON, PNG and a table."""
+  workdir = report.workdir_path(workdir)
+  split = load_split(config)
+  data = {k: jnp.asarray(v) for k, v in split.items()}
+  runs: dict[str, list[dict[str, Any]]] = {}
+  for name, tx in make_optimizers(config).items():
+    runs[name] = []
+    for seed in config.seeds:
+      t0 = time.time()
+      curve = train_one(config, tx, seed, data)
+      curve['seed'] = seed
+      curve['seconds'] = time.time() - t0
+      runs[name].append(curve)
+      print(f'{name} seed {seed}: test accuracy {curve["test_acc"][-1]:.4f}',
+            flush=True)
+
+  rows = []
+  for name, curves in runs.items():
+    acc = np.array([c['test_acc'][-1] for c in curves])
+    loss = np.array([c['test_loss'][-1] for c in curves])
+    rows.append([
+        name, ' / '.join(f'{100 * a:.2f}' for a in acc),
+        f'{100 * acc.mean():.2f} ± {100 * acc.std():.2f}',
+        f'{loss.mean():.4f}',
+        f'{np.mean([c["train_loss"][-1] for c in curves]):.4f}'])
+  n_test = len(split['y_test'])
+  table = report.markdown_table(
+      ['optimizer', f'test accuracy % (seeds {config.seeds})',
+       'mean ± std', 'test loss', 'final train loss'], rows)
+  results = {
+      'config': dataclasses.asdict(config),
+      'n_train': len(split['y_train']),
+      'n_test': n_test,
+      'runs': runs,
+      'table': table,
+      'environment': report.environment(),
+  }
+  report.write_json(workdir / 'digits.json', results)
+  plot(results, workdir / 'digits.png')
+  (workdir / 'digits.md').write_text(table + '\n')
+  return results
+
+
+def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
+  """Training loss and test accuracy against steps, one line per seed."""
+  fig, axes = report.subplots(1, 2, figsize=(11, 4))
+  for i, (name, curves) in enumerate(results['runs'].items()):
+    for j, c in enumerate(curves):
+      label = name if j == 0 else None
+      axes[0].plot(c['step'], c['train_loss'], color=f'C{i}', lw=0.8,
+                   label=label)
+      axes[1].plot(c['step'], 100 * np.asarray(c['test_acc']),
+                   color=f'C{i}', lw=0.8, label=label)
+  axes[0].set_yscale('log')
+  axes[0].set_ylabel('training loss')
+  axes[1].set_ylabel('test accuracy (%)')
+  axes[1].set_ylim(90, 100)
+  for ax in axes:
+    ax.set_xlabel('step')
+    ax.legend()
+  axes[0].set_title('8x8 digits, Flax Linen CNN')
+  report.save_figure(fig, path)

@@ -1,0 +1,201 @@
+r"""How fast is a batch seen once forgotten? AdamW against AdEMAMix.
+
+The paper's forgetting experiment (Section 4, Figure 4) at a small scale: a
+batch of held-out windows (from files that are never trained on) replaces the
+training batch once, at step ``inject_at``; its loss is recorded after every
+step, before and after. Each optimizer also trains a control run on the very
+same batches without the injection, so the part of the loss that comes from
+having seen the batch once (the gap between the two runs) can be told apart
+from the general progress of training. The paper finds that AdEMAMix, whose
+slow EMA keeps the injected gradient for about ``1 / (1 - b3)`` steps, keeps
+that gain for longer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ademamix_optax as amx
+from examples._shared import byte_mlp
+from examples._shared import bytes_data
+from examples._shared import loop
+from examples._shared import report
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Hyperparameters; the defaults are the run shown in the README."""
+
+  model: byte_mlp.ModelConfig = byte_mlp.ModelConfig()
+  steps: int = 6000
+  inject_at: int = 3000  # 0-based step whose batch is the held-out one.
+  batch_size: int = 128
+  learning_rate: float = 5e-3  # Peak, the same for both optimizers.
+  warmup_steps: int = 400  # Linear warmup, then cosine decay to 1%.
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  b3: float = 0.999  # The paper's advice for short runs.
+  alpha: float = 2.0
+  chunk: int = 500  # Steps per jitted scan.
+  max_train_bytes: int = 4_000_000
+  seed: int = 0
+
+  def __post_init__(self):
+    if not 0 < self.inject_at < self.steps - 1:
+      raise ValueError(
+          f'inject_at must be in (0, steps - 1), got inject_at='
+          f'{self.inject_at} with steps={self.steps}.'
+      )
+
+
+def make_optimizers(config: Config) -> dict[str, optax.GradientTransformation]:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, config.warmup_steps, config.steps,
+      config.learning_rate / 100)
+  common = dict(b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                mask=byte_mlp.is_decayed)
+  return {
+      'AdamW': optax.adamw(schedule, **common),
+      'AdEMAMix': amx.ademamix(
+          schedule, b3=config.b3, alpha=config.alpha,
+          t_alpha_beta3=config.steps, **common),
+  }
+
+
+def _run(config, run, tx, params, inject_at) -> tuple[np.ndarray, ...]:
+  opt_state = tx.init(params)
+  losses, probes = [], []
+  inject_at = jnp.asarray(inject_at, jnp.int32)
+  for start in range(0, config.steps, config.chunk):
+    num = min(config.chunk, config.steps - start)
+    params, opt_state, loss, probe = run(
+        params, opt_state, start, num, inject_at)
+    losses.append(loss)
+    probes.append(probe)
+  return np.concatenate(losses), np.concatenate(probes)
+
+
+def train_and_evaluate(
+    config: Config, workdir: str | os.PathLike[str]
+) -> dict[str, Any]:
+  """Trains each optimizer with and without the injection; JSON and PNG."""
+  workdir = report.workdir_path(workdir)
+  train, val = bytes_data.load_corpus(config.max_train_bytes)
+  data = jnp.asarray(train)
+  length = config.model.context + 1
+  data_key = jax.random.key(config.seed + 1)
+  held_out = bytes_data.fixed_windows(
+      val, config.seed + 3, config.batch_size, length)
+
+  def batch_fn(step, inject_at):
+    # inject_at is traced: -1 (the control run) reuses the compiled loop.
+    batch = bytes_data.sample_windows(
+        data, jax.random.fold_in(data_key, step), config.batch_size, length)
+    return jnp.where(step == inject_at, held_out, batch)
+
+  probe_fn = lambda params: byte_mlp.loss(params, held_out)
+  params0 = byte_mlp.init(config.model, jax.random.key(config.seed))
+  runs: dict[str, dict[str, Any]] = {}
+  for name, tx in make_optimizers(config).items():
+    t0 = time.time()
+    run = loop.make_runner(tx, batch_fn, probe_fn)
+    train_inj, probe_inj = _run(config, run, tx, params0, config.inject_at)
+    train_ctl, probe_ctl = _run(config, run, tx, params0, -1)
+    # probe[i] is the loss on the held-out batch after update i (0-based).
+    runs[name] = {
+        'probe_injected': probe_inj.tolist(),
+        'probe_control': probe_ctl.tolist(),
+        'train_loss_injected': train_inj.tolist(),
+        'train_loss_control': train_ctl.tolist(),
+        'seconds': time.time() - t0,
+    }
+    print(f'{name}: done in {time.time() - t0:.0f}s', flush=True)
+
+  k = config.inject_at
+  delays = [d for d in (10, 100, 1000) if k + d < config.steps]
+  rows = []
+  for name, r in runs.items():
+    inj = np.asarray(r['probe_injected'])
+    ctl = np.asarray(r['probe_control'])
+    # gap[d - 1]: gain d steps after the injection (d = 1 is right after).
+    gap = (ctl - inj)[k:]
+    peak = int(np.argmax(gap))
+    r['summary'] = {
+        'before': float(inj[k - 1]),
+        'right_after': float(inj[k]),
+        'end': float(inj[-1]),
+        'end_control': float(ctl[-1]),
+        'gain_right_after': float(gap[0]),
+        'peak_gain': float(gap[peak]),
+        'peak_gain_after_steps': peak + 1,
+        'gain_after': {str(d): float(gap[d - 1]) for d in delays},
+        'gain_end': float(gap[-1]),
+    }
+    s = r['summary']
+    rows.append(
+        [name] + [f'{s[key]:.4f}' for key in (
+            'before', 'right_after', 'end', 'end_control', 'gain_right_after')]
+        + [f'{s["peak_gain"]:.4f} (+{s["peak_gain_after_steps"]})']
+        + [f'{s["gain_after"][str(d)]:.4f}' for d in delays]
+        + [f'{s["gain_end"]:.4f}'])
+  table = report.markdown_table(
+      ['optimizer', f'loss before (after {k} steps)',
+       f'right after (step {k + 1})', f'at end (step {config.steps})',
+       'at end, never seen', 'gain right after', 'peak gain (steps after)']
+      + [f'gain +{d}' for d in delays] + ['gain at end'], rows)
+  results = {
+      'config': dataclasses.asdict(config),
+      'runs': runs,
+      'table': table,
+      'environment': report.environment(),
+  }
+  report.write_json(workdir / 'forgetting.json', results)
+  plot(results, workdir / 'forgetting.png')
+  (workdir / 'forgetting.md').write_text(table + '\n')
+  return results
+
+
+def _smooth(x: np.ndarray, width: int) -> np.ndarray:
+  if width <= 1 or len(x) < width:
+    return x
+  return np.convolve(x, np.ones(width) / width, mode='valid')
+
+
+def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
+  """Loss on the injected batch, and its gap to the control run."""
+  k = results['config']['inject_at']
+  fig, axes = report.subplots(1, 2, figsize=(11, 4))
+  for i, (name, r) in enumerate(results['runs'].items()):
+    color = f'C{i}'
+    inj = np.asarray(r['probe_injected'])
+    ctl = np.asarray(r['probe_control'])
+    steps = np.arange(1, len(inj) + 1)
+    lo = max(k - (len(inj) - k) // 4, 0)
+    axes[0].plot(steps[lo:], inj[lo:], color=color, lw=0.8,
+                 label=f'{name}, injected at step {k}')
+    axes[0].plot(steps[lo:], ctl[lo:], color=color, lw=0.8, ls='--',
+                 label=f'{name}, never seen')
+    gap = (ctl - inj)[k:]
+    after = np.arange(1, len(gap) + 1)
+    axes[1].plot(after, gap, color=color, lw=0.8, label=name)
+  axes[0].axvline(k + 1, color='grey', lw=0.5, ls=':')
+  axes[0].set_xlabel('step')
+  axes[0].set_ylabel('loss on the held-out batch')
+  axes[0].set_title('loss on a batch trained on once')
+  axes[0].legend(fontsize=8)
+  axes[1].axhline(0.0, color='grey', lw=0.5)
+  axes[1].set_xscale('log')
+  axes[1].set_xlabel('steps since the injection')
+  axes[1].set_ylabel('loss(never seen) - loss(injected)')
+  axes[1].set_title('what is left of the one-time gain')
+  axes[1].legend(fontsize=8)
+  report.save_figure(fig, path)

@@ -1,0 +1,197 @@
+r"""Adam against AdEMAMix on the Rosenbrock function, from (-3, 5).
+
+.. math::
+
+  f(x, y) = (1 - x)^2 + 100\, (y - x^2)^2, \qquad \min f = f(1, 1) = 0.
+
+The paper's toy (Figure 2): Adam with ``b1`` in {0.9, 0.99, 0.999} against
+AdEMAMix (``b1`` 0.9, ``b2`` 0.999, ``alpha`` 8, ``b3`` 0.999 or 0.9999, with
+the warmups over the whole budget), at the same constant learning rate and
+number of steps, in float32. Each run is one ``lax.scan``; the result is the
+distance to (1, 1) along the way and the first step from which it stays
+below a tolerance. A sweep over learning rates checks that the ranking does
+not hinge on one value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ademamix_optax as amx
+from examples._shared import report
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Settings; the defaults are the run shown in the README."""
+
+  steps: int = 30_000
+  learning_rate: float = 3e-3  # The one plotted.
+  sweep_learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+  start: tuple[float, float] = (-3.0, 5.0)
+  adam_b1s: tuple[float, ...] = (0.9, 0.99, 0.999)
+  b2: float = 0.999
+  ademamix_b1: float = 0.9
+  ademamix_b3s: tuple[float, ...] = (0.999, 0.9999)
+  alpha: float = 8.0
+  checkpoints: tuple[int, ...] = (5_000, 10_000, 20_000, 30_000)
+  tolerances: tuple[float, ...] = (1e-2, 1e-4)
+
+
+def rosenbrock(p: jax.Array) -> jax.Array:
+  return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
+
+
+def make_optimizers(
+    config: Config, learning_rate: float
+) -> dict[str, optax.GradientTransformation]:
+  txs = {}
+  for b1 in config.adam_b1s:
+    txs[f'Adam b1={b1}'] = optax.adam(learning_rate, b1=b1, b2=config.b2)
+  for b3 in config.ademamix_b3s:
+    txs[f'AdEMAMix b3={b3}'] = amx.ademamix(
+        learning_rate, b1=config.ademamix_b1, b2=config.b2, b3=b3,
+        alpha=config.alpha, t_alpha_beta3=config.steps)
+  return txs
+
+
+def trajectory(
+    tx: optax.GradientTransformation, start: tuple[float, float], steps: int
+) -> np.ndarray:
+  """The iterates ``(steps + 1, 2)``, the start included, in float32."""
+
+  @jax.jit
+  def scan(p0):
+    def body(carry, _):
+      p, state = carry
+      updates, state = tx.update(jax.grad(rosenbrock)(p), state, p)
+      p = optax.apply_updates(p, updates)
+      return (p, state), p
+
+    _, ps = jax.lax.scan(body, (p0, tx.init(p0)), None, length=steps)
+    return jnp.concatenate([p0[None], ps])
+
+  return np.asarray(scan(jnp.asarray(start, jnp.float32)))
+
+
+def steps_to_stay_within(dist: np.ndarray, tol: float) -> Optional[int]:
+  """First step from which the distance stays below ``tol``; None if never."""
+  above = np.nonzero(dist >= tol)[0]
+  if len(above) == 0:
+    return 0
+  if above[-1] == len(dist) - 1:
+    return None
+  return int(above[-1] + 1)
+
+
+def _fmt_steps(s: Optional[int]) -> str:
+  return 'never' if s is None else str(s)
+
+
+def run_and_report(
+    config: Config, workdir: str | os.PathLike[str]
+) -> dict[str, Any]:
+  """Runs every optimizer (and the sweep); writes JSON, PNG and tables."""
+  workdir = report.workdir_path(workdir)
+  t0 = time.time()
+  lrs = sorted(set(config.sweep_learning_rates) | {config.learning_rate})
+  runs: dict[str, dict[str, Any]] = {}
+  for lr in lrs:
+    for name, tx in make_optimizers(config, lr).items():
+      path = trajectory(tx, config.start, config.steps)
+      dist = np.linalg.norm(path - 1.0, axis=1)
+      runs[f'{name} lr={lr:g}'] = {
+          'name': name,
+          'learning_rate': lr,
+          'final': path[-1].tolist(),
+          'distance_at': {
+              str(c): float(dist[c]) for c in config.checkpoints
+              if c <= config.steps},
+          'steps_to': {
+              str(t): steps_to_stay_within(dist, t)
+              for t in config.tolerances},
+          # Every 10th point is plenty for the plot and keeps the JSON small.
+          'path': path[::10].tolist() if lr == config.learning_rate else None,
+          'distance': (dist[::10].tolist()
+                       if lr == config.learning_rate else None),
+      }
+  seconds = time.time() - t0
+
+  main = {r['name']: r for r in runs.values()
+          if r['learning_rate'] == config.learning_rate}
+  checkpoints = [c for c in config.checkpoints if c <= config.steps]
+  rows = [[name]
+          + [f'{r["distance_at"][str(c)]:.2e}' for c in checkpoints]
+          + [_fmt_steps(r['steps_to'][str(t)]) for t in config.tolerances]
+          for name, r in main.items()]
+  table = report.markdown_table(
+      ['optimizer'] + [f'dist @ {c}' for c in checkpoints]
+      + [f'steps to stay < {t:g}' for t in config.tolerances], rows)
+  tol = config.tolerances[0]
+  names = list(main)
+  sweep_rows = [[f'{lr:g}'] + [
+      _fmt_steps(runs[f'{n} lr={lr:g}']['steps_to'][str(tol)])
+      for n in names] for lr in lrs]
+  sweep_table = report.markdown_table(['lr'] + names, sweep_rows)
+  results = {
+      'config': dataclasses.asdict(config),
+      'runs': runs,
+      'table': table,
+      'sweep_table': sweep_table,
+      'sweep_metric': f'steps to stay within {tol:g} of (1, 1)',
+      'seconds': seconds,
+      'environment': report.environment(),
+  }
+  report.write_json(workdir / 'rosenbrock.json', results)
+  plot(results, workdir / 'rosenbrock.png')
+  (workdir / 'rosenbrock.md').write_text(
+      table + '\n\n' + results['sweep_metric'] + ':\n\n' + sweep_table + '\n')
+  return results
+
+
+def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
+  """Trajectories on log-scale contours, and distances against steps."""
+  config = results['config']
+  lr = config['learning_rate']
+  main = [r for r in results['runs'].values() if r['learning_rate'] == lr]
+  fig, axes = report.subplots(1, 2, figsize=(12, 4.8))
+  pts = np.concatenate([np.asarray(r['path']) for r in main])
+  lo = np.minimum(pts.min(0), [-3.5, -1.0])
+  hi = np.maximum(pts.max(0), [2.0, 6.0])
+  lo, hi = np.maximum(lo, [-6.0, -5.0]), np.minimum(hi, [6.0, 12.0])
+  xs, ys = np.meshgrid(np.linspace(lo[0], hi[0], 200),
+                       np.linspace(lo[1], hi[1], 200))
+  zs = (1 - xs) ** 2 + 100 * (ys - xs ** 2) ** 2
+  ax = axes[0]
+  ax.contour(xs, ys, np.log10(zs + 1e-3), levels=20, cmap='Greys',
+             linewidths=0.5)
+  for i, r in enumerate(main):
+    p = np.asarray(r['path'])
+    ax.plot(p[:, 0], p[:, 1], color=f'C{i}', lw=0.8, label=r['name'])
+    ax.plot(*p[-1], 'o', color=f'C{i}', ms=4)
+  ax.plot(*config['start'], 'ks', ms=5)
+  ax.plot(1.0, 1.0, 'r*', ms=10)
+  ax.set_xlim(lo[0], hi[0])
+  ax.set_ylim(lo[1], hi[1])
+  ax.set_xlabel('x')
+  ax.set_ylabel('y')
+  ax.set_title(f'Rosenbrock from {tuple(config["start"])}, lr={lr:g}, '
+               f'{config["steps"]} steps')
+  ax.legend(fontsize=7, loc='upper right')
+  ax = axes[1]
+  for i, r in enumerate(main):
+    d = np.asarray(r['distance'])
+    ax.semilogy(np.arange(len(d)) * 10, np.maximum(d, 1e-8), color=f'C{i}',
+                lw=0.8, label=r['name'])
+  ax.set_xlabel('step')
+  ax.set_ylabel('distance to (1, 1) (floored at 1e-8)')
+  ax.legend(fontsize=7)
+  report.save_figure(fig, path)

@@ -1,0 +1,207 @@
+r"""Switching from AdamW to AdEMAMix mid-run, on a next-byte MLP.
+
+One AdamW run trains the byte MLP of :mod:`examples._shared.byte_mlp` on the
+Python standard library's source. At each switch step its state is converted
+with :func:`ademamix_optax.adam_state_to_ademamix` (the paper's recipe: the
+slow EMA starts from zero, no warmups, a small ``alpha``), and a branch goes
+on with AdEMAMix on exactly the batches the AdamW run sees, under the same
+learning-rate schedule. An AdEMAMix run from scratch (with the warmups) is
+the reference for "switching at step 0".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ademamix_optax as amx
+from examples._shared import byte_mlp
+from examples._shared import bytes_data
+from examples._shared import loop
+from examples._shared import report
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Hyperparameters; the defaults are the run shown in the README."""
+
+  model: byte_mlp.ModelConfig = byte_mlp.ModelConfig()
+  steps: int = 20000
+  batch_size: int = 128
+  learning_rate: float = 5e-3  # Peak; about the best for AdamW.
+  warmup_steps: int = 400  # Linear warmup, then cosine decay to 1%.
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  switch_at: tuple[int, ...] = (5000, 10000)
+  switch_alpha: float = 2.0  # The paper's value at 110M parameters.
+  switch_b3: float = 0.999
+  scratch: bool = True  # Also run AdEMAMix from step 0, with warmups.
+  scratch_alpha: float = 2.0
+  scratch_b3: float = 0.999
+  eval_every: int = 500
+  eval_windows: int = 8192
+  max_train_bytes: int = 4_000_000
+  seed: int = 0
+
+  def __post_init__(self):
+    for s in self.switch_at:
+      if not 0 < s < self.steps or s % self.eval_every:
+        raise ValueError(
+            f'switch_at must be multiples of eval_every={self.eval_every} '
+            f'inside (0, steps={self.steps}), got switch_at={self.switch_at}.'
+        )
+    if self.steps % self.eval_every:
+      raise ValueError(
+          f'steps={self.steps} must be a multiple of '
+          f'eval_every={self.eval_every}.'
+      )
+
+
+def _schedule(config: Config) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, config.warmup_steps, config.steps,
+      config.learning_rate / 100)
+
+
+def make_adamw(config: Config) -> optax.GradientTransformation:
+  return optax.adamw(
+      _schedule(config), b1=config.b1, b2=config.b2,
+      weight_decay=config.weight_decay, mask=byte_mlp.is_decayed)
+
+
+def make_switch_ademamix(config: Config) -> optax.GradientTransformation:
+  """The optimizer after the switch: no warmups, small alpha."""
+  return amx.ademamix(
+      _schedule(config), b1=config.b1, b2=config.b2, b3=config.switch_b3,
+      alpha=config.switch_alpha, weight_decay=config.weight_decay,
+      mask=byte_mlp.is_decayed)
+
+
+def make_scratch_ademamix(config: Config) -> optax.GradientTransformation:
+  return amx.ademamix(
+      _schedule(config), b1=config.b1, b2=config.b2, b3=config.scratch_b3,
+      alpha=config.scratch_alpha, weight_decay=config.weight_decay,
+      mask=byte_mlp.is_decayed, t_alpha_beta3=config.steps)
+
+
+def _train(run, evaluate, params, opt_state, start, stop, every,
+           keep=()) -> tuple[dict[str, list[float]], dict[int, Any]]:
+  """Runs steps [start, stop) in chunks; returns the curves and kept states."""
+  curves = {'step': [], 'val_loss': [], 'train_loss': []}
+  kept = {}
+  for chunk_start in range(start, stop, every):
+    params, opt_state, losses, _ = run(params, opt_state, chunk_start, every)
+    step = chunk_start + every
+    curves['step'].append(step)
+    curves['val_loss'].append(evaluate(params))
+    curves['train_loss'].append(float(np.mean(losses)))
+    if step in keep:
+      kept[step] = (params, opt_state)
+  return curves, kept
+
+
+def train_and_evaluate(
+    config: Config, workdir: str | os.PathLike[str]
+) -> dict[str, Any]:
+  """Runs AdamW, the switched branches and AdEMAMix; writes JSON and PNG."""
+  workdir = report.workdir_path(workdir)
+  train, val = bytes_data.load_corpus(config.max_train_bytes)
+  data = jnp.asarray(train)
+  length = config.model.context + 1
+  data_key = jax.random.key(config.seed + 1)
+
+  def batch_fn(step, aux):
+    del aux
+    return bytes_data.sample_windows(
+        data, jax.random.fold_in(data_key, step), config.batch_size, length)
+
+  evaluate = loop.make_evaluator(bytes_data.fixed_windows(
+      val, config.seed + 2, config.eval_windows, length))
+  params0 = byte_mlp.init(config.model, jax.random.key(config.seed))
+  every = config.eval_every
+  runs: dict[str, dict[str, Any]] = {}
+
+  t0 = time.time()
+  adamw = make_adamw(config)
+  curves, kept = _train(
+      loop.make_runner(adamw, batch_fn), evaluate, params0,
+      adamw.init(params0), 0, config.steps, every, keep=config.switch_at)
+  runs['AdamW'] = {'switch_at': None, **curves, 'seconds': time.time() - t0}
+  print(f'AdamW: val loss {curves["val_loss"][-1]:.4f}', flush=True)
+
+  tx = make_switch_ademamix(config)
+  run = loop.make_runner(tx, batch_fn)
+  for s in config.switch_at:
+    t0 = time.time()
+    params, adam_state = kept[s]
+    opt_state = amx.adam_state_to_ademamix(adam_state, tx, params)
+    curves, _ = _train(run, evaluate, params, opt_state, s, config.steps,
+                       every)
+    name = f'AdamW -> AdEMAMix @ {s}'
+    runs[name] = {'switch_at': s, **curves, 'seconds': time.time() - t0}
+    print(f'{name}: val loss {curves["val_loss"][-1]:.4f}', flush=True)
+
+  if config.scratch:
+    t0 = time.time()
+    tx = make_scratch_ademamix(config)
+    curves, _ = _train(
+        loop.make_runner(tx, batch_fn), evaluate, params0, tx.init(params0),
+        0, config.steps, every)
+    runs['AdEMAMix'] = {'switch_at': 0, **curves, 'seconds': time.time() - t0}
+    print(f'AdEMAMix: val loss {curves["val_loss"][-1]:.4f}', flush=True)
+
+  base = runs['AdamW']['val_loss'][-1]
+  rows = []
+  for name, r in runs.items():
+    final = r['val_loss'][-1]
+    rows.append([
+        name, '-' if r['switch_at'] is None else r['switch_at'],
+        f'{final:.4f}', f'{final - base:+.4f}', f'{r["seconds"]:.0f}'])
+  table = report.markdown_table(
+      ['run', 'switch step', f'val loss @ {config.steps}', 'vs AdamW',
+       'seconds'], rows)
+  results = {
+      'config': dataclasses.asdict(config),
+      'runs': runs,
+      'table': table,
+      'environment': report.environment(),
+  }
+  report.write_json(workdir / 'switching.json', results)
+  plot(results, workdir / 'switching.png')
+  (workdir / 'switching.md').write_text(table + '\n')
+  return results
+
+
+def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
+  """Validation loss against steps: the full run and the last half."""
+  fig, axes = report.subplots(1, 2, figsize=(11, 4))
+  steps = results['config']['steps']
+  for ax, lo in zip(axes, (0, steps // 2)):
+    for name, r in results['runs'].items():
+      x = np.asarray(r['step'])
+      y = np.asarray(r['val_loss'])
+      keep = x >= lo
+      style = '--' if r['switch_at'] else '-'
+      ax.plot(x[keep], y[keep], style, label=name)
+    for s in results['config']['switch_at']:
+      if s >= lo:
+        ax.axvline(s, color='grey', lw=0.5, ls=':')
+    ax.set_xlabel('step')
+    ax.locator_params(axis='x', nbins=6)
+    ax.set_ylabel('validation loss (nats/byte)')
+    if lo:
+      ax.set_title(f'zoom: steps >= {lo}')
+      ys = [v for r in results['runs'].values()
+            for st, v in zip(r['step'], r['val_loss']) if st >= lo]
+      ax.set_ylim(min(ys) - 0.01, max(ys) + 0.01)
+  axes[0].set_title('byte MLP on stdlib source: switching AdamW -> AdEMAMix')
+  axes[0].legend(fontsize=8)
+  report.save_figure(fig, path)

@@ -55,6 +55,27 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=1) + '\n')
 
 
+def save_results(workdir: pathlib.Path, name: str, results: dict[str, Any],
+                 plot: Any, markdown: str) -> dict[str, Any]:
+  """Adds the environment, then writes ``<name>.json``, ``.png`` and ``.md``.
+
+  Args:
+    workdir: the output directory.
+    name: the stem of the three files.
+    results: what the JSON holds (the environment is added).
+    plot: ``plot(results, path)`` draws the PNG.
+    markdown: the table(s) as printed.
+
+  Returns:
+    ``results`` with its ``environment`` entry.
+  """
+  results = dict(results, environment=environment())
+  write_json(workdir / f'{name}.json', results)
+  plot(results, workdir / f'{name}.png')
+  (workdir / f'{name}.md').write_text(markdown + '\n')
+  return results
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -186,12 +186,8 @@ def train_and_evaluate(
       'n_test': n_test,
       'runs': runs,
       'table': table,
-      'environment': report.environment(),
   }
-  report.write_json(workdir / 'digits.json', results)
-  plot(results, workdir / 'digits.png')
-  (workdir / 'digits.md').write_text(table + '\n')
-  return results
+  return report.save_results(workdir, 'digits', results, plot, table)
 
 
 def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:

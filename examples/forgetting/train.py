@@ -156,12 +156,8 @@ def train_and_evaluate(
       'config': dataclasses.asdict(config),
       'runs': runs,
       'table': table,
-      'environment': report.environment(),
   }
-  report.write_json(workdir / 'forgetting.json', results)
-  plot(results, workdir / 'forgetting.png')
-  (workdir / 'forgetting.md').write_text(table + '\n')
-  return results
+  return report.save_results(workdir, 'forgetting', results, plot, table)
 
 
 def _smooth(x: np.ndarray, width: int) -> np.ndarray:

@@ -148,13 +148,10 @@ def run_and_report(
       'sweep_table': sweep_table,
       'sweep_metric': f'steps to stay within {tol:g} of (1, 1)',
       'seconds': seconds,
-      'environment': report.environment(),
   }
-  report.write_json(workdir / 'rosenbrock.json', results)
-  plot(results, workdir / 'rosenbrock.png')
-  (workdir / 'rosenbrock.md').write_text(
-      table + '\n\n' + results['sweep_metric'] + ':\n\n' + sweep_table + '\n')
-  return results
+  markdown = (table + '\n\n' + results['sweep_metric'] + ':\n\n'
+              + sweep_table)
+  return report.save_results(workdir, 'rosenbrock', results, plot, markdown)
 
 
 def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:

@@ -172,12 +172,8 @@ def train_and_evaluate(
       'config': dataclasses.asdict(config),
       'runs': runs,
       'table': table,
-      'environment': report.environment(),
   }
-  report.write_json(workdir / 'switching.json', results)
-  plot(results, workdir / 'switching.png')
-  (workdir / 'switching.md').write_text(table + '\n')
-  return results
+  return report.save_results(workdir, 'switching', results, plot, table)
 
 
 def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:

@@ -84,11 +84,8 @@ def alpha_warmup(
     return _constant(alpha)
 
   def schedule(count):
-    steps = _float(warmup_steps)
-    t = _float(count)
-    safe_steps = jnp.where(steps > 0, steps, 1.0)
-    warm = jnp.minimum(t * alpha / safe_steps, alpha)
-    return jnp.where(steps > 0, warm, _float(alpha))
+    # min(t / T, 1) * alpha; the ratio is 1 for a (traced) T of 0.
+    return _ratio(count, warmup_steps) * _float(alpha)
 
   return schedule
 

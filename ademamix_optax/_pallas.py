@@ -127,11 +127,6 @@ import numpy as np
 from ademamix_optax import _rounding
 from ademamix_optax import _update
 
-try:  # The only way to mark an array weakly typed; private, hence guarded.
-  from jax._src.lax.lax import _convert_element_type
-except ImportError:  # pragma: no cover
-  _convert_element_type = None
-
 StepScalars = _update.StepScalars
 
 # Default elements per program, per kernel variant.
@@ -240,19 +235,6 @@ def _split_scalars(s: StepScalars):
   return static, packed, slots, frozenset(weak)
 
 
-def _as_weak(x: jax.Array) -> jax.Array:
-  """``x`` marked weakly typed again (values and dtype unchanged).
-
-  Loading a scalar from a kernel input drops its weak type. With 32-bit
-  arithmetic (computations run in at least float32) that cannot change a
-  result, but under ``jax_enable_x64`` a weak float64 scalar meeting a
-  float32 array would otherwise promote it to float64.
-  """
-  if _convert_element_type is None:
-    return x
-  return _convert_element_type(x, x.dtype, weak_type=True)
-
-
 def _block_index(block_shape: tuple[int, ...]):
   r"""The global flat index of each element of the current block.
 
@@ -288,7 +270,7 @@ def _kernel(*refs, n_packed: int, has_m1: bool, static: dict,
   values = dict(static)
   for name, (which, pos) in slots.items():
     value = packed[which][pos]
-    values[name] = _as_weak(value) if name in weak else value
+    values[name] = _update.as_weak(value) if name in weak else value
   s = StepScalars(**values)
 
   index, local, start = _block_index(block_shape)

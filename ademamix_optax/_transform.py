@@ -189,13 +189,21 @@ def scale_by_ademamix(
     count_inc = optax.safe_increment(state.count)
     alpha_t = alpha_fn(count_inc) if callable(alpha_fn) else alpha_fn
     b3_t = b3_fn(count_inc) if callable(b3_fn) else b3_fn
+    anchor = None
+    scheduled = {name: value for name, value in (
+        ('alpha', alpha_t), ('b3', b3_t)) if isinstance(value, jax.Array)}
+    if scheduled:
+      # Once per step, not once per leaf; see step_scalars_once.
+      scheduled, anchor = _update.step_scalars_once(scheduled)
+      alpha_t = scheduled.get('alpha', alpha_t)
+      b3_t = scheduled.get('b3', b3_t)
     # Same expressions (and rounding) as optax.tree.bias_correction.
     bc1 = 1 - b1**count_inc
     bc2 = 1 - b2**count_inc
 
     scalars = _update.StepScalars(
         count=count_inc, b1=b1, b2=b2, b3=b3_t, alpha=alpha_t, bc1=bc1,
-        bc2=bc2, eps=eps, eps_root=eps_root)
+        bc2=bc2, eps=eps, eps_root=eps_root, anchor=anchor)
 
     def leaf(index, g, m1, m2, nu):
       if implementation == 'auto':
@@ -203,12 +211,19 @@ def scale_by_ademamix(
         fused = _pallas.use_pallas(jax.default_backend(), g.size, dtypes)
       else:
         fused = implementation == 'pallas'
+      # The anchor costs compile time (an input and two additions in each
+      # moment loop). It pays off only where a gradient is worth keeping in
+      # cache between the loops that read it, and never in the one-pass
+      # kernel.
+      s = scalars
+      if fused or g.size < _update.ANCHOR_MIN_SIZE:
+        s = s._replace(anchor=None)
       if fused:
         return _pallas.fused_leaf_update(
-            g, m1, m2, nu, scalars, leaf=index,
+            g, m1, m2, nu, s, leaf=index,
             stochastic=stochastic_rounding)
       return _update.leaf_update(
-          g, m1, m2, nu, scalars, leaf=index, stochastic=stochastic_rounding,
+          g, m1, m2, nu, s, leaf=index, stochastic=stochastic_rounding,
           flat_index=lambda: _rounding.flat_index(g.shape))
 
     g_leaves, treedef = jax.tree.flatten(updates)

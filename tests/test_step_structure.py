@@ -1,0 +1,229 @@
+"""How the step is laid out for XLA, and that the layout changes no value.
+
+With warmups, ``alpha(t)`` and ``b3(t)`` are computed once per step by one
+reduction, and every moment loop of a large leaf reads an exact zero (the
+anchor) from it, so that XLA runs a leaf's loops together (see
+``_update.step_scalars_once``; the effect on time is measured in
+``benchmarks/``). These tests check the structure and that the values are
+exactly those of the plain arithmetic.
+"""
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ademamix_optax as amx
+from ademamix_optax import _update
+
+
+# FMA contraction off (no FMA instructions) and no algebraic rewrites: the
+# same arithmetic then gives the same bits whatever the fusion layout.
+STRICT_XLA_FLAGS = '--xla_cpu_max_isa=AVX --xla_disable_hlo_passes=algsimp'
+
+
+def _assert_close(a, b):
+  # With default flags XLA:CPU contracts multiply-adds into FMAs depending on
+  # the fusion layout: the values move by an ulp or so. Bits are compared
+  # under STRICT_XLA_FLAGS (test_bit_identical_under_strict_flags).
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(
+        np.asarray(x), np.asarray(y), rtol=2e-6, atol=1e-9)
+
+
+def _mismatches(a, b):
+  return sum(
+      int((np.asarray(x) != np.asarray(y)).sum())
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _compiled_text(tx, params):
+  state = tx.init(params)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  return jax.jit(step).lower(params, state, params).compile().as_text()
+
+
+def _count_ops(hlo_text, opcodes):
+  return {
+      op: len(re.findall(rf'= \S+ {op}\(', hlo_text)) for op in opcodes}
+
+
+@pytest.mark.parametrize('size', [64, 2 * _update.ANCHOR_MIN_SIZE])
+def test_schedules_computed_once_per_step(size):
+  """The schedules' arithmetic does not grow with the number of leaves."""
+  ops = ('exponential', 'compare', 'select', 'minimum', 'maximum', 'convert')
+  tx = amx.ademamix(1e-3, weight_decay=0.1, t_alpha_beta3=1000)
+  counts = []
+  for n_leaves in (2, 6):
+    params = {f'w{i}': jnp.zeros((size,)) for i in range(n_leaves)}
+    counts.append(_count_ops(_compiled_text(tx, params), ops))
+  assert counts[0] == counts[1], counts
+  assert counts[0]['exponential'] == 1, counts
+
+
+def test_no_schedule_no_extra_op():
+  """Without warmups the step has no reduction: nothing to compute once."""
+  params = {'w': jnp.zeros((2 * _update.ANCHOR_MIN_SIZE,))}
+  text = _compiled_text(amx.ademamix(1e-3), params)
+  assert _count_ops(text, ('reduce',))['reduce'] == 0
+  text = _compiled_text(amx.ademamix(1e-3, t_alpha_beta3=10), params)
+  assert _count_ops(text, ('reduce',))['reduce'] == 1
+
+
+def _leaf_args(seed, n=257):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  g = jax.random.normal(keys[0], (n,))
+  m1 = 0.1 * jax.random.normal(keys[1], (n,))
+  m2 = 0.1 * jax.random.normal(keys[2], (n,))
+  nu = jax.random.uniform(keys[3], (n,)) * 1e-2
+  return g, m1, m2, nu
+
+
+def _scalars(anchor, b3=0.999, alpha=3.0):
+  return _update.StepScalars(
+      count=jnp.int32(7), b1=0.9, b2=0.999, b3=b3, alpha=alpha,
+      bc1=1 - 0.9**7, bc2=1 - 0.999**7, eps=1e-8, eps_root=0.0,
+      anchor=anchor)
+
+
+def _run_leaf(anchor, b3=0.999, alpha=3.0):
+  g, m1, m2, nu = _leaf_args(0)
+  flat = lambda: jnp.arange(g.size, dtype=jnp.uint32)
+  return _update.leaf_update(
+      g, m1, m2, nu, _scalars(anchor, b3, alpha), leaf=0, stochastic=True,
+      flat_index=flat)
+
+
+def _anchor_pair():
+  """One leaf's step without and with the anchor (traced b3 and alpha)."""
+  plain = jax.jit(lambda b3, a: _run_leaf(None, b3, a))(0.999, 3.0)
+  anchored = jax.jit(_run_leaf)(jnp.float32(0), 0.999, 3.0)
+  return plain, anchored
+
+
+def test_anchor_changes_no_value_and_reaches_every_moment():
+  plain, anchored = _anchor_pair()
+  _assert_close(plain, anchored)
+  # Every new moment depends on the anchor (so XLA cannot run a moment loop
+  # before the op that produces it).
+  for i in (1, 2, 3):
+    d = jax.grad(lambda a, i=i: _run_leaf(a)[i].sum())(jnp.float32(0))
+    assert float(d) != 0.0, i
+
+
+LAYOUT_CASES = [
+    (size, what) for size in (100, 3 * _update.ANCHOR_MIN_SIZE + 5)
+    for what in ('anchor', 'all')]
+
+
+def _layout_pair(size, what):
+  """Six warmup steps as laid out, and without the anchor (``'anchor'``) or
+  without the reduction and the anchor (``'all'``: the plain arithmetic)."""
+  params = {'w': jnp.linspace(-1.0, 1.0, size), 'b': jnp.ones((3,))}
+  grads = [
+      jax.tree.map(lambda p, k=k: jnp.sin(p * (k + 1)) * 1e-2, params)
+      for k in range(6)
+  ]
+
+  def run():
+    tx = amx.ademamix(1e-2, weight_decay=0.1, t_alpha_beta3=4)
+    state, p = tx.init(params), params
+    step = jax.jit(tx.update)
+    for g in grads:
+      u, state = step(g, state, p)
+      p = optax.apply_updates(p, u)
+    return p, state
+
+  laid_out = run()
+  with pytest.MonkeyPatch.context() as mp:
+    if what == 'anchor':
+      mp.setattr(_update, 'ANCHOR_MIN_SIZE', 1 << 62)
+    else:
+      mp.setattr(_update, 'step_scalars_once', lambda values: (values, None))
+    plain = run()
+  return plain, laid_out
+
+
+@pytest.mark.parametrize('size,what', LAYOUT_CASES)
+def test_warmup_steps_match_plain_layout(size, what):
+  _assert_close(*_layout_pair(size, what))
+
+
+def test_constant_schedules_stay_constants():
+  """A schedule returning a Python number is compiled in, as a constant."""
+  params = {'w': jnp.linspace(-1.0, 1.0, 2 * _update.ANCHOR_MIN_SIZE)}
+  g = jax.tree.map(lambda p: jnp.cos(p) * 1e-2, params)
+  outs = []
+  for alpha, b3 in ((5.0, 0.99), (lambda t: 5.0, lambda t: 0.99)):
+    tx = amx.scale_by_ademamix(alpha=alpha, b3=b3)
+    state = tx.init(params)
+    for _ in range(2):
+      u, state = jax.jit(tx.update)(g, state)
+    outs.append((u, state))
+  for x, y in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_weak_type_kept_under_x64():
+  """Under x64, a weakly typed schedule value must not promote float32."""
+  code = '''
+import jax
+jax.config.update('jax_enable_x64', True)
+import jax.numpy as jnp
+import ademamix_optax as amx
+tx = amx.scale_by_ademamix(
+    alpha=lambda t: jnp.asarray(5.0), b3=lambda t: jnp.asarray(0.99))
+params = jnp.zeros((4 * 2**14,), jnp.float32)
+state = tx.init(params)
+u, state = jax.jit(tx.update)(jnp.ones_like(params), state)
+assert u.dtype == jnp.float32, u.dtype
+assert state.m2.dtype == jnp.float32, state.m2.dtype
+print('ok')
+'''
+  out = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True,
+      check=False)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == 'ok'
+
+
+def _worker():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(4096), jnp.float32)
+  probe = lambda x: (1 - 0.9) * x + 0.9 * (x * x)
+  strict = bool((np.asarray(probe(x)) == np.asarray(jax.jit(probe)(x))).all())
+  results = {'strict': strict, 'anchor_leaf': _mismatches(*_anchor_pair())}
+  for size, what in LAYOUT_CASES:
+    results[f'layout_{size}_{what}'] = _mismatches(*_layout_pair(size, what))
+  print(json.dumps(results))
+
+
+def test_bit_identical_under_strict_flags():
+  env = dict(os.environ, XLA_FLAGS=STRICT_XLA_FLAGS, JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.pathsep.join(
+      [root, env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+  out = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--worker'], env=env,
+      capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-5000:]
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  if not results.pop('strict'):
+    pytest.skip('cannot turn FMA contraction off on this CPU '
+                f'({platform.machine()})')
+  assert results == {name: 0 for name in results}, results
+
+
+if __name__ == '__main__' and sys.argv[1:] == ['--worker']:
+  _worker()

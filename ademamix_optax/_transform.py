@@ -189,17 +189,21 @@ def scale_by_ademamix(
     count_inc = optax.safe_increment(state.count)
     alpha_t = alpha_fn(count_inc) if callable(alpha_fn) else alpha_fn
     b3_t = b3_fn(count_inc) if callable(b3_fn) else b3_fn
-    anchor = None
-    scheduled = {name: value for name, value in (
-        ('alpha', alpha_t), ('b3', b3_t)) if isinstance(value, jax.Array)}
-    if scheduled:
-      # Once per step, not once per leaf; see step_scalars_once.
-      scheduled, anchor = _update.step_scalars_once(scheduled)
-      alpha_t = scheduled.get('alpha', alpha_t)
-      b3_t = scheduled.get('b3', b3_t)
     # Same expressions (and rounding) as optax.tree.bias_correction.
     bc1 = 1 - b1**count_inc
     bc2 = 1 - b2**count_inc
+    # The step's scalars that vary, computed once for all leaves (see
+    # step_scalars_once); the anchor is needed only where the m2 loops read
+    # one of them.
+    varying = {name: value for name, value in (
+        ('alpha', alpha_t), ('b3', b3_t), ('bc1', bc1), ('bc2', bc2))
+               if isinstance(value, jax.Array)}
+    varying, anchor = _update.step_scalars_once(varying)
+    alpha_t = varying.get('alpha', alpha_t)
+    b3_t = varying.get('b3', b3_t)
+    bc1, bc2 = varying['bc1'], varying['bc2']
+    if 'b3' not in varying:
+      anchor = None
 
     scalars = _update.StepScalars(
         count=count_inc, b1=b1, b2=b2, b3=b3_t, alpha=alpha_t, bc1=bc1,

@@ -39,9 +39,9 @@ class StepScalars(NamedTuple):
   eps: Any
   eps_root: Any
   # None, or an exact zero that every EMA adds to its two coefficients. With
-  # scheduled alpha(t) or b3(t), it comes from the same XLA op as they do, so
-  # that all of a leaf's loops wait for that one op and XLA runs them
-  # together (see :func:`step_scalars_once`).
+  # a varying b3(t), it comes from the same XLA op as b3(t), so that all of a
+  # leaf's loops wait for that one op and XLA runs them together (see
+  # :func:`step_scalars_once`).
   anchor: Any = None
 
 
@@ -58,7 +58,7 @@ def as_weak(x: jax.Array) -> jax.Array:
 
 
 def step_scalars_once(values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-  """Scalars of the step computed by one XLA op, and an anchor from it.
+  """The step's varying scalars computed by one XLA op, and an anchor.
 
   XLA copies cheap scalar arithmetic into every loop that reads its result.
   Left alone, a schedule's arithmetic (the clipped ``t / T``, the selects)
@@ -69,11 +69,12 @@ def step_scalars_once(values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
   loops later, reading each gradient from memory twice instead of once (7-10%
   slower than without schedules on 148 leaves of 16M parameters in all).
 
-  Here the values pass through a reduction (``x + 0``, exact), which XLA
-  never copies into its consumers: they are computed once per step. The
-  returned ``anchor``, an exact float32 zero read from the same reduction,
-  is added by every EMA to its coefficients, so that every loop of a leaf
-  waits for that op and XLA keeps a leaf's loops together, as it does
+  Here the values (alpha(t), b3(t), the bias corrections) pass through one
+  reduction (``x + 0``, exact), which XLA never copies into its consumers:
+  they are computed once per step, by one op. The returned ``anchor``, an
+  exact float32 zero read from the same reduction, is added by every EMA to
+  its coefficients when b3(t) is among the values, so that every loop of a
+  leaf waits for that op and XLA keeps a leaf's loops together, as it does
   without schedules.
 
   Args:

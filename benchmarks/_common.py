@@ -243,12 +243,13 @@ def make_step(tx: optax.GradientTransformation, name: str) -> Any:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_axpy() -> Any:
+def make_axpy(name: str = 'axpy') -> Any:
   """The jitted, donated ``y <- a * x + y``: 3 passes, a bandwidth probe."""
 
   def axpy(y, x):
     return (np.float32(1e-3) * x + y,)
 
+  axpy.__name__ = axpy.__qualname__ = name
   return jax.jit(axpy, donate_argnums=0)
 
 

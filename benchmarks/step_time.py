@@ -36,6 +36,8 @@ from benchmarks import _common as C
 
 AXPY = 'axpy'
 REFERENCE = 'adamw'
+# Cases up to this many parameters compile each step twice (see run_group).
+REPLICATE_UP_TO = 1 << 22
 
 
 @dataclasses.dataclass
@@ -55,17 +57,24 @@ class Entry:
   kernels: dict[str, Any]
   memory: dict[str, int]
   allocate: Callable[[Any, Any], tuple[tuple, tuple]]
+  remake: Callable[[int], Any]
   carry: Optional[tuple] = None
   const: Optional[tuple] = None
+  # Other copies of the step, each compiled (and allocated) on its own; see
+  # run_group.
+  replicas: list['Entry'] = dataclasses.field(default_factory=list)
   times: list[float] = dataclasses.field(default_factory=list)
   ratios: list[float] = dataclasses.field(default_factory=list)
   compiles_first_call: int = 0
   compiles_after: int = 0
   cache_size: Optional[int] = None
 
+  copy: int = 0  # Which compiled copy of the step (see run_group).
+
   @property
   def jit_name(self) -> str:
-    return f'jit({AXPY})' if self.key == AXPY else f'jit(step_{self.key})'
+    name = AXPY if self.key == AXPY else f'step_{self.key}'
+    return f'jit({name})' if not self.copy else f'jit({name}_copy{self.copy})'
 
   def call(self, inner: int) -> None:
     """``inner`` consecutive calls, then wait for the results."""
@@ -96,6 +105,9 @@ def optimizer_entry(opt: C.Optimizer, specs: Any) -> Entry:
   """Compiles ``opt``'s step for ``specs``; allocates nothing yet."""
   tx = opt.make()
   state_specs = jax.eval_shape(tx.init, specs)
+  # A copy gets its own name: XLA compiles it anew (jax would otherwise
+  # reuse the executable of the same module).
+  remake = lambda k: C.make_step(tx, f'{opt.key}_copy{k}')
   fn = C.make_step(tx, opt.key)
   compiled, compile_s = _compile(fn, specs, state_specs, specs)
   info = _analyse(compiled, specs)
@@ -113,7 +125,7 @@ def optimizer_entry(opt: C.Optimizer, specs: Any) -> Entry:
       ideal_bytes=C.ideal_step_bytes(specs, state_specs),
       state_bytes=state_bytes,
       resident_bytes=C.tree_nbytes(specs) + state_bytes + temp,
-      compile_s=compile_s, allocate=allocate, **info)
+      compile_s=compile_s, allocate=allocate, remake=remake, **info)
 
 
 def axpy_entry(n: int) -> Entry:
@@ -133,7 +145,8 @@ def axpy_entry(n: int) -> Entry:
       key=AXPY, label='axpy y=a*x+y', fn=fn, n_params=n, n_leaves=1,
       ideal_bytes=3 * C.F32_BYTES * n, state_bytes=0,
       resident_bytes=2 * C.F32_BYTES * n, compile_s=compile_s,
-      allocate=allocate, **info)
+      allocate=allocate, remake=lambda k: C.make_axpy(f'{AXPY}_copy{k}'),
+      **info)
 
 
 def plan_groups(entries: list[Entry], budget: Optional[int]) -> list[list]:
@@ -171,40 +184,64 @@ def _choose_inner(group: list[Entry], min_sample_s: float,
 
 
 def _count(names: list[str], e: Entry) -> int:
-  return sum(1 for name in names if name == e.jit_name)
+  """Compilations of ``e`` and of its copies among ``names``."""
+  own = {c.jit_name for c in (e, *e.replicas)}
+  return sum(1 for name in names if name in own)
 
 
 def run_group(group: list[Entry], params: Any, grads: Any, *, reps: int,
               warmup: int, inner: Optional[int], min_sample_s: float,
-              max_inner: int) -> int:
+              max_inner: int, replicas: int = 1) -> int:
   """Allocates, warms up and times the entries of ``group``, interleaved.
+
+  XLA:CPU compiles a jitted step at its first call, and a step compiled
+  earlier in the process runs measurably faster than the same step compiled
+  later (2-4% per position with 150 tiny leaves; see benchmarks/README.md).
+  With ``replicas`` > 1 each entry is compiled that many times: the first
+  copy is the executable compiled for the analysis (in the order of the
+  entries), the second is compiled here in reverse order, the third in
+  order, and so on, so that with 2 copies every entry has the same mean
+  position. A round times every copy, and an entry's time of the round is the
+  mean over its copies.
 
   Returns the number of calls per timed sample.
   """
-  for e in group:
-    e.carry, e.const = e.allocate(params, grads)
+  runs = []  # (entry, copy) in the order of their first calls.
+  for k in range(replicas):
+    for e in (group if k % 2 == 0 else group[::-1]):
+      if k == 0:
+        copy = e
+      else:
+        copy = dataclasses.replace(
+            e, fn=e.remake(k), copy=k, replicas=[], times=[], ratios=[])
+        e.replicas.append(copy)
+      runs.append((e, copy))
   with C.count_compilations() as names:
-    for e in group:
-      e.call(1)
+    for _, copy in runs:
+      copy.carry, copy.const = copy.allocate(params, grads)
+      copy.call(1)
   for e in group:
     e.compiles_first_call += _count(names, e)
   with C.count_compilations() as names:
     for _ in range(max(warmup - 1, 0)):
-      for e in group:
-        e.call(1)
+      for _, copy in runs:
+        copy.call(1)
     if inner is None:
-      inner = _choose_inner(group, min_sample_s, max_inner)
+      inner = _choose_inner([c for _, c in runs], min_sample_s, max_inner)
     ref = next((e for e in group if e.key == REFERENCE), None)
     times = {e.key: [] for e in group}
     gc.collect()
     gc.disable()
     try:
       for r in range(reps):
-        shift = r % len(group)
-        for e in group[shift:] + group[:shift]:
+        shift = r % len(runs)
+        sample = {e.key: [] for e in group}
+        for e, copy in runs[shift:] + runs[:shift]:
           start = time.perf_counter()
-          e.call(inner)
-          times[e.key].append((time.perf_counter() - start) / inner)
+          copy.call(inner)
+          sample[e.key].append((time.perf_counter() - start) / inner)
+        for key, values in sample.items():
+          times[key].append(statistics.fmean(values))
     finally:
       gc.enable()
   for e in group:
@@ -214,7 +251,9 @@ def run_group(group: list[Entry], params: Any, grads: Any, *, reps: int,
     if ref is not None:
       e.ratios.extend(
           t / t_ref for t, t_ref in zip(times[e.key], times[ref.key]))
-    e.carry = e.const = None
+    for copy in [e, *e.replicas]:
+      copy.carry = copy.const = None
+    e.replicas.clear()
   gc.collect()
   return inner
 
@@ -267,16 +306,25 @@ def entry_result(e: Entry, axpy_gbs: Optional[float]) -> dict[str, Any]:
 def run_case(tree: str, specs: Any, opts: list[C.Optimizer], *, reps: int,
              warmup: int, inner: Optional[int], min_sample_s: float,
              max_inner: int, budget: Optional[int],
-             size: Optional[str] = None) -> dict[str, Any]:
-  """Compiles, allocates and times every optimizer on one tree."""
+             size: Optional[str] = None,
+             replicas: Optional[int] = None) -> dict[str, Any]:
+  """Compiles, allocates and times every optimizer on one tree.
+
+  ``replicas``: copies of each step (see :func:`run_group`); ``None``: 2 up
+  to :data:`REPLICATE_UP_TO` parameters (where the compile order shows),
+  else 1.
+  """
   wall = time.perf_counter()
   load_before = C.load_average()
   n = C.count_params(specs)
   size = size or C.size_label(n)
+  if replicas is None:
+    replicas = 2 if n <= REPLICATE_UP_TO else 1
   log(f'[{tree} {size}] compiling {len(opts)} steps')
   entries = [axpy_entry(n)] + [optimizer_entry(o, specs) for o in opts]
   shared = 2 * C.tree_nbytes(specs)  # The params to copy, the grads.
-  groups = plan_groups(entries, None if budget is None else budget - shared)
+  groups = plan_groups(
+      entries, None if budget is None else (budget - shared) // replicas)
   params = C.random_tree(specs, seed=0, scale=0.02)
   grads = C.random_tree(specs, seed=1, scale=1e-3)
   inners = []
@@ -285,7 +333,8 @@ def run_case(tree: str, specs: Any, opts: list[C.Optimizer], *, reps: int,
         f'{[e.key for e in group]}')
     inners.append(run_group(
         group, params, grads, reps=reps, warmup=warmup, inner=inner,
-        min_sample_s=min_sample_s, max_inner=max_inner))
+        min_sample_s=min_sample_s, max_inner=max_inner,
+        replicas=replicas))
   del params, grads
   gc.collect()
   axpy = next(e for e in entries if e.key == AXPY)
@@ -298,6 +347,7 @@ def run_case(tree: str, specs: Any, opts: list[C.Optimizer], *, reps: int,
       'n_leaves': len(jax.tree.leaves(specs)),
       'reps': reps,
       'warmup': warmup,
+      'replicas': replicas,
       'inner': inners,
       'groups': [[e.key for e in g] for g in groups],
       'load_average_before': load_before,
@@ -371,7 +421,8 @@ def case_markdown(case: dict[str, Any]) -> str:
   about = (
       f'axpy bandwidth {case["axpy_gbs"]:.3g} GB/s; {case["reps"]} rounds '
       f'of {case["inner"]} call(s) per sample after {case["warmup"]} '
-      f'warm-up call(s); groups {case["groups"]}; load average '
+      f'warm-up call(s); {case.get("replicas", 1)} compiled copies of each '
+      f'step; groups {case["groups"]}; load average '
       f'{case["load_average_before"]} -> {case["load_average_after"]}'
       f'{per_leaf}')
   lines = [
@@ -450,6 +501,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument('--min-sample-ms', type=float, default=10.0,
                  help='shortest timed sample when --inner is not given')
   p.add_argument('--max-inner', type=int, default=1000)
+  p.add_argument('--replicas', type=int, default=None,
+                 help='copies of each step, compiled in balanced orders '
+                      '(the compile order shifts small cases by a few %%); '
+                      'default: 2 up to 4M parameters, else 1')
   p.add_argument('--overhead', action=argparse.BooleanOptionalAction,
                  default=True,
                  help='also time the tiny many-leaf tree (fixed overhead)')
@@ -504,7 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   common = dict(
       reps=args.reps, warmup=args.warmup, inner=args.inner,
       min_sample_s=args.min_sample_ms / 1e3, max_inner=args.max_inner,
-      budget=budget)
+      budget=budget, replicas=args.replicas)
   cases = []
   plan = []
   if args.overhead:
@@ -529,7 +584,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
           'overhead_leaf_size': args.overhead_leaf_size,
           'reps': args.reps, 'warmup': args.warmup,
           'min_sample_ms': args.min_sample_ms, 'inner': args.inner,
-          'memory_budget_bytes': budget,
+          'replicas': args.replicas, 'memory_budget_bytes': budget,
           't_alpha_beta3': args.t_alpha_beta3,
           'learning_rate': C.LEARNING_RATE,
           'weight_decay': C.WEIGHT_DECAY, 'quick': args.quick,

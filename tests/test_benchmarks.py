@@ -45,12 +45,17 @@ def test_step_time_quick(tmp_path, capsys):
   for case in data['cases']:
     assert [e['key'] for e in case['entries']] == keys
     assert case['axpy_gbs'] > 0
+    # Small cases compile two copies of each step, in balanced orders.
+    assert case['replicas'] == 2
     for e in case['entries']:
       assert len(e['times_s']) == 2 and e['median_s'] > 0
       assert e['fusions_per_leaf'] >= 1
       assert e['xla_passes'] is None or e['xla_passes'] > 0
       # Nothing compiles again once a step has run.
       assert e['compiles_after_first_call'] == 0
+      # The first copy reuses the executable compiled for the analysis, the
+      # second is compiled at its first call (0: no listener).
+      assert e['compiles_first_call'] in (0, 1)
       assert e['jit_cache_size'] in (None, 1)
       if e['key'] != 'axpy':
         assert math.isfinite(e['ratio_vs_adamw_median'])

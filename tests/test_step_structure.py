@@ -1,7 +1,8 @@
 """How the step is laid out for XLA, and that the layout changes no value.
 
-With warmups, ``alpha(t)`` and ``b3(t)`` are computed once per step by one
-reduction, and every moment loop of a large leaf reads an exact zero (the
+The step's varying scalars (``alpha(t)`` and ``b3(t)`` with warmups, the
+bias corrections) are computed once per step by one reduction, and with a
+varying ``b3(t)`` every moment loop of a large leaf reads an exact zero (the
 anchor) from it, so that XLA runs a leaf's loops together (see
 ``_update.step_scalars_once``; the effect on time is measured in
 ``benchmarks/``). These tests check the structure and that the values are
@@ -73,13 +74,29 @@ def test_schedules_computed_once_per_step(size):
   assert counts[0]['exponential'] == 1, counts
 
 
-def test_no_schedule_no_extra_op():
-  """Without warmups the step has no reduction: nothing to compute once."""
-  params = {'w': jnp.zeros((2 * _update.ANCHOR_MIN_SIZE,))}
-  text = _compiled_text(amx.ademamix(1e-3), params)
-  assert _count_ops(text, ('reduce',))['reduce'] == 0
-  text = _compiled_text(amx.ademamix(1e-3, t_alpha_beta3=10), params)
-  assert _count_ops(text, ('reduce',))['reduce'] == 1
+@pytest.mark.parametrize('kwargs,size,anchored', [
+    (dict(), 2 * _update.ANCHOR_MIN_SIZE, False),  # Nothing scheduled.
+    (dict(t_alpha_beta3=10), 2 * _update.ANCHOR_MIN_SIZE, True),
+    (dict(t_alpha_beta3=10), 100, False),  # Small leaf.
+    (dict(alpha=amx.alpha_warmup(5.0, 10)), 2 * _update.ANCHOR_MIN_SIZE,
+     False),  # Only the update loop reads alpha(t): nothing to anchor.
+    (dict(b3=amx.beta3_warmup(0.999, 10)), 2 * _update.ANCHOR_MIN_SIZE,
+     True),
+])
+def test_anchor_only_where_m2_reads_the_reduction(
+    kwargs, size, anchored, monkeypatch):
+  seen = []
+  leaf_update = _update.leaf_update
+
+  def spy(*args, **kw):
+    seen.append(args[4].anchor is not None)
+    return leaf_update(*args, **kw)
+
+  monkeypatch.setattr(_update, 'leaf_update', spy)
+  tx = amx.scale_by_ademamix(**kwargs)
+  params = jnp.zeros((size,))
+  jax.jit(tx.update)(params, tx.init(params))
+  assert seen == [anchored]
 
 
 def _leaf_args(seed, n=257):

@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from benchmarks import _common as C
+from benchmarks import compile_time
 from benchmarks import memory
 from benchmarks import step_time
 
@@ -95,3 +96,20 @@ def test_memory_quick(tmp_path, capsys):
   for r in rows:
     assert r['argument_bytes_per_param'] > r['state_bytes_per_param']
     assert r['peak_bytes_per_param'] >= r['argument_bytes_per_param']
+
+
+def test_compile_time_quick(tmp_path, capsys):
+  path = tmp_path / 'compile_time.json'
+  compile_time.main(['--quick', '--json', str(path)])
+  out = capsys.readouterr().out
+  data = json.loads(path.read_text())
+  assert [c['tree'] for c in data['cases']] == ['tiny', 'single']
+  for case in data['cases']:
+    keys = [e['key'] for e in case['entries']]
+    assert keys == list(compile_time.DEFAULT_OPTIMIZERS)
+    for e in case['entries']:
+      assert len(e['compile_s']) == 2 and min(e['compile_s']) > 0
+      assert len(e['ratio_vs_contrib']) == 2
+      if e['key'] == 'contrib':
+        assert e['ratio_vs_contrib'] == [1.0, 1.0]
+    assert len(_table_rows(out, 'optax.contrib.ademamix')) >= 1

@@ -23,6 +23,7 @@ import optax
 import pytest
 
 import ademamix_optax as amx
+from ademamix_optax import _rounding
 from ademamix_optax import _update
 
 
@@ -97,6 +98,43 @@ def test_anchor_only_where_m2_reads_the_reduction(
   params = jnp.zeros((size,))
   jax.jit(tx.update)(params, tx.init(params))
   assert seen == [anchored]
+
+
+def _distinct_loops(hlo_text, size=4096):
+  """Leaf-sized fused loops that differ other than by their names."""
+  text = re.sub(r', metadata=\{[^}]*\}', '', hlo_text)
+  comps = [c for c in re.split(r'\n\n', text)
+           if c.lstrip().startswith('%fused')
+           and f'[{size}]' in c.split('\n', 1)[0].split('->')[-1]]
+  return len({re.sub(r'%[\w.\-]+', 'X', c.split('\n', 1)[1])
+              for c in comps})
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(t_alpha_beta3=100), dict(mu_dtype=jnp.bfloat16, t_alpha_beta3=100),
+    dict(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)])
+def test_same_shape_leaves_compile_to_identical_loops(kwargs):
+  """XLA compiles identical loops once: no leaf-specific constant (such as
+  the leaf's rounding key) may be compiled into a leaf's loops."""
+  tx = amx.ademamix(1e-3, **kwargs)
+  counts = [
+      _distinct_loops(_compiled_text(
+          tx, {f'w{i}': jnp.zeros((4096,)) for i in range(n)}))
+      for n in (3, 9)]
+  assert counts[0] == counts[1], counts
+
+
+def test_stream_keys_match_stream_key():
+  # 142 streams: more than one loop of _rounding._KEYS_PER_LOOP.
+  streams = [(leaf, buffer) for leaf in range(70) for buffer in (0, 1)]
+  streams += [(123456, 0), (2**31 + 5, 1)]
+  for count in (1, 7, 2**31 - 1):
+    want = [int(_rounding.stream_key(jnp.int32(count), leaf, buffer))
+            for leaf, buffer in streams]
+    got = jax.jit(lambda c: _rounding.stream_keys(c, streams))(
+        jnp.int32(count))
+    assert [int(k) for k in got] == want
+  assert not _rounding.stream_keys(jnp.int32(1), [])
 
 
 def _leaf_args(seed, n=257):

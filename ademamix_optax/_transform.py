@@ -209,21 +209,12 @@ def scale_by_ademamix(
         count=count_inc, b1=b1, b2=b2, b3=b3_t, alpha=alpha_t, bc1=bc1,
         bc2=bc2, eps=eps, eps_root=eps_root, anchor=anchor)
 
-    def use_kernel(g, m1, m2, nu):
+    def leaf(index, g, m1, m2, nu):
       if implementation == 'auto':
         dtypes = [x.dtype for x in (g, m1, m2, nu) if x is not None]
-        return _pallas.use_pallas(jax.default_backend(), g.size, dtypes)
-      return implementation == 'pallas'
-
-    def streams(m1, m2, nu):
-      """The rounding streams a leaf's narrow buffers use."""
-      narrow = lambda x: x is not None and _update.needs_rounding(
-          x.dtype, stochastic_rounding)
-      return [k for k, used in ((0, narrow(m1) or narrow(m2)), (1, narrow(nu)))
-              if used]
-
-    def leaf(index, g, m1, m2, nu, keys):
-      fused = fused_leaves[index]
+        fused = _pallas.use_pallas(jax.default_backend(), g.size, dtypes)
+      else:
+        fused = implementation == 'pallas'
       # The anchor costs compile time (an input and two additions in each
       # moment loop). It pays off only where a gradient is worth keeping in
       # cache between the loops that read it, and never in the one-pass
@@ -237,7 +228,7 @@ def scale_by_ademamix(
             stochastic=stochastic_rounding)
       return _update.leaf_update(
           g, m1, m2, nu, s, leaf=index, stochastic=stochastic_rounding,
-          flat_index=lambda: _rounding.flat_index(g.shape), keys=keys)
+          flat_index=lambda: _rounding.flat_index(g.shape))
 
     g_leaves, treedef = jax.tree.flatten(updates)
     m2_leaves = treedef.flatten_up_to(state.m2)
@@ -246,21 +237,8 @@ def scale_by_ademamix(
       m1_leaves = [None] * len(g_leaves)
     else:
       m1_leaves = treedef.flatten_up_to(state.m1)
-    leaves = list(zip(g_leaves, m1_leaves, m2_leaves, nu_leaves))
-    fused_leaves = [use_kernel(*args) for args in leaves]
-    # On CPU, the rounding keys of the XLA path are computed together (see
-    # _rounding.stream_keys): a one-trip while_loop there costs nothing, on
-    # GPU it would wait for its predicate on the host. Elsewhere (and in the
-    # Pallas kernel) each loop computes its own key: the same values.
-    wanted = []
-    if jax.default_backend() == 'cpu':
-      wanted = [(i, k) for i, args in enumerate(leaves)
-                if not fused_leaves[i] for k in streams(*args[1:])]
-    computed = _rounding.stream_keys(count_inc, wanted)
-    keys = [{} for _ in leaves]
-    for (i, k), key in zip(wanted, computed):
-      keys[i][k] = key
-    out = [leaf(i, *args, keys[i]) for i, args in enumerate(leaves)]
+    out = [leaf(i, *args) for i, args in
+           enumerate(zip(g_leaves, m1_leaves, m2_leaves, nu_leaves))]
     u, m1, m2, nu = (
         [o[i] for o in out] for i in range(4)
     )

@@ -17,9 +17,7 @@ In-process tests check that the default configuration stays within an ulp.
 
 import functools
 import json
-import os
 import platform
-import subprocess
 import sys
 import warnings
 import zlib
@@ -34,9 +32,9 @@ import ademamix_optax as amx
 from ademamix_optax import _pallas
 from ademamix_optax import _rounding
 from ademamix_optax import _update
+import strict_xla
 
 BF16 = jnp.bfloat16
-STRICT_XLA_FLAGS = '--xla_cpu_max_isa=AVX --xla_disable_hlo_passes=algsimp'
 T_WARMUP = 10
 
 # name: (shape, g dtype, mu dtype, nu dtype, b1, stochastic, steps, options)
@@ -147,13 +145,8 @@ def _run_case(name):
 
 
 def _worker():
-  """Runs every case (under STRICT_XLA_FLAGS) and prints JSON results."""
-  # Whether FMA contraction is really off: a contractible expression must
-  # give the same bits eagerly (one op at a time) and jitted (fused).
-  x = jnp.asarray(np.random.default_rng(0).standard_normal(4096), jnp.float32)
-  probe = lambda x: (1 - 0.9) * x + 0.9 * (x * x)
-  strict = bool((_bits(probe(x)) == _bits(jax.jit(probe)(x))).all())
-  results = {'strict': strict}
+  """Runs every case (under strict_xla.STRICT_XLA_FLAGS); prints JSON."""
+  results = {'strict': strict_xla.fma_contraction_off()}
   for name in CASES:
     results[name] = _run_case(name)
   # Under x64, weakly typed float64 scalars must stay weak in the kernel.
@@ -165,15 +158,7 @@ def _worker():
 
 @pytest.fixture(scope='module')
 def strict_results():
-  env = dict(os.environ, XLA_FLAGS=STRICT_XLA_FLAGS, JAX_PLATFORMS='cpu')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(
-      [root, env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
-  out = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), '--worker'], env=env,
-      capture_output=True, text=True, timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-5000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return strict_xla.run_worker(__file__)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ exactly those of the plain arithmetic.
 """
 
 import json
-import os
 import platform
 import re
 import subprocess
@@ -23,19 +22,14 @@ import optax
 import pytest
 
 import ademamix_optax as amx
-from ademamix_optax import _rounding
 from ademamix_optax import _update
-
-
-# FMA contraction off (no FMA instructions) and no algebraic rewrites: the
-# same arithmetic then gives the same bits whatever the fusion layout.
-STRICT_XLA_FLAGS = '--xla_cpu_max_isa=AVX --xla_disable_hlo_passes=algsimp'
+import strict_xla
 
 
 def _assert_close(a, b):
   # With default flags XLA:CPU contracts multiply-adds into FMAs depending on
   # the fusion layout: the values move by an ulp or so. Bits are compared
-  # under STRICT_XLA_FLAGS (test_bit_identical_under_strict_flags).
+  # under strict XLA flags (test_bit_identical_under_strict_flags).
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(
         np.asarray(x), np.asarray(y), rtol=2e-6, atol=1e-9)
@@ -110,31 +104,16 @@ def _distinct_loops(hlo_text, size=4096):
               for c in comps})
 
 
-@pytest.mark.parametrize('kwargs', [
-    dict(t_alpha_beta3=100), dict(mu_dtype=jnp.bfloat16, t_alpha_beta3=100),
-    dict(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)])
-def test_same_shape_leaves_compile_to_identical_loops(kwargs):
-  """XLA compiles identical loops once: no leaf-specific constant (such as
-  the leaf's rounding key) may be compiled into a leaf's loops."""
-  tx = amx.ademamix(1e-3, **kwargs)
+def test_same_shape_leaves_compile_to_identical_loops():
+  """XLA compiles identical loops once: no leaf-specific constant may be
+  compiled into a float32 leaf's loops. (With stochastic rounding each
+  leaf's loops hold the leaf's rounding key, so they are not identical.)"""
+  tx = amx.ademamix(1e-3, t_alpha_beta3=100)
   counts = [
       _distinct_loops(_compiled_text(
           tx, {f'w{i}': jnp.zeros((4096,)) for i in range(n)}))
       for n in (3, 9)]
   assert counts[0] == counts[1], counts
-
-
-def test_stream_keys_match_stream_key():
-  # 142 streams: more than one loop of _rounding._KEYS_PER_LOOP.
-  streams = [(leaf, buffer) for leaf in range(70) for buffer in (0, 1)]
-  streams += [(123456, 0), (2**31 + 5, 1)]
-  for count in (1, 7, 2**31 - 1):
-    want = [int(_rounding.stream_key(jnp.int32(count), leaf, buffer))
-            for leaf, buffer in streams]
-    got = jax.jit(lambda c: _rounding.stream_keys(c, streams))(
-        jnp.int32(count))
-    assert [int(k) for k in got] == want
-  assert not _rounding.stream_keys(jnp.int32(1), [])
 
 
 def _leaf_args(seed, n=257):
@@ -255,25 +234,15 @@ print('ok')
 
 
 def _worker():
-  x = jnp.asarray(np.random.default_rng(0).standard_normal(4096), jnp.float32)
-  probe = lambda x: (1 - 0.9) * x + 0.9 * (x * x)
-  strict = bool((np.asarray(probe(x)) == np.asarray(jax.jit(probe)(x))).all())
-  results = {'strict': strict, 'anchor_leaf': _mismatches(*_anchor_pair())}
+  results = {'strict': strict_xla.fma_contraction_off(),
+             'anchor_leaf': _mismatches(*_anchor_pair())}
   for size, what in LAYOUT_CASES:
     results[f'layout_{size}_{what}'] = _mismatches(*_layout_pair(size, what))
   print(json.dumps(results))
 
 
 def test_bit_identical_under_strict_flags():
-  env = dict(os.environ, XLA_FLAGS=STRICT_XLA_FLAGS, JAX_PLATFORMS='cpu')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(
-      [root, env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
-  out = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), '--worker'], env=env,
-      capture_output=True, text=True, timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-5000:]
-  results = json.loads(out.stdout.strip().splitlines()[-1])
+  results = strict_xla.run_worker(__file__)
   if not results.pop('strict'):
     pytest.skip('cannot turn FMA contraction off on this CPU '
                 f'({platform.machine()})')

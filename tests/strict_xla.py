@@ -1,0 +1,41 @@
+"""Runs a test module's worker under XLA flags that make bits comparable.
+
+XLA:CPU contracts multiply-adds into FMA instructions and rewrites some
+arithmetic, depending on how the loops are fused, so two layouts of the same
+arithmetic can differ by an ulp. Under ``STRICT_XLA_FLAGS`` (no FMA
+instructions, no algebraic rewrites) they give the same bits, which is how
+the tests compare the fused kernel, the anchored loops and the plain
+arithmetic exactly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STRICT_XLA_FLAGS = '--xla_cpu_max_isa=AVX --xla_disable_hlo_passes=algsimp'
+
+
+def fma_contraction_off() -> bool:
+  """Whether a contractible expression gives the same bits eagerly (one op
+  at a time) and jitted (fused): true under the flags on x86."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(4096), jnp.float32)
+  probe = lambda x: (1 - 0.9) * x + 0.9 * (x * x)
+  return bool((np.asarray(probe(x)) == np.asarray(jax.jit(probe)(x))).all())
+
+
+def run_worker(module_file: str) -> dict:
+  """Runs ``python module_file --worker`` under the flags; its JSON line."""
+  env = dict(os.environ, XLA_FLAGS=STRICT_XLA_FLAGS, JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.pathsep.join(
+      [root, env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+  out = subprocess.run(
+      [sys.executable, os.path.abspath(module_file), '--worker'], env=env,
+      capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-5000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])

@@ -35,6 +35,7 @@ _M2 = np.uint32(0x846CA68B)
 _K_STEP = np.uint32(0x9E3779B1)
 _K_LEAF = np.uint32(0x85EBCA77)
 _K_BUFFER = np.uint32(0xC2B2AE3D)
+_KEYS_PER_LOOP = 128
 
 
 def _mix(x: jax.Array) -> jax.Array:
@@ -71,6 +72,45 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
     index = index + iota * np.uint32(stride % (1 << 32))
     stride *= shape[dim]
   return index
+
+
+def stream_keys(count: jax.Array,
+                streams: list[tuple[int, int]]) -> list[jax.Array]:
+  """``stream_key(count, leaf, buffer)`` for each ``(leaf, buffer)``.
+
+  The same values, computed together in one vectorized hash, and handed out
+  as separate scalars by a loop XLA cannot see through (a ``while_loop`` that
+  runs once, its trip count depending on ``count``). XLA computes them once
+  and never copies them into the loops that read them, so each leaf's loops
+  get their key as an input instead of compiling the leaf's constants into
+  their code. Leaves of the same shape then compile to identical loops,
+  which XLA compiles once: with 50 leaves of one shape, 0.4 s of compile
+  time for a bfloat16 step instead of 1.3 s.
+  """
+  if len(streams) > _KEYS_PER_LOOP:
+    # XLA's compile time grows faster than linearly with a loop's outputs
+    # (2000 keys: 11 s in one loop, 2.4 s in loops of 128).
+    return [out for start in range(0, len(streams), _KEYS_PER_LOOP)
+            for out in stream_keys(
+                count, streams[start:start + _KEYS_PER_LOOP])]
+  if not streams:
+    return []
+  fields = np.array(
+      [(leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
+       for leaf, buffer in streams], dtype=np.uint32)
+  count = jnp.asarray(count)
+  n = len(streams)
+
+  def body(state):
+    keys = _mix(_mix(count.astype(jnp.uint32) * _K_STEP + fields))
+    return (state[0] + 1, *(keys[i] for i in range(n)))
+
+  # count >= 1 at every step, so the loop runs exactly once.
+  once = lambda state: state[0] < jnp.minimum(count, 1)
+  zero = jnp.zeros((), jnp.uint32)
+  _, *keys = jax.lax.while_loop(
+      once, body, (jnp.zeros((), count.dtype), *([zero] * n)))
+  return keys
 
 
 def mix_index(index: jax.Array, key: jax.Array) -> jax.Array:

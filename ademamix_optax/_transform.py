@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ademamix_optax import _pallas
@@ -209,26 +210,38 @@ def scale_by_ademamix(
         count=count_inc, b1=b1, b2=b2, b3=b3_t, alpha=alpha_t, bc1=bc1,
         bc2=bc2, eps=eps, eps_root=eps_root, anchor=anchor)
 
-    def leaf(index, g, m1, m2, nu):
+    def use_kernel(g, m1, m2, nu):
       if implementation == 'auto':
         dtypes = [x.dtype for x in (g, m1, m2, nu) if x is not None]
-        fused = _pallas.use_pallas(jax.default_backend(), g.size, dtypes)
-      else:
-        fused = implementation == 'pallas'
+        return _pallas.use_pallas(jax.default_backend(), g.size, dtypes)
+      return implementation == 'pallas'
+
+    def streams(m1, m2, nu):
+      """The rounding streams a leaf's narrow buffers use."""
+      narrow = lambda x: x is not None and _update.needs_rounding(
+          x.dtype, stochastic_rounding)
+      return [k for k, used in ((0, narrow(m1) or narrow(m2)), (1, narrow(nu)))
+              if used]
+
+    def leaf(index, g, m1, m2, nu, keys, key_anchor):
+      fused = fused_leaves[index]
       # The anchor costs compile time (an input and two additions in each
       # moment loop). It pays off only where a gradient is worth keeping in
       # cache between the loops that read it, and never in the one-pass
-      # kernel.
+      # kernel. Where the narrow buffers' loops read their rounding keys
+      # from a loop, the anchor comes from that loop too.
       s = scalars
       if fused or g.size < _update.ANCHOR_MIN_SIZE:
         s = s._replace(anchor=None)
+      elif key_anchor is not None:
+        s = s._replace(anchor=key_anchor)
       if fused:
         return _pallas.fused_leaf_update(
             g, m1, m2, nu, s, leaf=index,
             stochastic=stochastic_rounding)
       return _update.leaf_update(
           g, m1, m2, nu, s, leaf=index, stochastic=stochastic_rounding,
-          flat_index=lambda: _rounding.flat_index(g.shape))
+          flat_index=lambda: _rounding.flat_index(g.shape), keys=keys)
 
     g_leaves, treedef = jax.tree.flatten(updates)
     m2_leaves = treedef.flatten_up_to(state.m2)
@@ -237,8 +250,28 @@ def scale_by_ademamix(
       m1_leaves = [None] * len(g_leaves)
     else:
       m1_leaves = treedef.flatten_up_to(state.m1)
-    out = [leaf(i, *args) for i, args in
-           enumerate(zip(g_leaves, m1_leaves, m2_leaves, nu_leaves))]
+    leaves = list(zip(g_leaves, m1_leaves, m2_leaves, nu_leaves))
+    fused_leaves = [use_kernel(*args) for args in leaves]
+    # On CPU, the rounding keys of the XLA path are computed together (see
+    # _rounding.stream_keys): a one-trip while_loop there costs nothing, on
+    # GPU it would wait for its predicate on the host. Elsewhere (and in the
+    # Pallas kernel) each loop computes its own key: the same values.
+    wanted = []
+    if jax.default_backend() == 'cpu':
+      wanted = [(i, k) for i, args in enumerate(leaves)
+                if not fused_leaves[i] for k in streams(*args[1:])]
+    computed = _rounding.stream_keys(count_inc, wanted)
+    keys = [{} for _ in leaves]
+    anchors = [None] * len(leaves)
+    for (i, k), key in zip(wanted, computed):
+      keys[i][k] = key
+      if anchors[i] is None:
+        # An exact zero that reads the key (0 * a finite number): every loop
+        # of the leaf then waits for the keys' loop, and XLA keeps them
+        # together (float32 loops included), as with the anchor above.
+        anchors[i] = key.astype(jnp.float32) * np.float32(0)
+    out = [leaf(i, *args, keys[i], anchors[i])
+           for i, args in enumerate(leaves)]
     u, m1, m2, nu = (
         [o[i] for o in out] for i in range(4)
     )

@@ -123,6 +123,7 @@ def leaf_update(
     stochastic: bool,
     flat_index: Callable[[], jax.Array],
     dtypes: Optional[tuple[Any, Any, Any, Any]] = None,
+    keys: Optional[dict[int, jax.Array]] = None,
 ):
   """One step for one leaf (or one block of it).
 
@@ -136,6 +137,9 @@ def leaf_update(
       ``g`` (called only if some buffer is rounded stochastically).
     dtypes: the dtypes of (update, m1, m2, nu) to return; by default those of
       ``g`` and of the stored moments.
+    keys: optional rounding keys by stream (0: m1 and m2, 1: nu), equal to
+      ``_rounding.stream_key(s.count, leaf, stream)``, computed ahead (see
+      :func:`_rounding.stream_keys`); the missing ones are computed here.
 
   Returns:
     ``(update, m1, m2, nu)`` with the new moments in their storage dtypes.
@@ -153,7 +157,10 @@ def leaf_update(
   # its own loop, so sharing bits with nu would cost two hashes there). Other
   # buffers are cast as usual.
   def hashed(stream):
-    key = _rounding.stream_key(s.count, leaf, stream)
+    if keys is not None and stream in keys:
+      key = keys[stream]  # Computed ahead, the same value.
+    else:
+      key = _rounding.stream_key(s.count, leaf, stream)
     return _rounding.mix_index(flat_index(), key)
 
   def store(value, dtype, buffer):

@@ -22,6 +22,7 @@ import optax
 import pytest
 
 import ademamix_optax as amx
+from ademamix_optax import _rounding
 from ademamix_optax import _update
 import strict_xla
 
@@ -104,16 +105,31 @@ def _distinct_loops(hlo_text, size=4096):
               for c in comps})
 
 
-def test_same_shape_leaves_compile_to_identical_loops():
-  """XLA compiles identical loops once: no leaf-specific constant may be
-  compiled into a float32 leaf's loops. (With stochastic rounding each
-  leaf's loops hold the leaf's rounding key, so they are not identical.)"""
-  tx = amx.ademamix(1e-3, t_alpha_beta3=100)
+@pytest.mark.parametrize('kwargs', [
+    dict(t_alpha_beta3=100), dict(mu_dtype=jnp.bfloat16, t_alpha_beta3=100),
+    dict(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)])
+def test_same_shape_leaves_compile_to_identical_loops(kwargs):
+  """XLA compiles identical loops once: no leaf-specific constant (such as
+  the leaf's rounding key) may be compiled into a leaf's loops."""
+  tx = amx.ademamix(1e-3, **kwargs)
   counts = [
       _distinct_loops(_compiled_text(
           tx, {f'w{i}': jnp.zeros((4096,)) for i in range(n)}))
       for n in (3, 9)]
   assert counts[0] == counts[1], counts
+
+
+def test_stream_keys_match_stream_key():
+  # 142 streams: more than one loop of _rounding._KEYS_PER_LOOP.
+  streams = [(leaf, buffer) for leaf in range(70) for buffer in (0, 1)]
+  streams += [(123456, 0), (2**31 + 5, 1)]
+  for count in (1, 7, 2**31 - 1):
+    want = [int(_rounding.stream_key(jnp.int32(count), leaf, buffer))
+            for leaf, buffer in streams]
+    got = jax.jit(lambda c: _rounding.stream_keys(c, streams))(
+        jnp.int32(count))
+    assert [int(k) for k in got] == want
+  assert not _rounding.stream_keys(jnp.int32(1), [])
 
 
 def _leaf_args(seed, n=257):
@@ -159,12 +175,19 @@ def test_anchor_changes_no_value_and_reaches_every_moment():
 
 LAYOUT_CASES = [
     (size, what) for size in (100, 3 * _update.ANCHOR_MIN_SIZE + 5)
-    for what in ('anchor', 'all')]
+    for what in ('anchor', 'all', 'keys', 'keys_nu')]
 
 
 def _layout_pair(size, what):
-  """Six warmup steps as laid out, and without the anchor (``'anchor'``) or
-  without the reduction and the anchor (``'all'``: the plain arithmetic)."""
+  """Six warmup steps as laid out, and without the anchor (``'anchor'``),
+  without the reduction and the anchor (``'all'``: the plain arithmetic), or,
+  with bfloat16 moments (and nu: ``'keys_nu'``), with each loop computing
+  its rounding key itself (``'keys'``)."""
+  dtypes = {}
+  if what.startswith('keys'):
+    dtypes['mu_dtype'] = jnp.bfloat16
+  if what == 'keys_nu':
+    dtypes['nu_dtype'] = jnp.bfloat16
   params = {'w': jnp.linspace(-1.0, 1.0, size), 'b': jnp.ones((3,))}
   grads = [
       jax.tree.map(lambda p, k=k: jnp.sin(p * (k + 1)) * 1e-2, params)
@@ -172,7 +195,7 @@ def _layout_pair(size, what):
   ]
 
   def run():
-    tx = amx.ademamix(1e-2, weight_decay=0.1, t_alpha_beta3=4)
+    tx = amx.ademamix(1e-2, weight_decay=0.1, t_alpha_beta3=4, **dtypes)
     state, p = tx.init(params), params
     step = jax.jit(tx.update)
     for g in grads:
@@ -184,8 +207,10 @@ def _layout_pair(size, what):
   with pytest.MonkeyPatch.context() as mp:
     if what == 'anchor':
       mp.setattr(_update, 'ANCHOR_MIN_SIZE', 1 << 62)
-    else:
+    elif what == 'all':
       mp.setattr(_update, 'step_scalars_once', lambda values: (values, None))
+    else:
+      mp.setattr(_rounding, 'stream_keys', lambda count, streams: [])
     plain = run()
   return plain, laid_out
 

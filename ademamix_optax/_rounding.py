@@ -19,7 +19,10 @@ element, the well-mixed key makes successive steps' bits independent and
 uniform, which is what keeps the rounding of each EMA unbiased; across the
 elements of one step the bits form a scrambled Weyl-like sequence, uniform
 too. Measured on CPU, the full two-round hash per element made bfloat16 steps
-up to 25% slower than this one.
+up to 25% slower than this one. On CPU the keys of all leaves are computed
+ahead, together (:func:`stream_keys`), so that no leaf-specific constant is
+compiled into a leaf's loops and XLA compiles the loops of same-shaped leaves
+once.
 """
 
 from __future__ import annotations

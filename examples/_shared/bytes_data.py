@@ -63,3 +63,15 @@ def fixed_windows(
   """A fixed set of windows (for evaluation), drawn once from ``seed``."""
   return sample_windows(
       jnp.asarray(data), jax.random.key(seed), batch_size, length)
+
+
+def training_batches(train: np.ndarray, key: jax.Array, batch_size: int,
+                     length: int):
+  """``batch(step)``: the step's random training windows of ``train``.
+
+  A pure function of the (possibly traced) step, so a compiled training loop
+  draws its batches itself and a rerun sees the same ones.
+  """
+  data = jnp.asarray(train)
+  return lambda step: sample_windows(
+      data, jax.random.fold_in(key, step), batch_size, length)

@@ -90,17 +90,15 @@ def train_and_evaluate(
   """Trains each optimizer with and without the injection; JSON and PNG."""
   workdir = report.workdir_path(workdir)
   train, val = bytes_data.load_corpus(config.max_train_bytes)
-  data = jnp.asarray(train)
   length = config.model.context + 1
-  data_key = jax.random.key(config.seed + 1)
+  batches = bytes_data.training_batches(
+      train, jax.random.key(config.seed + 1), config.batch_size, length)
   held_out = bytes_data.fixed_windows(
       val, config.seed + 3, config.batch_size, length)
 
   def batch_fn(step, inject_at):
     # inject_at is traced: -1 (the control run) reuses the compiled loop.
-    batch = bytes_data.sample_windows(
-        data, jax.random.fold_in(data_key, step), config.batch_size, length)
-    return jnp.where(step == inject_at, held_out, batch)
+    return jnp.where(step == inject_at, held_out, batches(step))
 
   probe_fn = lambda params: byte_mlp.loss(params, held_out)
   params0 = byte_mlp.init(config.model, jax.random.key(config.seed))

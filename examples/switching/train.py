@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -114,14 +113,13 @@ def train_and_evaluate(
   """Runs AdamW, the switched branches and AdEMAMix; writes JSON and PNG."""
   workdir = report.workdir_path(workdir)
   train, val = bytes_data.load_corpus(config.max_train_bytes)
-  data = jnp.asarray(train)
   length = config.model.context + 1
-  data_key = jax.random.key(config.seed + 1)
+  batches = bytes_data.training_batches(
+      train, jax.random.key(config.seed + 1), config.batch_size, length)
 
   def batch_fn(step, aux):
     del aux
-    return bytes_data.sample_windows(
-        data, jax.random.fold_in(data_key, step), config.batch_size, length)
+    return batches(step)
 
   evaluate = loop.make_evaluator(bytes_data.fixed_windows(
       val, config.seed + 2, config.eval_windows, length))

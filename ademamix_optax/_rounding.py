@@ -50,14 +50,24 @@ def _mix(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def _fields(streams: list[tuple[int, int]]) -> np.ndarray:
+  """The static part of the seed of each ``(leaf, buffer)``, as uint32."""
+  # Combined in Python ints (mod 2**32), not as NumPy scalars, whose
+  # wrap-around warns.
+  return np.array(
+      [(leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
+       for leaf, buffer in streams], dtype=np.uint32)
+
+
+def _keys(count: jax.Array, fields: np.ndarray) -> jax.Array:
+  """The keys of ``fields`` (an array of them, or one) at step ``count``."""
+  count = jnp.asarray(count).astype(jnp.uint32)
+  return _mix(_mix(count * _K_STEP + fields))
+
+
 def stream_key(count: jax.Array, leaf: int, buffer: int) -> jax.Array:
   """A scalar uint32 key for one buffer of one leaf at one step."""
-  count = jnp.asarray(count).astype(jnp.uint32)
-  # Static fields are combined in Python ints (mod 2**32), not as NumPy
-  # scalars, whose wrap-around warns.
-  fields = (leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
-  seed = count * _K_STEP + np.uint32(fields)
-  return _mix(_mix(seed))
+  return _keys(count, _fields([(leaf, buffer)])[0])
 
 
 def flat_index(shape: tuple[int, ...]) -> jax.Array:
@@ -98,14 +108,12 @@ def stream_keys(count: jax.Array,
                 count, streams[start:start + _KEYS_PER_LOOP])]
   if not streams:
     return []
-  fields = np.array(
-      [(leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
-       for leaf, buffer in streams], dtype=np.uint32)
+  fields = _fields(streams)
   count = jnp.asarray(count)
   n = len(streams)
 
   def body(state):
-    keys = _mix(_mix(count.astype(jnp.uint32) * _K_STEP + fields))
+    keys = _keys(count, fields)
     return (state[0] + 1, *(keys[i] for i in range(n)))
 
   # count >= 1 at every step, so the loop runs exactly once.

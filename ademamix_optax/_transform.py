@@ -216,15 +216,7 @@ def scale_by_ademamix(
         return _pallas.use_pallas(jax.default_backend(), g.size, dtypes)
       return implementation == 'pallas'
 
-    def streams(m1, m2, nu):
-      """The rounding streams a leaf's narrow buffers use."""
-      narrow = lambda x: x is not None and _update.needs_rounding(
-          x.dtype, stochastic_rounding)
-      return [k for k, used in ((0, narrow(m1) or narrow(m2)), (1, narrow(nu)))
-              if used]
-
-    def leaf(index, g, m1, m2, nu, keys, key_anchor):
-      fused = fused_leaves[index]
+    def leaf(index, g, m1, m2, nu, fused, keys, key_anchor):
       # The anchor costs compile time (an input and two additions in each
       # moment loop). It pays off only where a gradient is worth keeping in
       # cache between the loops that read it, and never in the one-pass
@@ -259,7 +251,9 @@ def scale_by_ademamix(
     wanted = []
     if jax.default_backend() == 'cpu':
       wanted = [(i, k) for i, args in enumerate(leaves)
-                if not fused_leaves[i] for k in streams(*args[1:])]
+                if not fused_leaves[i]
+                for k in _update.rounding_streams(
+                    *args[1:], stochastic_rounding)]
     computed = _rounding.stream_keys(count_inc, wanted)
     keys = [{} for _ in leaves]
     anchors = [None] * len(leaves)
@@ -270,7 +264,7 @@ def scale_by_ademamix(
         # of the leaf then waits for the keys' loop, and XLA keeps them
         # together (float32 loops included), as with the anchor above.
         anchors[i] = key.astype(jnp.float32) * np.float32(0)
-    out = [leaf(i, *args, keys[i], anchors[i])
+    out = [leaf(i, *args, fused_leaves[i], keys[i], anchors[i])
            for i, args in enumerate(leaves)]
     u, m1, m2, nu = (
         [o[i] for o in out] for i in range(4)

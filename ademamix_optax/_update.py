@@ -38,10 +38,11 @@ class StepScalars(NamedTuple):
   bc2: Any  # 1 - b2**t
   eps: Any
   eps_root: Any
-  # None, or an exact zero that every EMA adds to its two coefficients. With
-  # a varying b3(t), it comes from the same XLA op as b3(t), so that all of a
-  # leaf's loops wait for that one op and XLA runs them together (see
-  # :func:`step_scalars_once`).
+  # None, or an exact zero that every EMA adds to its two coefficients. It
+  # comes from an op that some of the leaf's loops wait for anyway (the one
+  # computing a varying b3(t), see :func:`step_scalars_once`, or the one
+  # handing out the leaf's rounding keys, see ``_rounding.stream_keys``), so
+  # that all of them wait for it and XLA runs them together.
   anchor: Any = None
 
 
@@ -112,6 +113,19 @@ def _abs_sq(x: jax.Array) -> jax.Array:
   return x * x
 
 
+# The rounding streams: m1 and m2 share stream 0 (the high and low halves of
+# one hash), nu has stream 1.
+_STREAMS = {'m1': 0, 'm2': 0, 'nu': 1}
+
+
+def rounding_streams(m1: Any, m2: Any, nu: Any,
+                     stochastic: bool) -> list[int]:
+  """The streams whose keys a leaf with these stored moments uses."""
+  used = {_STREAMS[name] for name, x in (('m1', m1), ('m2', m2), ('nu', nu))
+          if x is not None and needs_rounding(x.dtype, stochastic)}
+  return sorted(used)
+
+
 def leaf_update(
     g: jax.Array,
     m1: Optional[jax.Array],
@@ -170,12 +184,9 @@ def leaf_update(
     if not needs_rounding(dtype, stochastic):
       stored = value.astype(dtype)
     else:
-      if buffer == 'nu':
-        b = hashed(1)
-      else:
-        b = hashed(0)
-        if buffer == 'm2':
-          b = b << 16
+      b = hashed(_STREAMS[buffer])
+      if buffer == 'm2':
+        b = b << 16
       stored = _rounding.stochastic_round(value, dtype, b)
     # The update reads the moments as stored, so that the step's last loop
     # needs only the new (narrow) buffers, never the old ones they replaced.

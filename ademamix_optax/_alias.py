@@ -26,7 +26,7 @@ def ademamix(
     t_alpha_beta3: Optional[int] = None,
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
-    implementation: str = 'auto',
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdEMAMix with decoupled weight decay (Pagliardini et al, 2024).
 
@@ -77,8 +77,8 @@ def ademamix(
     stochastic_rounding: Whether states stored narrower than float32 are
       written back with (deterministic) stochastic rounding; see
       :func:`ademamix_optax.scale_by_ademamix`.
-    implementation: ``'auto'``, ``'xla'`` or ``'pallas'`` (a fused one-pass
-      kernel); see :func:`ademamix_optax.scale_by_ademamix`.
+    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
+      partition specs there; see :func:`ademamix_optax.scale_by_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -128,7 +128,7 @@ def ademamix(
           t_alpha_beta3=t_alpha_beta3,
           nu_dtype=nu_dtype,
           stochastic_rounding=stochastic_rounding,
-          implementation=implementation,
+          partition_specs=partition_specs,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

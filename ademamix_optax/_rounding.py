@@ -18,14 +18,12 @@ then costs one xor, one multiply and one xorshift (``mix_index``). For a fixed
 element, the well-mixed key makes successive steps' bits independent and
 uniform, which is what keeps the rounding of each EMA unbiased; across the
 elements of one step the bits form a scrambled Weyl-like sequence, uniform
-too. Measured on CPU, the full two-round hash per element made bfloat16 steps
-up to 25% slower than this one. On CPU the keys of all leaves are computed
-ahead, together (:func:`stream_keys`), so that no leaf-specific constant is
-compiled into a leaf's loops and XLA compiles the loops of same-shaped leaves
-once.
+too.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +36,6 @@ _M2 = np.uint32(0x846CA68B)
 _K_STEP = np.uint32(0x9E3779B1)
 _K_LEAF = np.uint32(0x85EBCA77)
 _K_BUFFER = np.uint32(0xC2B2AE3D)
-_KEYS_PER_LOOP = 128
 
 
 def _mix(x: jax.Array) -> jax.Array:
@@ -70,58 +67,44 @@ def stream_key(count: jax.Array, leaf: int, buffer: int) -> jax.Array:
   return _keys(count, _fields([(leaf, buffer)])[0])
 
 
-def flat_index(shape: tuple[int, ...]) -> jax.Array:
-  """The row-major linear index of each element, as uint32, shape ``shape``.
+def stream_key_array(count: jax.Array,
+                     streams: list[tuple[int, int]]) -> jax.Array:
+  """``stream_key(count, leaf, buffer)`` of each ``(leaf, buffer)``, as one
+  uint32 vector computed by one vectorized hash."""
+  return _keys(count, _fields(streams))
 
-  Built from per-dimension iotas (not a reshaped 1-D iota) so that the
-  partitioner can generate each shard's slice locally.
+
+def flat_index(
+    shape: tuple[int, ...],
+    block: Optional[tuple[int, ...]] = None,
+    offsets: Optional[Sequence[jax.Array]] = None,
+) -> jax.Array:
+  """The row-major linear index of each element in ``shape``, as uint32.
+
+  Args:
+    shape: the shape of the whole array.
+    block: optional shape of a block of it (default: all of it).
+    offsets: with ``block``, the (uint32, maybe traced) index along each
+      dimension of the block's first element.
+
+  Returns:
+    An array of shape ``block`` (or ``shape``): each element's index in the
+    whole array, modulo 2**32. Built from per-dimension iotas (not a reshaped
+    1-D iota) so that the partitioner can generate each shard's slice
+    locally.
   """
-  if not shape:
+  block = shape if block is None else block
+  if not block:
     return jnp.zeros((), jnp.uint32)
-  index = jnp.zeros(shape, jnp.uint32)
+  index = jnp.zeros(block, jnp.uint32)
   stride = 1
-  for dim in reversed(range(len(shape))):
-    iota = jax.lax.broadcasted_iota(jnp.uint32, shape, dim)
+  for dim in reversed(range(len(block))):
+    iota = jax.lax.broadcasted_iota(jnp.uint32, block, dim)
+    if offsets is not None:
+      iota = iota + offsets[dim]
     index = index + iota * np.uint32(stride % (1 << 32))
     stride *= shape[dim]
   return index
-
-
-def stream_keys(count: jax.Array,
-                streams: list[tuple[int, int]]) -> list[jax.Array]:
-  """``stream_key(count, leaf, buffer)`` for each ``(leaf, buffer)``.
-
-  The same values, computed together in one vectorized hash, and handed out
-  as separate scalars by a loop XLA cannot see through (a ``while_loop`` that
-  runs once, its trip count depending on ``count``). XLA computes them once
-  and never copies them into the loops that read them, so each leaf's loops
-  get their key as an input instead of compiling the leaf's constants into
-  their code. Leaves of the same shape then compile to identical loops,
-  which XLA compiles once: with 50 leaves of one shape, 0.4 s of compile
-  time for a bfloat16 step instead of 1.3 s.
-  """
-  if len(streams) > _KEYS_PER_LOOP:
-    # XLA's compile time grows faster than linearly with a loop's outputs
-    # (2000 keys: 11 s in one loop, 2.4 s in loops of 128).
-    return [out for start in range(0, len(streams), _KEYS_PER_LOOP)
-            for out in stream_keys(
-                count, streams[start:start + _KEYS_PER_LOOP])]
-  if not streams:
-    return []
-  fields = _fields(streams)
-  count = jnp.asarray(count)
-  n = len(streams)
-
-  def body(state):
-    keys = _keys(count, fields)
-    return (state[0] + 1, *(keys[i] for i in range(n)))
-
-  # count >= 1 at every step, so the loop runs exactly once.
-  once = lambda state: state[0] < jnp.minimum(count, 1)
-  zero = jnp.zeros((), jnp.uint32)
-  _, *keys = jax.lax.while_loop(
-      once, body, (jnp.zeros((), count.dtype), *([zero] * n)))
-  return keys
 
 
 def mix_index(index: jax.Array, key: jax.Array) -> jax.Array:

@@ -2,15 +2,13 @@ r"""The AdEMAMix gradient transformation."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from ademamix_optax import _pallas
-from ademamix_optax import _rounding
+from ademamix_optax import _leaves
 from ademamix_optax import _schedules
 from ademamix_optax import _update
 from ademamix_optax import _validation
@@ -57,7 +55,7 @@ def scale_by_ademamix(
     t_alpha_beta3: Optional[int] = None,
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
-    implementation: str = 'auto',
+    partition_specs: Any = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates with AdEMAMix, Adam with a mixture of two EMAs.
 
@@ -102,7 +100,11 @@ def scale_by_ademamix(
   EMA with ``b3 = 0.9999`` stalls (each step's change is below half an ulp),
   while stochastic rounding keeps it unbiased. The random bits are a hash of
   the element's index, the step and the leaf: deterministic, identical after a
-  resume, independent of sharding, and computed inside the fused update.
+  resume, independent of how :func:`jax.jit` shards the arrays, and computed
+  inside the fused update.
+
+  The state's buffers are sharded like the parameters they belong to, also
+  when ``init`` is jitted on a mesh.
 
   Args:
     b1: Decay rate of the fast EMA, in [0, 1); 0 drops the fast EMA.
@@ -122,13 +124,14 @@ def scale_by_ademamix(
     stochastic_rounding: Whether buffers stored narrower than float32 are
       written back with stochastic rounding (default) or round-to-nearest
       (which stalls slow EMAs; kept for comparison).
-    implementation: ``'xla'`` computes each leaf with ordinary JAX operations
-      that XLA fuses; ``'pallas'`` with a one-pass Pallas kernel per leaf
-      (Triton on GPU, Mosaic on TPU, interpreted on CPU) that reads each
-      buffer once and writes it once, with the same results; ``'auto'``
-      (default) picks per leaf with ``_pallas.use_pallas``, which today
-      always picks XLA: the kernel has not yet been measured faster on any
-      device.
+    partition_specs: Only for updates run inside :func:`jax.shard_map`: the
+      partition specs with which the leaves are split there (one
+      :class:`jax.sharding.PartitionSpec`, or a tree of them like the
+      parameters), so that each element's stochastic rounding uses its index
+      in the whole leaf and the results equal the unsplit run's bit for bit.
+      Ignored outside ``shard_map``, where the arrays are global anyway.
+      Without it, shards of a leaf still get distinct bits (see the README's
+      section on sharding).
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -152,6 +155,17 @@ def scale_by_ademamix(
     Pagliardini et al, `The AdEMAMix Optimizer: Better, Faster, Older
     <https://arxiv.org/abs/2409.03137>`_, 2024
   """
+  return build(
+      b1, b2, b3, alpha, eps, eps_root, mu_dtype, t_alpha_beta3, nu_dtype,
+      stochastic_rounding, partition_specs)
+
+
+def build(
+    b1, b2, b3, alpha, eps, eps_root, mu_dtype, t_alpha_beta3, nu_dtype,
+    stochastic_rounding, partition_specs,
+    map_leaves: Callable[..., Any] = _leaves.map_leaves,
+) -> optax.GradientTransformation:
+  """:func:`scale_by_ademamix` with another way to map the leaves."""
   _validation.check_interval('b1', b1, low=0.0, high=1.0)
   _validation.check_interval('b2', b2, low=0.0, high=1.0)
   _validation.check_interval('b3', b3, low=0.0, high=1.0)
@@ -159,10 +173,6 @@ def scale_by_ademamix(
   _validation.check_interval('eps', eps, low=0.0)
   _validation.check_interval('eps_root', eps_root, low=0.0)
   _validation.check_steps('t_alpha_beta3', t_alpha_beta3)
-  if implementation not in ('auto', 'xla', 'pallas'):
-    raise ValueError(
-        "implementation must be 'auto', 'xla' or 'pallas', got "
-        f'implementation={implementation!r}.')
   mu_dtype = _validation.canonicalize_float_dtype('mu_dtype', mu_dtype)
   nu_dtype = _validation.canonicalize_float_dtype('nu_dtype', nu_dtype)
 
@@ -177,12 +187,11 @@ def scale_by_ademamix(
   use_m1 = not _validation.is_concrete_zero(b1)
 
   def init_fn(params: optax.Params) -> ScaleByAdEMAMixState:
-    m1 = optax.tree.zeros_like(params, dtype=mu_dtype) if use_m1 else None
     return ScaleByAdEMAMixState(
         count=jnp.zeros([], jnp.int32),
-        m1=m1,
-        m2=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params, dtype=nu_dtype),
+        m1=_leaves.zeros_like(params, mu_dtype) if use_m1 else None,
+        m2=_leaves.zeros_like(params, mu_dtype),
+        nu=_leaves.zeros_like(params, nu_dtype),
     )
 
   def update_fn(updates, state, params=None):
@@ -190,91 +199,21 @@ def scale_by_ademamix(
     count_inc = optax.safe_increment(state.count)
     alpha_t = alpha_fn(count_inc) if callable(alpha_fn) else alpha_fn
     b3_t = b3_fn(count_inc) if callable(b3_fn) else b3_fn
-    # Same expressions (and rounding) as optax.tree.bias_correction.
-    bc1 = 1 - b1**count_inc
-    bc2 = 1 - b2**count_inc
-    # The step's scalars that vary, computed once for all leaves (see
-    # step_scalars_once); the anchor is needed only where the m2 loops read
-    # one of them.
-    varying = {name: value for name, value in (
-        ('alpha', alpha_t), ('b3', b3_t), ('bc1', bc1), ('bc2', bc2))
-               if isinstance(value, jax.Array)}
-    varying, anchor = _update.step_scalars_once(varying)
-    alpha_t = varying.get('alpha', alpha_t)
-    b3_t = varying.get('b3', b3_t)
-    bc1, bc2 = varying['bc1'], varying['bc2']
-    if 'b3' not in varying:
-      anchor = None
-
     scalars = _update.StepScalars(
-        count=count_inc, b1=b1, b2=b2, b3=b3_t, alpha=alpha_t, bc1=bc1,
-        bc2=bc2, eps=eps, eps_root=eps_root, anchor=anchor)
-
-    def use_kernel(g, m1, m2, nu):
-      if implementation == 'auto':
-        dtypes = [x.dtype for x in (g, m1, m2, nu) if x is not None]
-        return _pallas.use_pallas(jax.default_backend(), g.size, dtypes)
-      return implementation == 'pallas'
-
-    def leaf(index, g, m1, m2, nu, fused, keys, key_anchor):
-      # The anchor costs compile time (an input and two additions in each
-      # moment loop). It pays off only where a gradient is worth keeping in
-      # cache between the loops that read it, and never in the one-pass
-      # kernel. Where the narrow buffers' loops read their rounding keys
-      # from a loop, the anchor comes from that loop too.
-      s = scalars
-      if fused or g.size < _update.ANCHOR_MIN_SIZE:
-        s = s._replace(anchor=None)
-      elif key_anchor is not None:
-        s = s._replace(anchor=key_anchor)
-      if fused:
-        return _pallas.fused_leaf_update(
-            g, m1, m2, nu, s, leaf=index,
-            stochastic=stochastic_rounding)
-      return _update.leaf_update(
-          g, m1, m2, nu, s, leaf=index, stochastic=stochastic_rounding,
-          flat_index=lambda: _rounding.flat_index(g.shape), keys=keys)
-
-    g_leaves, treedef = jax.tree.flatten(updates)
-    m2_leaves = treedef.flatten_up_to(state.m2)
-    nu_leaves = treedef.flatten_up_to(state.nu)
-    if state.m1 is None:
-      m1_leaves = [None] * len(g_leaves)
-    else:
-      m1_leaves = treedef.flatten_up_to(state.m1)
-    leaves = list(zip(g_leaves, m1_leaves, m2_leaves, nu_leaves))
-    fused_leaves = [use_kernel(*args) for args in leaves]
-    # On CPU, the rounding keys of the XLA path are computed together (see
-    # _rounding.stream_keys): a one-trip while_loop there costs nothing, on
-    # GPU it would wait for its predicate on the host. Elsewhere (and in the
-    # Pallas kernel) each loop computes its own key: the same values.
-    wanted = []
-    if jax.default_backend() == 'cpu':
-      wanted = [(i, k) for i, args in enumerate(leaves)
-                if not fused_leaves[i]
-                for k in _update.rounding_streams(
-                    *args[1:], stochastic_rounding)]
-    computed = _rounding.stream_keys(count_inc, wanted)
-    keys = [{} for _ in leaves]
-    anchors = [None] * len(leaves)
-    for (i, k), key in zip(wanted, computed):
-      keys[i][k] = key
-      if anchors[i] is None:
-        # An exact zero that reads the key (0 * a finite number): every loop
-        # of the leaf then waits for the keys' loop, and XLA keeps them
-        # together (float32 loops included), as with the anchor above.
-        anchors[i] = key.astype(jnp.float32) * np.float32(0)
-    out = [leaf(i, *args, fused_leaves[i], keys[i], anchors[i])
-           for i, args in enumerate(leaves)]
-    u, m1, m2, nu = (
-        [o[i] for o in out] for i in range(4)
-    )
-    new_state = ScaleByAdEMAMixState(
         count=count_inc,
-        m1=None if state.m1 is None else treedef.unflatten(m1),
-        m2=treedef.unflatten(m2),
-        nu=treedef.unflatten(nu),
+        m1=_update.ema_decay(b1),
+        m2=_update.ema_decay(b3_t),
+        nu=_update.ema_decay(b2),
+        alpha=alpha_t,
+        bc1=1 - b1**count_inc,  # As optax.tree.bias_correction computes it.
+        bc2=1 - b2**count_inc,
+        eps=eps,
+        eps_root=eps_root,
     )
-    return treedef.unflatten(u), new_state
+    u, (m1, m2, nu) = map_leaves(
+        _update.leaf_update, scalars, updates,
+        (state.m1, state.m2, state.nu), stochastic=stochastic_rounding,
+        partition_specs=partition_specs)
+    return u, ScaleByAdEMAMixState(count=count_inc, m1=m1, m2=m2, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -28,14 +28,22 @@ def fma_contraction_off() -> bool:
   return bool((np.asarray(probe(x)) == np.asarray(jax.jit(probe)(x))).all())
 
 
-def run_worker(module_file: str) -> dict:
-  """Runs ``python module_file --worker`` under the flags; its JSON line."""
-  env = dict(os.environ, XLA_FLAGS=STRICT_XLA_FLAGS, JAX_PLATFORMS='cpu')
+def run_worker(module_file: str, devices: int = 1) -> dict:
+  """Runs ``python module_file --worker`` under the flags; its JSON line.
+
+  With ``devices`` > 1, JAX sees that many host CPU devices. Warnings are
+  errors in the worker, as in the tests.
+  """
+  flags = STRICT_XLA_FLAGS
+  if devices > 1:
+    flags += f' --xla_force_host_platform_device_count={devices}'
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = os.pathsep.join(
       [root, env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
   out = subprocess.run(
-      [sys.executable, os.path.abspath(module_file), '--worker'], env=env,
+      [sys.executable, '-W', 'error', os.path.abspath(module_file),
+       '--worker'], env=env,
       capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-5000:]
   return json.loads(out.stdout.strip().splitlines()[-1])

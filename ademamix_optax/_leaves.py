@@ -1,0 +1,207 @@
+r"""From trees to leaves: state buffers, element indices, platform dispatch.
+
+A transform's ``update_fn`` computes the step's scalars and hands a per-leaf
+function to :func:`map_leaves`, which applies it to each leaf with the
+leaf's rounding bits. Three things live here so that no transform repeats
+them:
+
+* **Buffers sharded like their parameters** (:func:`zeros_like`): a zero
+  buffer does not depend on its parameter's values, so under :func:`jax.jit`
+  on a mesh of ``Auto`` axes nothing would tell XLA where to put it;
+  ``shard_alike`` ties each buffer to its parameter's sharding.
+* **Global element indices** (:func:`element_index`): the rounding bits
+  hash each element's row-major index in its leaf, the step and the leaf's
+  position. Under ``jit`` the arrays are global and so are the indices,
+  whatever the sharding. Inside :func:`jax.shard_map` each shard sees only
+  its block; see :func:`element_index` for what is then guaranteed.
+* **Platform dispatch**: XLA:CPU gets the same arithmetic with layout hints
+  (:mod:`ademamix_optax._cpu`), chosen when the step is lowered
+  (:func:`jax.lax.platform_dependent`); every other platform gets the plain
+  arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+from jax.experimental.shard_alike import shard_alike
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ademamix_optax import _cpu
+from ademamix_optax import _rounding
+from ademamix_optax import _update
+
+PartitionSpec = jax.sharding.PartitionSpec
+# A function ``(g, *moments, s, *, stochastic, bits) -> (u, *new_moments)``,
+# as :func:`ademamix_optax._update.leaf_update`.
+LeafFn = Callable[..., tuple]
+
+
+def zeros_like(params: optax.Params,
+               dtype: Optional[jnp.dtype] = None) -> optax.Params:
+  """Zeros shaped (and sharded) like ``params``, in ``dtype`` if given."""
+
+  def zeros(p):
+    z = jnp.zeros_like(p, dtype=dtype)
+    if isinstance(p, jax.Array) and _manual_axes() == ():
+      # Only outside shard_map: there every array is a local block anyway.
+      z, _ = shard_alike(z, p)
+    return z
+
+  return jax.tree.map(zeros, params)
+
+
+def _manual_axes() -> tuple[str, ...]:
+  """The mesh axes over which the code being traced runs per shard."""
+  return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def _varying_axes(x: jax.Array) -> frozenset[str]:
+  """The manual mesh axes along which ``x``'s value varies between shards.
+
+  Known where :func:`jax.shard_map` checks it (``check_vma=True``, the
+  default); empty otherwise.
+  """
+  aval = jax.typeof(x)
+  vma = getattr(aval, 'vma', None)  # jax < 0.10
+  if vma is None:
+    vma = aval.manual_axis_type.varying
+  return frozenset(vma)
+
+
+def _position(axes: Sequence[str]) -> tuple[jax.Array, int]:
+  """This shard's row-major position along ``axes``, and their total size."""
+  mesh = jax.sharding.get_abstract_mesh()
+  pos, total = jnp.zeros((), jnp.uint32), 1
+  for name in axes:
+    size = mesh.shape[name]
+    pos = pos * np.uint32(size) + jax.lax.axis_index(name).astype(jnp.uint32)
+    total *= size
+  return pos, total
+
+
+def _spec_axes(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def element_index(g: jax.Array, spec: Optional[PartitionSpec]) -> jax.Array:
+  r"""The uint32 index that seeds the rounding bits of each element of ``g``.
+
+  Outside :func:`jax.shard_map` (and along any axis that is not manual), the
+  element's row-major index in the whole leaf: the same under any sharding.
+
+  Inside ``shard_map``, with ``spec`` the leaf's partition spec (as given to
+  ``shard_map``), the element's index in the global leaf, computed from this
+  shard's :func:`jax.lax.axis_index`: the bits, and so the results, are those
+  of the unsplit run. Without a spec, shard :math:`p` (its row-major position
+  along the manual axes over which ``g`` varies) of ``n`` local elements
+  uses indices :math:`pn + i`: no two shards share bits, and the result
+  equals the unsplit run's where the leaf is split along its first dimension
+  only. A leaf that does not vary between shards (replicated, or reduced
+  with ``psum``) gets the same bits on every shard, so its copies stay equal.
+  """
+  manual = _manual_axes()
+  if not manual:
+    return _rounding.flat_index(g.shape)
+  if spec is None:
+    varying = _varying_axes(g)
+    axes = [a for a in manual if a in varying]
+    index = _rounding.flat_index(g.shape)
+    if not axes:
+      return index
+    pos, _ = _position(axes)
+    return index + pos * np.uint32(math.prod(g.shape) % (1 << 32))
+  entries = tuple(spec) + (None,) * (g.ndim - len(spec))
+  if len(entries) > g.ndim:
+    raise ValueError(
+        f'partition spec {spec} has more entries than the leaf of shape '
+        f'{g.shape} has dimensions.')
+  global_shape, offsets = [], []
+  for size, entry in zip(g.shape, entries):
+    axes = [a for a in _spec_axes(entry) if a in manual]
+    pos, count = _position(axes)
+    global_shape.append(size * count)
+    offsets.append(pos * np.uint32(size % (1 << 32)))
+  return _rounding.flat_index(tuple(global_shape), g.shape, offsets)
+
+
+def _specs_for(specs: Any, treedef: Any, n: int) -> list:
+  if specs is None:
+    return [None] * n
+  if isinstance(specs, PartitionSpec):
+    return [specs] * n
+  return treedef.flatten_up_to(specs)
+
+
+def rounding_streams(buffers: Sequence[Optional[jax.Array]],
+                     stochastic: bool) -> list[int]:
+  """The rounding streams that a leaf with these stored moments reads.
+
+  The last buffer is the second moment (stream 1), the others are first
+  moments (stream 0); see :data:`ademamix_optax._update.STREAMS`.
+  """
+  narrow = [x is not None and _update.needs_rounding(x.dtype, stochastic)
+            for x in buffers]
+  return [k for k, used in ((0, any(narrow[:-1])), (1, narrow[-1])) if used]
+
+
+def map_leaves(
+    leaf_fn: LeafFn,
+    scalars: Any,
+    updates: optax.Updates,
+    buffers: Sequence[Optional[optax.Updates]],
+    *,
+    stochastic: bool,
+    partition_specs: Any = None,
+) -> tuple[optax.Updates, list[Optional[optax.Updates]]]:
+  """Applies ``leaf_fn`` to each leaf of ``updates`` and its moments.
+
+  Args:
+    leaf_fn: the per-leaf step, called as ``leaf_fn(g, *moments, scalars,
+      stochastic=stochastic, bits=bits)``.
+    scalars: the step's scalars (a NamedTuple with an int32 ``count``, the
+      1-based step, and :class:`ademamix_optax._update.Decay` fields).
+    updates: the incoming gradients.
+    buffers: the moment trees, like ``updates``; ``None`` for a buffer that
+      is not stored (then each leaf gets ``None``).
+    stochastic: whether narrow buffers are rounded stochastically.
+    partition_specs: optional partition specs of the leaves inside
+      ``shard_map`` (one spec, or a tree of them like ``updates``).
+
+  Returns:
+    ``(updates, buffers)``: the new trees (``None`` where given ``None``).
+  """
+  g_leaves, treedef = jax.tree.flatten(updates)
+  n = len(g_leaves)
+  columns = [[None] * n if b is None else treedef.flatten_up_to(b)
+             for b in buffers]
+  leaves = [(g, *(c[i] for c in columns)) for i, g in enumerate(g_leaves)]
+  specs = _specs_for(partition_specs, treedef, n)
+  index = [lambda g=g, spec=spec: element_index(g, spec)
+           for g, spec in zip(g_leaves, specs)]
+  streams = [rounding_streams(args[1:], stochastic) for args in leaves]
+
+  def plain():
+    out = []
+    for i, args in enumerate(leaves):
+      def bits(stream, i=i):
+        key = _rounding.stream_key(scalars.count, i, stream)
+        return _rounding.mix_index(index[i](), key)
+      out.append(leaf_fn(*args, scalars, stochastic=stochastic, bits=bits))
+    return out
+
+  def cpu():
+    return _cpu.map_leaves(leaf_fn, scalars, leaves, index, streams,
+                           stochastic=stochastic)
+
+  out = jax.lax.platform_dependent(cpu=cpu, default=plain) if n else []
+  new_updates = treedef.unflatten([o[0] for o in out])
+  new_buffers = [None if b is None else treedef.unflatten([o[k + 1] for o in out])
+                 for k, b in enumerate(buffers)]
+  return new_updates, new_buffers

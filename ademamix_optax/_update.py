@@ -154,5 +154,5 @@ def leaf_update(
                    lambda: bits(STREAMS['nu']))
   nu_hat = nu_c / like(s.bc2, nu_c)
   u = (m1_hat + like(s.alpha, m2_c) * m2_c) / (
-      jnp.sqrt(nu_hat + s.eps_root) + s.eps)
+      jnp.sqrt(nu_hat + like(s.eps_root, nu_hat)) + like(s.eps, nu_hat))
   return u.astype(g.dtype), m1, m2, nu

@@ -32,7 +32,7 @@ the rounding bits (a hash of index, step and leaf) are the same too.
 Exactness. The kernel performs exactly the reference's IEEE operations on
 exactly the same values (same scalars, same constants, same hash inputs), so
 where the compilers evaluate those operations faithfully the results are
-bit-identical. ``tests/test_pallas.py`` checks that in interpret mode on CPU
+bit-identical. ``tests/test_experimental_pallas.py`` checks that in interpret mode on CPU
 for every output, dtype mix and layout, over many steps. The compilers do
 take liberties, though, which differ between contexts: XLA:CPU contracts
 ``a * b + c`` into fused multiply-adds and rewrites ``x / s`` for a scalar
@@ -207,9 +207,9 @@ def _split_scalars(s: StepScalars):
   """The scalars' Python constants, and their arrays packed per dtype.
 
   Returns:
-    ``(rebuild, packed)``: ``rebuild(loaded)`` makes the scalars again from
-    the packed arrays' values (as loaded in the kernel); ``packed`` is one
-    1-D array per dtype.
+    ``(rebuild, packed)``: ``rebuild(refs)`` makes the scalars again from
+    the kernel's refs of the packed arrays; ``packed`` is one 1-D array per
+    dtype.
   """
   flat, treedef = jax.tree.flatten(s)
   groups: dict[Any, list[int]] = {}
@@ -221,11 +221,14 @@ def _split_scalars(s: StepScalars):
   order = list(groups.values())
   packed = [jnp.stack([flat[i].reshape(()) for i in idx]) for idx in order]
 
-  def rebuild(loaded):
+  def rebuild(refs):
+    # One scalar at a time (Triton and Mosaic load scalars, not vectors of
+    # them); they come back strongly typed, which changes nothing, since
+    # leaf_update casts every array scalar to the dtype it meets.
     values = list(flat)
-    for array, idx in zip(loaded, order):
+    for ref, idx in zip(refs, order):
       for pos, i in enumerate(idx):
-        values[i] = array[pos]
+        values[i] = ref[pos]
     return jax.tree.unflatten(treedef, values)
 
   return rebuild, packed
@@ -261,7 +264,7 @@ def _kernel(*refs, n_packed: int, has_m1: bool, rebuild, size: int,
   packed = refs[:n_packed]
   in_refs = refs[n_packed:n_packed + n_in]
   out_refs = refs[n_packed + n_in:]
-  s = rebuild([ref[...] for ref in packed])
+  s = rebuild(packed)
 
   index, local, start = _block_index(block_shape)
   if masked:
@@ -325,8 +328,6 @@ def _launch(g, m1, m2, nu, s, *, leaf, stochastic, variant, interpret,
     block_size = TPU_BLOCK_SIZE if variant == 'tpu' else GPU_BLOCK_SIZE
   if lanes is None:
     lanes = TPU_LANES if variant == 'tpu' else 1
-  if not interpret:
-    check_block_size(variant, block_size, lanes)
   view, block_shape, grid = _layout(size, variant, block_size, lanes)
   rebuild, packed = _split_scalars(s)
 
@@ -454,23 +455,36 @@ def fused_leaf_update(
       Explicit mesh axes, where the kernel could not keep the sharding.
   """
   _check_placement(g)
+  if block_size is not None and not interpret:
+    # The platform is chosen at lowering, after every variant is traced:
+    # the block must suit each of them.
+    for v in ('gpu', 'tpu'):
+      check_block_size(v, block_size, lanes or (TPU_LANES if v == 'tpu' else 1))
   launch = functools.partial(
       _launch, leaf=leaf, stochastic=stochastic, block_size=block_size,
       lanes=lanes, alias=alias)
   has_m1 = m1 is not None
+  n_buf = 4 if has_m1 else 3
+  s_flat, s_tree = jax.tree.flatten(s)
+  s_is_arr = [isinstance(x, jax.Array) for x in s_flat]
+
+  def s_of(arrs):
+    it = iter(arrs)
+    return jax.tree.unflatten(
+        s_tree, [next(it) if a else x for x, a in zip(s_flat, s_is_arr)])
 
   def split(args):
     return (args[0], args[1], args[2], args[3]) if has_m1 else (
         args[0], None, args[1], args[2])
 
   def interpreted(*args, variant=variant or 'gpu'):
-    out = launch(*split(args[:-1]), args[-1], variant=variant,
+    out = launch(*split(args[:n_buf]), s_of(args[n_buf:]), variant=variant,
                  interpret=True)
     jax.debug.callback(_warn_interpreted)
     return out
 
   def compiled(variant):
-    return lambda *args: launch(*split(args[:-1]), args[-1],
+    return lambda *args: launch(*split(args[:n_buf]), s_of(args[n_buf:]),
                                 variant=variant, interpret=False)
 
   @jax.custom_jvp
@@ -486,13 +500,13 @@ def fused_leaf_update(
     # The tangents of the plain arithmetic (the kernel's own values as the
     # primal outputs): differentiating through the kernel's aliasing and
     # masked loads is not supported by Pallas.
-    plain = lambda *args: _plain(*split(args[:-1]), args[-1], leaf=leaf,
-                                 stochastic=stochastic)
+    plain = lambda *args: _plain(*split(args[:n_buf]), s_of(args[n_buf:]),
+                                 leaf=leaf, stochastic=stochastic)
     _, tangents_out = jax.jvp(plain, primals, tangents)
     return step(*primals), tangents_out
 
   args = [x for x in (g, m1, m2, nu) if x is not None]
-  out = step(*args, s)
+  out = step(*args, *[x for x, a in zip(s_flat, s_is_arr) if a])
   # Tie each output to the parameter's sharding: XLA runs the opaque kernel
   # on the whole leaf, and would otherwise choose the outputs' layout freely.
   return tuple(None if x is None else shard_alike(x, g)[0] for x in out)
@@ -574,12 +588,15 @@ def scale_by_ademamix_pallas(
     >>> print(', '.join('{:.4f}'.format(x) for x in u))
     1.0046, 1.0046, 1.0046
   """
-  if block_size is not None and (
-      isinstance(block_size, bool) or not isinstance(block_size, int)
-      or block_size < 1):
-    raise ValueError(
-        f'block_size must be None or a positive int, got '
-        f'block_size={block_size!r}.')
+  if block_size is not None:
+    if (isinstance(block_size, bool) or not isinstance(block_size, int)
+        or block_size < 1):
+      raise ValueError(
+          f'block_size must be None or a positive int, got '
+          f'block_size={block_size!r}.')
+    if not interpret:  # Compiled for whichever platform the step targets.
+      check_block_size('gpu', block_size, 1)
+      check_block_size('tpu', block_size, TPU_LANES)
   options = dict(interpret=interpret, block_size=block_size)
   return _transform.build(
       b1, b2, b3, alpha, eps, eps_root, mu_dtype, t_alpha_beta3, nu_dtype,

@@ -13,8 +13,10 @@ DOCS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS.parent))
 sys.path.insert(0, str(DOCS / '_ext'))
 
-import ademamix_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import amx_docs  # pylint: disable=g-import-not-at-top,wrong-import-position
+# After the sys.path entries above.
+import amx_docs  # pylint: disable=g-import-not-at-top
+
+import ademamix_optax  # pylint: disable=g-import-not-at-top
 
 project = 'ademamix_optax'
 author = 'ademamix_optax developers'
@@ -80,7 +82,6 @@ mathjax3_config = {'svg': {'fontCache': 'global'}}
 
 # Doctests: the ``{testcode}`` blocks of the pages and the ``>>>`` examples of
 # the docstrings, run by ``sphinx-build -b doctest``.
-doctest_global_setup = ''
 doctest_test_doctest_blocks = 'default'
 
 html_theme = 'furo'

@@ -8,6 +8,9 @@ TeX source in the text, log no console error or exception, and request
 nothing but local files. Skipped only where Chromium is not installed.
 """
 
+# pytest fixtures are parameters named like the fixture functions.
+# pylint: disable=redefined-outer-name
+
 import json
 import os
 import select
@@ -19,13 +22,17 @@ import time
 
 import pytest
 
-from test_docs import docs_html  # pylint: disable=unused-import
+# The session's built site (one build shared with test_docs.py).
+from test_docs import docs_html  # noqa: F401  # pylint: disable=unused-import
 
 _FLAGS = (
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
     '--no-first-run', '--disable-background-networking',
     '--disable-component-update', '--disable-sync',
     '--disable-dev-shm-usage', '--remote-debugging-pipe',
+    # Hermetic: no name resolves and every http(s) request goes to a closed
+    # loopback port, so a page that wants the network fails instead.
+    '--host-resolver-rules=MAP * ~NOTFOUND', '--proxy-server=127.0.0.1:9',
 )
 _PAGES = ('index.html', 'api/scale_by_ademamix.html')
 
@@ -49,11 +56,13 @@ class _Browser:
       os.dup2(to_browser_r, 3)
       os.dup2(from_browser_w, 4)
 
-    self._proc = subprocess.Popen(  # pylint: disable=subprocess-popen-preexec-fn
+    # preexec_fn only calls dup2 (it takes no lock): safe with threads.
+    self._proc = subprocess.Popen(
         [executable, *_FLAGS, f'--user-data-dir={user_data_dir}',
          'about:blank'],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, pass_fds=(3, 4), preexec_fn=plumb,
+        stderr=subprocess.DEVNULL, pass_fds=(3, 4),
+        preexec_fn=plumb,  # noqa: PLW1509
         start_new_session=True)
     os.close(to_browser_r)
     os.close(from_browser_w)
@@ -172,7 +181,7 @@ def _open(browser, url):
 
 
 @pytest.fixture(scope='module')
-def pages(docs_html):  # pylint: disable=redefined-outer-name
+def pages(docs_html):  # noqa: F811
   executable = _chromium()
   if executable is None:
     pytest.skip('Chromium is not installed (apt-get install chromium; '
@@ -189,7 +198,7 @@ def pages(docs_html):  # pylint: disable=redefined-outer-name
 
 
 @pytest.mark.parametrize('page', _PAGES)
-def test_math_is_typeset(pages, page):  # pylint: disable=redefined-outer-name
+def test_math_is_typeset(pages, page):
   report, _, _ = pages[page]
   assert 'error' not in report, report
   assert report['version'].startswith('3.'), report['version']
@@ -202,13 +211,13 @@ def test_math_is_typeset(pages, page):  # pylint: disable=redefined-outer-name
 
 
 @pytest.mark.parametrize('page', _PAGES)
-def test_no_console_errors(pages, page):  # pylint: disable=redefined-outer-name
+def test_no_console_errors(pages, page):
   _, problems, _ = pages[page]
   assert not problems
 
 
 @pytest.mark.parametrize('page', _PAGES)
-def test_only_local_files_are_loaded(pages, page):  # pylint: disable=redefined-outer-name
+def test_only_local_files_are_loaded(pages, page):
   _, _, requests = pages[page]
   assert any('/_static/mathjax/tex-svg.js' in url for url in requests)
   remote = [url for url in requests

@@ -123,13 +123,15 @@ def _own_doc(obj) -> str:
   return doc
 
 
-def _documented_args(doc: str) -> set[str]:
-  """The names listed in the Google-style ``Args:`` section of ``doc``."""
-  match = re.search(r'^Args:\n((?:[ \t]+.*\n|\n)*)', doc + '\n', re.M)
+def _section_names(doc: str, section: str) -> set[str]:
+  """The names listed in a Google-style section (``Args:``) of ``doc``."""
+  match = re.search(
+      rf'^{section}:\n((?:[ \t]+.*\n|\n)*)', doc + '\n', re.MULTILINE)
   if not match:
     return set()
-  names = re.findall(r'^ {2,4}\**(\w+)(?: \(.*?\))?:', match.group(1), re.M)
-  return set(names)
+  # An entry is indented 2 to 4 spaces; its continuation lines are deeper.
+  entry = r'^ {2,4}\**(\w+)(?: \(.*?\))?:'
+  return set(re.findall(entry, match.group(1), re.MULTILINE))
 
 
 def docstring_problems(qualname: str, obj) -> list[str]:
@@ -140,11 +142,7 @@ def docstring_problems(qualname: str, obj) -> list[str]:
   if not (inspect.isfunction(obj) or inspect.isclass(obj)):
     return []
   if _is_namedtuple(obj):
-    wanted, section, have = set(obj._fields), 'Attributes', set()
-    match = re.search(r'^Attributes:\n((?:[ \t]+.*\n|\n)*)', doc + '\n', re.M)
-    if match:
-      have = set(re.findall(r'^ {2,4}(\w+)(?: \(.*?\))?:', match.group(1),
-                            re.M))
+    wanted, section = set(obj._fields), 'Attributes'
   else:
     target = obj if inspect.isfunction(obj) else obj.__init__
     try:
@@ -155,11 +153,11 @@ def docstring_problems(qualname: str, obj) -> list[str]:
         p.name for p in signature.parameters.values()
         if p.name not in ('self', 'cls')
         and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    section, have = 'Args', _documented_args(doc)
-  missing = sorted(wanted - have)
+    section = 'Args'
+  missing = sorted(wanted - _section_names(doc, section))
   if missing:
-    return [f'The docstring of {qualname} does not document '
-            f'{", ".join(missing)} in its {section}: section.']
+    return [(f'The docstring of {qualname} does not document '
+             f'{", ".join(missing)} in its {section}: section.')]
   return []
 
 
@@ -198,8 +196,8 @@ def _api_pages(module_names) -> dict[str, str]:
     sections.setdefault(module_name, []).append((page, qualname, obj))
 
   index = [_GENERATED_NOTE, 'API reference\n=============\n\n',
-           'Every name in the ``__all__`` of the modules below, generated '
-           'from the docstrings.\n\n']
+           ('Every name in the ``__all__`` of the modules below, generated '
+            'from the docstrings.\n\n')]
   for module_name, entries in sections.items():
     heading = f'``{module_name}``'
     index.append(f'{heading}\n{"-" * len(heading)}\n\n')
@@ -251,7 +249,7 @@ def _mirror_pages(repo_root: pathlib.Path, docs_dir: pathlib.Path,
     target = docs_dir / rel
     source = os.path.relpath(repo_root / rel, target.parent)
     text = [_MD_NOTE]
-    first = re.search(r'^(#+) ', (repo_root / rel).read_text(), re.M)
+    first = re.search(r'^(#+) ', (repo_root / rel).read_text(), re.MULTILINE)
     if not first or len(first.group(1)) > 1:
       # A file without a title of its own (a table of results) gets its path.
       text.append(f'# `{rel}`\n\n')

@@ -7,6 +7,7 @@ myst-parser, sphinx-mathjax-offline) the build is skipped, and with it the
 tests here and in ``test_docs_browser.py``.
 """
 
+import fcntl
 import html.parser
 import importlib
 import importlib.util
@@ -57,13 +58,26 @@ def docs_html(tmp_path_factory):
   if missing:
     pytest.skip(f'the docs extra is not installed ({", ".join(missing)} '
                 "missing): pip install -e '.[docs]'")
-  out = tmp_path_factory.mktemp('docs') / 'html'
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    # The workers of one run share the parent of their temporary folders:
+    # the first to get there builds, the others wait for it and read it.
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / 'docs.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      return _build(shared / 'docs')
+  return _build(tmp_path_factory.mktemp('docs'))
+
+
+def _build(folder):
+  out, done = folder / 'html', folder / 'built'
+  if done.exists():
+    return out
   proc = subprocess.run(
       [sys.executable, '-m', 'sphinx', '-E', '-W', '--keep-going', '-q',
-       '-b', 'html', '-d', str(out.parent / 'doctrees'), str(DOCS),
-       str(out)],
+       '-b', 'html', '-d', str(folder / 'doctrees'), str(DOCS), str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  done.touch()
   return out
 
 

@@ -62,10 +62,15 @@ def _sync_folder(folder: pathlib.Path, files: dict[str, str]) -> None:
     return
   for path in sorted(folder.rglob('*'), reverse=True):
     rel = path.relative_to(folder).as_posix()
+    if path.name.startswith('.tmp-'):
+      continue  # Another build's file, about to be renamed.
     if path.is_file() and rel not in files:
       path.unlink(missing_ok=True)
     elif path.is_dir() and not any(path.iterdir()):
-      path.rmdir()
+      try:
+        path.rmdir()
+      except OSError:
+        pass  # Another build wrote into it meanwhile.
 
 
 def public_objects(module_names):

@@ -51,18 +51,16 @@ class _Browser:
   def __init__(self, executable, user_data_dir):
     to_browser_r, self._to_browser = os.pipe()
     self._from_browser, from_browser_w = os.pipe()
-
-    def plumb():  # In the child: the protocol's fds 3 (in) and 4 (out).
-      os.dup2(to_browser_r, 3)
-      os.dup2(from_browser_w, 4)
-
-    # preexec_fn only calls dup2 (it takes no lock): safe with threads.
+    # The protocol runs on the browser's fds 3 (in) and 4 (out), where bash
+    # moves the pipes (dash cannot name fds above 9). A preexec_fn would fork
+    # through Python's fork hooks, whose JAX warning is an error here.
+    plumb = f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}'
     self._proc = subprocess.Popen(
-        [executable, *_FLAGS, f'--user-data-dir={user_data_dir}',
+        [shutil.which('bash') or '/bin/bash', '-c', plumb, 'bash',
+         executable, *_FLAGS, f'--user-data-dir={user_data_dir}',
          'about:blank'],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, pass_fds=(3, 4),
-        preexec_fn=plumb,  # noqa: PLW1509
+        stderr=subprocess.DEVNULL, pass_fds=(to_browser_r, from_browser_w),
         start_new_session=True)
     os.close(to_browser_r)
     os.close(from_browser_w)

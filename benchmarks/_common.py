@@ -138,8 +138,9 @@ def random_tree(specs: Any, seed: int, scale: float) -> Any:
 def make_step(tx: optax.GradientTransformation, name: str) -> Any:
   """``(params, state, grads) -> (params, state)``, jitted, donating both.
 
-  ``name`` names the function: jax shares one executable between jits of
-  the same function, and a distinct name makes XLA compile a copy of its own.
+  Each call makes a new function, so each returned step compiles on its own
+  (jax shares an executable only between calls of one jitted function);
+  ``name`` tells the copies apart in XLA's compile events.
   """
 
   def step(params, state, grads):

@@ -69,7 +69,7 @@ def test_step_time_compiles_each_copy_once_and_never_while_timing(
     step_results):
   for case in step_results[0]['cases']:
     # Small cases: two copies of each step, each compiled at its first call
-    # (a copy that shared the first's executable would not compile).
+    # (a copy that shared the first's jitted function would hit its cache).
     assert case['replicas'] == 2
     assert case['compiles_at_first_call'] == 2 * len(case['rows'])
     assert case['compiles_while_timing'] == 0

@@ -79,8 +79,8 @@ def markdown(result: dict[str, Any]) -> str:
       C.ratio_cell(r['x_contrib_total']),
   ] for r in result['rows']]
   return '\n'.join([
-      f'### {result["n_leaves"]} leaves, {result["n_params"]:,} parameters, '
-      f'{result["rounds"]} rounds', '',
+      (f'### {result["n_leaves"]} leaves, {result["n_params"]:,} '
+       f'parameters, {result["rounds"]} rounds'), '',
       C.markdown_table(['optimizer', 'lowering', 'XLA compile',
                         'compile x contrib [min-max]',
                         'lowering + compile x contrib'], rows)])

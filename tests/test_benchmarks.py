@@ -90,11 +90,12 @@ def test_step_time_control_is_within_noise(step_results):
   # its ratio to adamw is 1 but for noise. On a loaded 2-core machine single
   # rounds stray by 2x and more, but the median of 7 per-round ratios of
   # interleaved 5 ms samples stayed within 0.84-1.11 in the benchmark runs
-  # (benchmarks/README.md); 1.5x leaves room for tests running alongside,
-  # and a control timed as two steps per call (2x) fails.
+  # (benchmarks/README.md); 1.35x leaves room for tests running alongside.
+  # A control timed as two steps per call came out at 1.56x on the 8 tiny
+  # leaves (dispatch overlaps the run there) and fails.
   for case in step_results[0]['cases']:
     ratio = np.median(_rows(case)[step_time.CONTROL]['x_adamw'])
-    assert 1 / 1.5 < ratio < 1.5, (case['name'], ratio)
+    assert 1 / 1.35 < ratio < 1.35, (case['name'], ratio)
 
 
 def test_step_time_bandwidth_is_bounded_by_axpy(step_results):

@@ -1,12 +1,6 @@
-"""Benchmarks of the optimizer step: time, bandwidth, HLO and memory.
+"""Benchmarks of the optimizer step against optax.adamw and contrib.ademamix.
 
-Entry points, run from the repository root:
-
-* ``python -m benchmarks.step_time``: wall time of a jitted, donated
-  optimizer step, interleaved across optimizers, with ratios to
-  :func:`optax.adamw`, achieved bandwidth and what XLA compiled.
-* ``python -m benchmarks.memory``: optimizer-state bytes per parameter and
-  XLA's memory analysis of the compiled step.
-
-See ``benchmarks/README.md``.
+Run from the repository root: ``python -m benchmarks.step_time``,
+``python -m benchmarks.compile_time``, ``python -m benchmarks.memory``. See
+``benchmarks/README.md``.
 """

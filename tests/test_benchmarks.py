@@ -1,10 +1,10 @@
-"""The benchmark scripts keep running, in quick mode (no timing checks)."""
+"""The benchmark scripts run in quick mode, and what they report holds."""
 
 import json
 import math
-import re
 
 import jax
+import numpy as np
 import pytest
 
 from benchmarks import _common as C
@@ -12,104 +12,146 @@ from benchmarks import compile_time
 from benchmarks import memory
 from benchmarks import step_time
 
-def _table_rows(markdown, first_cell):
-  """The cells of the markdown rows whose first cell is ``first_cell``."""
-  rows = []
-  for line in markdown.splitlines():
-    cells = [c.strip() for c in line.strip().strip('|').split('|')]
-    if line.startswith('|') and cells[0] == first_cell:
-      rows.append(cells)
-  return rows
+pytestmark = pytest.mark.slow
+
+# Bytes per parameter of the parameter-sized state buffers: float32 m1, m2,
+# nu (12); no m1 (8); bfloat16 m1, m2 (4 + 2 + 2); all three bfloat16 (6).
+STATE_BYTES = {
+    'contrib': 12, 'ours': 12, 'ours_warmup': 12, 'ours_b1_0': 8,
+    'ours_bf16': 8, 'ours_bf16_nu': 6, 'adamw': 8, step_time.CONTROL: 8,
+}
 
 
-@pytest.mark.parametrize('n', [2**20, 2**24, 2**27, 2**28])
-def test_transformer_tree_has_realistic_shape(n):
-  specs = C.transformer_specs(n)
-  leaves = jax.tree.leaves(specs)
-  assert len(leaves) == 16 * 9 + 4
-  assert abs(C.count_params(specs) / n - 1) < 0.01
-  embed = math.prod(specs['embed']['tokens'].shape)
-  assert 0.1 < embed / n < 0.4
-  assert C.transformer_specs(2**10, layers=1)  # Tiny sizes still build.
+@pytest.fixture(scope='module')
+def step_results(tmp_path_factory):
+  out = tmp_path_factory.mktemp('step_time')
+  # 7 rounds: the median of 7 per-round ratios is robust to 3 outliers.
+  results = step_time.main(['--quick', '--rounds', '7', '--out', str(out)])
+  return results, json.loads((out / 'step_time.json').read_text())
 
 
-def test_step_time_quick(tmp_path, capsys):
-  path = tmp_path / 'step_time.json'
-  # The tiny case has several leaves; the single-leaf case compiles fast.
-  step_time.main(['--quick', '--trees', 'single', '--json', str(path)])
-  out = capsys.readouterr().out
-  data = json.loads(path.read_text())
-  assert [c['tree'] for c in data['cases']] == ['tiny', 'single']
-  assert data['machine']['backend']
-  keys = ['axpy', *C.STEP_TIME_OPTIMIZERS]
-  labels = [C.optimizers()[k].label for k in C.STEP_TIME_OPTIMIZERS]
-  for case in data['cases']:
-    assert [e['key'] for e in case['entries']] == keys
-    assert case['axpy_gbs'] > 0
-    # Small cases compile two copies of each step, in balanced orders.
+def _rows(case):
+  return {r['key']: r for r in case['rows']}
+
+
+def test_transformer_tree_has_realistic_shape():
+  for n in (2**20, 2**24):
+    specs = C.transformer_specs(n)
+    assert len(jax.tree.leaves(specs)) == 148
+    assert abs(C.count_params(specs) / n - 1) < 0.01
+    share = math.prod(specs['embed']['tokens'].shape) / n
+    assert 0.1 < share < 0.4
+
+
+def test_step_time_cases_and_json(step_results):
+  results, saved = step_results
+  names = [c['name'] for c in results['cases']]
+  assert names == ['8 tiny leaves', '64K, 1 leaf', '64K, 20 leaves']
+  for case in results['cases']:
+    assert [r['key'] for r in case['rows']] == [step_time.AXPY,
+                                                *step_time.KEYS]
+    assert case['rounds'] == 7
+    assert all(len(r['times_s']) == 7 for r in case['rows'])
+  assert saved == json.loads(json.dumps(results))
+
+
+def test_step_time_state_and_ideal_bytes(step_results):
+  for case in step_results[0]['cases']:
+    rows = _rows(case)
+    for key, state in STATE_BYTES.items():
+      assert rows[key]['state_bytes_per_param'] == state, key
+      # Read params, grads, state; write params, state.
+      assert rows[key]['ideal_bytes_per_param'] == 12 + 2 * state, key
+    assert rows[step_time.AXPY]['ideal_bytes_per_param'] == 12
+
+
+def test_step_time_compiles_each_copy_once_and_never_while_timing(
+    step_results):
+  for case in step_results[0]['cases']:
+    # Small cases: two copies of each step, each compiled at its first call
+    # (a copy that shared the first's jitted function would hit its cache).
     assert case['replicas'] == 2
-    for e in case['entries']:
-      assert len(e['times_s']) == 2 and e['median_s'] > 0
-      assert e['fusions_per_leaf'] >= 1
-      assert e['xla_passes'] is None or e['xla_passes'] > 0
-      # Nothing compiles again once a step has run.
-      assert e['compiles_after_first_call'] == 0
-      # The first copy reuses the executable compiled for the analysis, the
-      # second is compiled at its first call (0: no listener).
-      assert e['compiles_first_call'] in (0, 1)
-      assert e['jit_cache_size'] in (None, 1)
-      if e['key'] != 'axpy':
-        assert math.isfinite(e['ratio_vs_adamw_median'])
-        assert e['ratio_vs_adamw_median'] > 0
-    passes = {e['key']: e['ideal_passes'] for e in case['entries']}
-    tiny = 1e-2
-    assert passes['sgd'] == pytest.approx(3, abs=tiny)
-    assert passes['adamw'] == pytest.approx(7, abs=tiny)
-    assert passes['ours'] == pytest.approx(9, abs=tiny)
-    assert passes['ours_b1_0'] == pytest.approx(7, abs=tiny)
-  # The saved run renders to the same tables.
-  step_time.main(['--render', str(path)])
-  assert capsys.readouterr().out.split('### ')[1:] == out.split('### ')[1:]
-  # Every optimizer is in every table, and the summary's ratios are numbers.
-  for label in labels:
-    assert len(_table_rows(out, label)) == 3
-    summary = _table_rows(out.split('### Summary')[1], label)
-    assert len(summary) == 1
-    for cell in summary[0][1:]:
-      assert re.fullmatch(r'\d+\.\d+', cell) and float(cell) > 0
+    assert case['compiles_at_first_call'] == 2 * len(case['rows'])
+    assert case['compiles_while_timing'] == 0
 
 
-def test_memory_quick(tmp_path, capsys):
-  path = tmp_path / 'memory.json'
-  memory.main(['--quick', '--trees', 'single', '--json', str(path)])
-  out = capsys.readouterr().out
-  rows = json.loads(path.read_text())['trees'][0]['rows']
-  per_param = {r['key']: r['state_bytes_per_param'] for r in rows}
-  count = 1e-3  # The int32 step counts, spread over the parameters.
-  expected = {
-      'ours': 12, 'ours_b1_0': 8, 'ours_bf16': 8, 'ours_bf16_nu': 6,
-      'ours_b1_0_bf16': 6, 'adamw': 8, 'contrib': 12, 'sgd': 0,
-  }
-  for key, value in expected.items():
-    assert value <= per_param[key] < value + count, key
-    assert _table_rows(out, C.optimizers()[key].label)
-  for r in rows:
-    assert r['argument_bytes_per_param'] > r['state_bytes_per_param']
-    assert r['peak_bytes_per_param'] >= r['argument_bytes_per_param']
+def test_step_time_ratios_are_per_round(step_results):
+  for case in step_results[0]['cases']:
+    rows = _rows(case)
+    for ref, field in (('adamw', 'x_adamw'), ('contrib', 'x_contrib')):
+      for r in case['rows']:
+        expected = [a / b for a, b in zip(r['times_s'],
+                                          rows[ref]['times_s'])]
+        assert r[field] == pytest.approx(expected, rel=1e-12)
 
 
-def test_compile_time_quick(tmp_path, capsys):
-  path = tmp_path / 'compile_time.json'
-  compile_time.main(['--quick', '--json', str(path)])
-  out = capsys.readouterr().out
-  data = json.loads(path.read_text())
-  assert [c['tree'] for c in data['cases']] == ['tiny', 'single']
-  for case in data['cases']:
-    keys = [e['key'] for e in case['entries']]
-    assert keys == list(compile_time.DEFAULT_OPTIMIZERS)
-    for e in case['entries']:
-      assert len(e['compile_s']) == 2 and min(e['compile_s']) > 0
-      assert len(e['ratio_vs_contrib']) == 2
-      if e['key'] == 'contrib':
-        assert e['ratio_vs_contrib'] == [1.0, 1.0]
-    assert len(_table_rows(out, 'optax.contrib.ademamix')) >= 1
+def test_step_time_control_is_within_noise(step_results):
+  # A second adamw, compiled and allocated on its own, runs the same code:
+  # its ratio to adamw is 1 but for noise. On a loaded 2-core machine single
+  # rounds stray by 2x and more, but the median of 7 per-round ratios of
+  # interleaved 5 ms samples stayed within 0.84-1.11 in the benchmark runs
+  # (benchmarks/README.md); 1.35x leaves room for tests running alongside.
+  # A control timed as two steps per call came out at 1.56x on the 8 tiny
+  # leaves (dispatch overlaps the run there) and fails.
+  for case in step_results[0]['cases']:
+    ratio = np.median(_rows(case)[step_time.CONTROL]['x_adamw'])
+    assert 1 / 1.35 < ratio < 1.35, (case['name'], ratio)
+
+
+def test_step_time_bandwidth_is_bounded_by_axpy(step_results):
+  # A step reads and writes at least what the axpy probe does (read params
+  # and grads, write params), so it is no faster than the probe; its ideal
+  # bytes are at most 36 per parameter against the probe's 12. Its GB/s is
+  # then at most 3x the probe's, and 1.5x more allows for noise.
+  for case in step_results[0]['cases']:
+    assert case['axpy_gbs'] > 0
+    for r in case['rows']:
+      assert 0 < r['gbs'] < 4.5 * case['axpy_gbs'], (case['name'], r['key'])
+
+
+def test_step_time_tables(step_results):
+  cases = step_results[0]['cases']
+  for case in cases:
+    table = step_time.case_markdown(case)
+    for label in step_time.LABELS.values():
+      assert f'\n| {label} | ' in table
+  summary = step_time.summary_markdown(cases, 'x_adamw')
+  assert summary.count('\n| optax.adamw | 1.00 | 1.00 | 1.00 |') == 1
+
+
+def test_memory_quick(tmp_path):
+  results = memory.main(['--quick', '--out', str(tmp_path)])
+  assert json.loads((tmp_path / 'memory.json').read_text()) == results
+  assert [c['n_leaves'] for c in results['cases']] == [1, 20]
+  for case in results['cases']:
+    rows = _rows(case)
+    assert list(rows) == list(C.OPTIMIZERS)
+    for key, r in rows.items():
+      state = STATE_BYTES[key]
+      assert r['state_bytes_per_param'] == state, key
+      # Params, grads and state, plus the scalar step counts.
+      assert 8 + state <= r['argument_bytes_per_param'] < 8 + state + 0.01
+      # Donation: the new params and state reuse the old buffers, so the
+      # step adds only small temporaries (< 0.1 B/param here). Without it
+      # the peak would hold a second params and state (8+ B/param more).
+      assert r['alias_bytes_per_param'] >= 4 + state, key
+      extra = r['peak_bytes_per_param'] - r['argument_bytes_per_param']
+      assert 0 <= extra < 0.1, (key, extra)
+
+
+def test_compile_time_quick(tmp_path):
+  result = compile_time.main(['--quick', '--rounds', '2',
+                              '--out', str(tmp_path)])
+  assert json.loads((tmp_path / 'compile_time.json').read_text()) == result
+  assert result['n_leaves'] == 20
+  # Every round compiled every step afresh: nothing came from a cache.
+  assert result['step_compiles'] == 2 * len(C.OPTIMIZERS)
+  for r in result['rows']:
+    assert len(r['compile_s']) == 2 and min(r['compile_s']) > 0
+    assert min(r['lower_s']) > 0
+    contrib = result['rows'][0]
+    assert r['x_contrib_compile'] == [
+        a / b for a, b in zip(r['compile_s'], contrib['compile_s'])]
+  table = compile_time.markdown(result)
+  for key in C.OPTIMIZERS:
+    assert f'\n| {C.label(key)} | ' in table

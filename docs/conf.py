@@ -42,7 +42,6 @@ amx_mirrored_files = [
     'examples/README.md',
     'examples/lm/README.md',
     'benchmarks/README.md',
-    'benchmarks/results/*.md',
 ]
 
 source_suffix = {'.rst': 'restructuredtext', '.md': 'markdown'}
@@ -56,6 +55,10 @@ nitpick_ignore_regex = [
     (r'py:.*', r'(optax|jax|jaxlib|numpy|np|flax|chex|typing)(\..*)?'),
     (r'py:.*', r'(int|float|bool|str|None|Any|Callable|Optional|Union)'),
     (r'py:.*', r'(collections\.abc|typing_extensions)\..*'),
+    # Private modules' types in the signatures of public functions.
+    (r'py:.*', r'ademamix_optax\._.*'),
+    # Private modules' types in signatures of public functions.
+    (r'py:.*', r'ademamix_optax\._.*'),
 ]
 
 # Google-style docstrings; Attributes of a state become attribute entries.

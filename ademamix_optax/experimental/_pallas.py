@@ -421,7 +421,7 @@ def fused_leaf_update(
 ):
   """One step for one leaf as a single Pallas kernel launch.
 
-  The same results as :func:`ademamix_optax._update.leaf_update` on the
+  The same results as the main path's per-leaf arithmetic on the
   whole leaf (bit for bit where the compilers evaluate IEEE operations as
   written; see the module docstring), reading each input and writing each
   output once.
@@ -448,7 +448,7 @@ def fused_leaf_update(
       (default) or ``'tpu'``.
 
   Returns:
-    ``(update, m1, m2, nu)`` as :func:`leaf_update` returns them.
+    ``(update, m1, m2, nu)``, the new moments in their storage dtypes.
 
   Raises:
     ValueError: inside :func:`jax.shard_map` or for arrays sharded over

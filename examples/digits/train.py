@@ -172,8 +172,8 @@ def train_one(config: Config, tx: optax.GradientTransformation, seed: int,
     curve['train_loss'].append(float(losses.mean()))
     curve['test_loss'].append(float(test_loss))
     curve['test_acc'].append(float(test_acc))
+    bar.set_postfix(test_acc=f'{float(test_acc):.4f}', refresh=False)
     bar.update(config.eval_every)
-    bar.set_postfix(test_acc=f'{float(test_acc):.4f}')
   bar.close()
   return curve
 

@@ -110,8 +110,8 @@ def _run(config, run, tx, params, inject_at,
           params, opt_state, start, num, inject_at)
       losses.append(loss)
       probes.append(probe)
+      bar.set_postfix(loss=f'{loss.mean():.3f}', refresh=False)
       bar.update(num)
-      bar.set_postfix(loss=f'{loss.mean():.3f}')
   return np.concatenate(losses), np.concatenate(probes)
 
 

@@ -473,10 +473,11 @@ def train_one(
           history['eval_step'].append(step)
           history['val_loss'].append(last_val)
         if log_now or eval_now:
-          progress.update(step - progress.n)
           progress.set_postfix(
               loss=f"{history['train_loss'][-1]:.3f}",
-              val='-' if last_val is None else f'{last_val:.3f}')
+              val='-' if last_val is None else f'{last_val:.3f}',
+              refresh=False)
+          progress.update(step - progress.n)
         if step % config.checkpoint_every == 0 or step == end:
           save(step)
     flush_losses()

@@ -139,8 +139,8 @@ def _train(run, evaluate, params, opt_state, start, stop, every, desc,
       curves['train_loss'].append(float(np.mean(losses)))
       if step in keep:
         kept[step] = (params, opt_state)
+      bar.set_postfix(val=f"{curves['val_loss'][-1]:.4f}", refresh=False)
       bar.update(every)
-      bar.set_postfix(val=f"{curves['val_loss'][-1]:.4f}")
   return curves, kept
 
 

@@ -57,8 +57,6 @@ nitpick_ignore_regex = [
     (r'py:.*', r'(collections\.abc|typing_extensions)\..*'),
     # Private modules' types in the signatures of public functions.
     (r'py:.*', r'ademamix_optax\._.*'),
-    # Private modules' types in signatures of public functions.
-    (r'py:.*', r'ademamix_optax\._.*'),
 ]
 
 # Google-style docstrings; Attributes of a state become attribute entries.

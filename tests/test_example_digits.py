@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from examples import digits
 
 
+@pytest.mark.slow
 def test_tiny_run(tmp_path):
   config = digits.Config(
       steps=30, eval_every=10, warmup_steps=2, width=8, seeds=(0,))

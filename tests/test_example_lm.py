@@ -27,9 +27,10 @@ import pytest
 
 import ademamix_optax as amx
 
+from examples._shared import cli as shared_cli
+from examples._shared import corpus
 from examples.lm import __main__ as cli
 from examples.lm import configs
-from examples.lm import data
 from examples.lm import report
 from examples.lm import train
 
@@ -80,15 +81,31 @@ def test_tiny_config_is_derived_from_default():
     dataclasses.replace(configs.DEFAULT, optimizers=('sgd',))
 
 
+def _config(argv: list[str]) -> configs.Config:
+  parser = cli.make_parser()
+  args = parser.parse_args(argv)
+  return shared_cli.config_from_args(
+      parser, args, configs.CONFIGS[args.config],
+      **dict(zip(('mesh_data', 'mesh_model'), args.mesh or ())))
+
+
 def test_cli_flags_override_config():
-  args = cli.parse_args(['--steps', '7', '--d-model', '64', '--b3', '0.99',
-                         '--optimizers', 'ademamix', '--mesh',
-                         'data=2,model=4', '--state-dtype', 'bfloat16'])
-  config = cli.config_from_args(args)
+  config = _config(['--steps', '7', '--d-model', '64', '--b3', '0.99',
+                    '--optimizers', 'ademamix', '--mesh', 'data=2,model=4',
+                    '--state-dtype', 'bfloat16', '--clip_norm', '2'])
   assert config == dataclasses.replace(
       configs.DEFAULT, steps=7, d_model=64, b3=0.99,
       optimizers=('ademamix',), mesh_data=2, mesh_model=4,
-      state_dtype='bfloat16')
+      state_dtype='bfloat16', clip_norm=2.0)
+  assert _config(['--config', 'tiny', '--optimizers', 'ademamix', 'adamw',
+                  '--lr', '0.01']) == dataclasses.replace(
+                      configs.TINY, optimizers=('ademamix', 'adamw'),
+                      lr=0.01)
+  # Every field but the mesh's (set by --mesh) has a flag.
+  usage = cli.make_parser().format_usage()
+  missing = {f.name for f in dataclasses.fields(configs.Config)
+             if f'--{f.name.replace("_", "-")} ' not in usage}
+  assert missing == {'mesh_data', 'mesh_model'}
 
 
 def test_stdlib_split_is_by_file_and_deterministic(tmp_path):
@@ -96,31 +113,31 @@ def test_stdlib_split_is_by_file_and_deterministic(tmp_path):
                      ('site-packages/d.py', 'z = 3\n')]:
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text(text)
-  assert data.list_python_files(tmp_path) == ['a.py', 'b/c.py']
+  assert corpus.list_python_files(tmp_path) == ['a.py', 'b/c.py']
   # Take the validation fraction such that exactly one file is held out.
   for fraction in np.linspace(0.05, 0.95, 19):
-    held = [data.is_validation_file(p, fraction) for p in ('a.py', 'b/c.py')]
+    held = [corpus.is_validation_file(p, fraction) for p in ('a.py', 'b/c.py')]
     if sum(held) == 1:
       break
   else:
     pytest.skip('no fraction separates the two files')
-  corpus = data.load_stdlib(10**6, fraction, root=tmp_path)
+  text = corpus.load_stdlib(10**6, fraction, root=tmp_path)
   val_text, train_text = ((b'x = 1\n', b'y = 2\n') if held[0]
                           else (b'y = 2\n', b'x = 1\n'))
-  assert corpus.val_U8.tobytes() == val_text
-  assert corpus.train_U8.tobytes() == train_text
+  assert text.val_U8.tobytes() == val_text
+  assert text.train_U8.tobytes() == train_text
 
 
 def test_batches_are_a_pure_function_of_seed_and_index():
   text_U8 = np.arange(1000, dtype=np.int64).astype(np.uint8)
-  a = data.train_batch(text_U8, seed=3, index=5, batch=4, context=8)
+  a = corpus.train_batch(text_U8, seed=3, index=5, batch=4, context=8)
   assert a.shape == (4, 9) and a.dtype == np.uint8
   np.testing.assert_array_equal(
-      a, data.train_batch(text_U8, seed=3, index=5, batch=4, context=8))
+      a, corpus.train_batch(text_U8, seed=3, index=5, batch=4, context=8))
   assert not np.array_equal(
-      a, data.train_batch(text_U8, seed=3, index=6, batch=4, context=8))
+      a, corpus.train_batch(text_U8, seed=3, index=6, batch=4, context=8))
   assert not np.array_equal(
-      a, data.train_batch(text_U8, seed=4, index=5, batch=4, context=8))
+      a, corpus.train_batch(text_U8, seed=4, index=5, batch=4, context=8))
   # Windows are contiguous text.
   np.testing.assert_array_equal(np.diff(a.astype(np.int64), axis=1) % 256, 1)
 
@@ -155,6 +172,7 @@ def test_non_finite_loss_raises():
   train.check_finite('adamw', [3, 4], np.array([1.0, 2.0]))
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_table_json_and_plot(tiny_run):
   workdir, result, text = tiny_run
   steps = configs.TINY.steps
@@ -185,7 +203,8 @@ def test_tiny_run_writes_table_json_and_plot(tiny_run):
           == amx['train_loss'][0])
 
 
-def test_resume_is_bit_identical(tiny_run, tmp_path):
+@pytest.mark.slow
+def test_resume_is_bit_identical(tiny_run, tmp_path, capsys):
   # In one process the compiled step is shared (train.make_program caches
   # it); across processes XLA compiles the same program to the same code.
   _, reference, _ = tiny_run
@@ -195,8 +214,11 @@ def test_resume_is_bit_identical(tiny_run, tmp_path):
   assert 'continue with --resume' in text
   assert stopped['runs']['ademamix']['step'] == 4
   assert not (tmp_path / 'curves.json').exists()
-  with pytest.raises(ValueError, match='lr'):
+  with pytest.raises(SystemExit) as exit_info:
     _run_cli(argv + ['--resume', '--lr', '0.1'])
+  assert exit_info.value.code == 2
+  assert 'Cannot resume: the config changed (lr: 0.001 -> 0.1)' in (
+      capsys.readouterr().err)
   resumed, _ = _run_cli(argv + ['--resume'])
   run, ref = resumed['runs']['ademamix'], reference['runs']['ademamix']
   assert run['step'] == configs.TINY.steps
@@ -226,6 +248,21 @@ _MESH_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_starts_from_step_0(tiny_run, tmp_path):
+  # A preemptible job passes --resume every time, the first one included.
+  _, reference, _ = tiny_run
+  result, text = _run_cli(['--config', 'tiny', '--optimizers', 'ademamix',
+                           '--workdir', str(tmp_path), '--resume'])
+  ckpt_dir = tmp_path / 'checkpoints' / 'ademamix'
+  assert (f'--resume: no checkpoint found in {ckpt_dir}; training starts '
+          'from step 0.') in text
+  run, ref = result['runs']['ademamix'], reference['runs']['ademamix']
+  assert run['history']['train_loss'] == ref['history']['train_loss']
+  assert (tmp_path / 'curves.json').exists()
+
+
+@pytest.mark.slow
 def test_mesh_run_matches_single_device(tiny_run, tmp_path):
   _, reference, _ = tiny_run
   env = dict(os.environ)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from examples import switching
 from examples._shared import byte_mlp
@@ -13,9 +14,10 @@ _TINY = switching.Config(
     model=byte_mlp.ModelConfig(context=8, embed=4, hidden=16, depth=1),
     steps=40, batch_size=32, learning_rate=1e-2, warmup_steps=5,
     switch_at=(20,), eval_every=10, eval_windows=256,
-    max_train_bytes=200_000)
+    max_bytes=2**20)
 
 
+@pytest.mark.slow
 def test_tiny_run(tmp_path):
   results = switching.train_and_evaluate(_TINY, tmp_path)
   for name in ('switching.json', 'switching.png', 'switching.md'):
@@ -32,6 +34,7 @@ def test_tiny_run(tmp_path):
                                              runs['AdamW']['val_loss'][0])
 
 
+@pytest.mark.slow
 def test_switching_with_alpha_zero_continues_adamw(tmp_path):
   # alpha = 0 makes AdEMAMix Adam again: the branch must then replay the
   # AdamW run (same batches, same schedule step), which checks the plumbing.

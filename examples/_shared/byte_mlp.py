@@ -15,15 +15,30 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from examples._shared import cli
+
 Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  context: int = 32  # Bytes of context.
-  embed: int = 16  # Embedding width per byte.
-  hidden: int = 256  # Width of the hidden layers.
-  depth: int = 2  # Number of hidden layers.
+  """The byte MLP's shape.
+
+  Attributes:
+    context: Bytes of context.
+    embed: Embedding width per byte.
+    hidden: Width of the hidden layers.
+    depth: Number of hidden layers.
+  """
+
+  context: int = 32
+  embed: int = 16
+  hidden: int = 256
+  depth: int = 2
+
+  def __post_init__(self):
+    names = ('context', 'embed', 'hidden', 'depth')
+    cli.check_fields(self, integers=names, positive=names)
 
 
 def init(config: ModelConfig, key: jax.Array) -> Params:

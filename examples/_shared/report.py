@@ -1,7 +1,8 @@
-"""Writing results: Markdown tables, JSON files, figures and versions."""
+"""Writing results: Markdown tables, JSON files, figures and the environment."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
@@ -32,21 +33,24 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def environment() -> dict[str, Any]:
-  """Versions and machine, recorded next to every result."""
-  import flax  # pylint: disable=g-import-not-at-top
+  """Versions, devices and machine, recorded next to every result."""
   import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
 
-  return {
-      'python': platform.python_version(),
-      'jax': jax.__version__,
-      'optax': optax.__version__,
-      'flax': flax.__version__,
-      'backend': jax.default_backend(),
-      'devices': [str(d) for d in jax.devices()],
-      'cpu_count': os.cpu_count(),
-      'machine': platform.machine(),
-  }
+  env: dict[str, Any] = {'python': platform.python_version()}
+  for name in ('jax', 'jaxlib', 'optax', 'flax', 'orbax.checkpoint',
+               'ademamix_optax'):
+    try:
+      env[name] = importlib.import_module(name).__version__
+    except ImportError:
+      env[name] = None
+  env.update(
+      backend=jax.default_backend(),
+      devices=f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      processes=jax.process_count(),
+      platform=platform.platform(),
+      cpu_count=os.cpu_count(),
+  )
+  return env
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -76,10 +80,10 @@ def save_results(workdir: pathlib.Path, name: str, results: dict[str, Any],
   return results
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 90) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=90, bbox_inches='tight')
+  fig.savefig(path, dpi=dpi, bbox_inches='tight')
   plt.close(fig)
 
 

@@ -25,29 +25,55 @@ from sklearn import datasets
 from sklearn import model_selection
 
 import ademamix_optax as amx
+from examples._shared import cli
 from examples._shared import report
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Hyperparameters; the defaults are the run shown in the README."""
+  """Hyperparameters; the defaults are the run shown in the README.
+
+  Attributes:
+    steps: Optimizer steps per run.
+    batch_size: Images per step.
+    learning_rate: Peak of a warmup-cosine schedule.
+    warmup_steps: Steps of linear warmup.
+    weight_decay: Decoupled weight decay.
+    b1: Fast EMA decay (both optimizers).
+    b2: Second-moment EMA decay (both optimizers).
+    b3: AdEMAMix slow EMA decay.
+    alpha: AdEMAMix slow EMA weight.
+    width: Channels of the first convolution (doubled next).
+    eval_every: Steps between test evaluations; must divide steps.
+    seeds: One run per seed (initialisation and batch order).
+    test_size: Share of the images held out for testing.
+    split_seed: Seed of the stratified train/test split.
+  """
 
   steps: int = 1500
   batch_size: int = 64
-  learning_rate: float = 3e-3  # Peak of a warmup-cosine schedule.
+  learning_rate: float = 3e-3
   warmup_steps: int = 100
   weight_decay: float = 1e-4
   b1: float = 0.9
   b2: float = 0.999
   b3: float = 0.999
   alpha: float = 5.0
-  width: int = 32  # Channels of the first convolution (doubled next).
+  width: int = 32
   eval_every: int = 100
   seeds: tuple[int, ...] = (0, 1, 2)
   test_size: float = 0.25
   split_seed: int = 0
 
   def __post_init__(self):
+    cli.check_fields(
+        self, integers=('steps', 'batch_size', 'warmup_steps', 'width',
+                        'eval_every', 'seeds', 'split_seed'),
+        positive=('steps', 'batch_size', 'learning_rate', 'width',
+                  'eval_every'),
+        nonnegative=('warmup_steps', 'weight_decay', 'alpha', 'seeds',
+                     'split_seed'),
+        decays=('b1', 'b2', 'b3'), fractions=('test_size',))
     if self.steps % self.eval_every:
       raise ValueError(
           f'steps={self.steps} must be a multiple of '
@@ -123,7 +149,7 @@ def _evaluate(state, x, y):
 
 
 def train_one(config: Config, tx: optax.GradientTransformation, seed: int,
-              data: dict[str, jax.Array]) -> dict[str, Any]:
+              data: dict[str, jax.Array], desc: str = '') -> dict[str, Any]:
   """One run: curves of train loss, test loss and test accuracy."""
   model = CNN(width=config.width)
   init_key, data_key = jax.random.split(jax.random.key(seed))
@@ -131,6 +157,7 @@ def train_one(config: Config, tx: optax.GradientTransformation, seed: int,
   state = train_state.TrainState.create(
       apply_fn=model.apply, params=params, tx=tx)
   curve = {'step': [], 'train_loss': [], 'test_loss': [], 'test_acc': []}
+  bar = cli.progress(config.steps, desc)
   for chunk_start in range(0, config.steps, config.eval_every):
     losses = []
     for step in range(chunk_start, chunk_start + config.eval_every):
@@ -145,6 +172,9 @@ def train_one(config: Config, tx: optax.GradientTransformation, seed: int,
     curve['train_loss'].append(float(losses.mean()))
     curve['test_loss'].append(float(test_loss))
     curve['test_acc'].append(float(test_acc))
+    bar.set_postfix(test_acc=f'{float(test_acc):.4f}', refresh=False)
+    bar.update(config.eval_every)
+  bar.close()
   return curve
 
 
@@ -160,12 +190,10 @@ def train_and_evaluate(
     runs[name] = []
     for seed in config.seeds:
       t0 = time.time()
-      curve = train_one(config, tx, seed, data)
+      curve = train_one(config, tx, seed, data, f'{name} seed {seed}')
       curve['seed'] = seed
       curve['seconds'] = time.time() - t0
       runs[name].append(curve)
-      print(f'{name} seed {seed}: test accuracy {curve["test_acc"][-1]:.4f}',
-            flush=True)
 
   rows = []
   for name, curves in runs.items():

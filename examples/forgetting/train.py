@@ -25,31 +25,58 @@ import optax
 
 import ademamix_optax as amx
 from examples._shared import byte_mlp
-from examples._shared import bytes_data
+from examples._shared import cli
+from examples._shared import corpus
 from examples._shared import loop
 from examples._shared import report
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Hyperparameters; the defaults are the run shown in the README."""
+  """Hyperparameters; the defaults are the run shown in the README.
+
+  Attributes:
+    model: The byte MLP.
+    steps: Optimizer steps per run.
+    inject_at: 0-based step whose batch is the held-out one.
+    batch_size: Windows per step.
+    learning_rate: Peak learning rate, the same for both optimizers.
+    warmup_steps: Linear warmup, then cosine decay to 1%.
+    weight_decay: Decoupled weight decay of the matrices.
+    b1: Fast EMA decay (both optimizers).
+    b2: Second-moment EMA decay (both optimizers).
+    b3: AdEMAMix slow EMA decay (0.999: the paper's advice for short runs).
+    alpha: AdEMAMix slow EMA weight.
+    chunk: Steps per jitted scan.
+    max_bytes: Cap on the corpus bytes read (both splits).
+    val_fraction: Share of the corpus files held out.
+    seed: Seeds the init, the batches and the held-out windows.
+  """
 
   model: byte_mlp.ModelConfig = byte_mlp.ModelConfig()
   steps: int = 6000
-  inject_at: int = 3000  # 0-based step whose batch is the held-out one.
+  inject_at: int = 3000
   batch_size: int = 128
-  learning_rate: float = 5e-3  # Peak, the same for both optimizers.
-  warmup_steps: int = 400  # Linear warmup, then cosine decay to 1%.
+  learning_rate: float = 5e-3
+  warmup_steps: int = 400
   weight_decay: float = 0.1
   b1: float = 0.9
   b2: float = 0.999
-  b3: float = 0.999  # The paper's advice for short runs.
+  b3: float = 0.999
   alpha: float = 2.0
-  chunk: int = 500  # Steps per jitted scan.
-  max_train_bytes: int = 4_000_000
+  chunk: int = 500
+  max_bytes: int = 8 * 2**20
+  val_fraction: float = 0.1
   seed: int = 0
 
   def __post_init__(self):
+    cli.check_fields(
+        self, integers=('steps', 'inject_at', 'batch_size', 'warmup_steps',
+                        'chunk', 'max_bytes', 'seed'),
+        positive=('steps', 'batch_size', 'learning_rate', 'chunk',
+                  'max_bytes'),
+        nonnegative=('warmup_steps', 'weight_decay', 'alpha', 'seed'),
+        decays=('b1', 'b2', 'b3'), fractions=('val_fraction',))
     if not 0 < self.inject_at < self.steps - 1:
       raise ValueError(
           f'inject_at must be in (0, steps - 1), got inject_at='
@@ -71,16 +98,20 @@ def make_optimizers(config: Config) -> dict[str, optax.GradientTransformation]:
   }
 
 
-def _run(config, run, tx, params, inject_at) -> tuple[np.ndarray, ...]:
+def _run(config, run, tx, params, inject_at,
+         desc) -> tuple[np.ndarray, ...]:
   opt_state = tx.init(params)
   losses, probes = [], []
   inject_at = jnp.asarray(inject_at, jnp.int32)
-  for start in range(0, config.steps, config.chunk):
-    num = min(config.chunk, config.steps - start)
-    params, opt_state, loss, probe = run(
-        params, opt_state, start, num, inject_at)
-    losses.append(loss)
-    probes.append(probe)
+  with cli.progress(config.steps, desc) as bar:
+    for start in range(0, config.steps, config.chunk):
+      num = min(config.chunk, config.steps - start)
+      params, opt_state, loss, probe = run(
+          params, opt_state, start, num, inject_at)
+      losses.append(loss)
+      probes.append(probe)
+      bar.set_postfix(loss=f'{loss.mean():.3f}', refresh=False)
+      bar.update(num)
   return np.concatenate(losses), np.concatenate(probes)
 
 
@@ -89,12 +120,13 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains each optimizer with and without the injection; JSON and PNG."""
   workdir = report.workdir_path(workdir)
-  train, val = bytes_data.load_corpus(config.max_train_bytes)
+  text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
   length = config.model.context + 1
-  batches = bytes_data.training_batches(
-      train, jax.random.key(config.seed + 1), config.batch_size, length)
-  held_out = bytes_data.fixed_windows(
-      val, config.seed + 3, config.batch_size, length)
+  batches = corpus.training_batches(
+      text.train_U8, jax.random.key(config.seed + 1), config.batch_size,
+      length)
+  held_out = corpus.fixed_windows(
+      text.val_U8, config.seed + 3, config.batch_size, length)
 
   def batch_fn(step, inject_at):
     # inject_at is traced: -1 (the control run) reuses the compiled loop.
@@ -106,8 +138,10 @@ def train_and_evaluate(
   for name, tx in make_optimizers(config).items():
     t0 = time.time()
     run = loop.make_runner(tx, batch_fn, probe_fn)
-    train_inj, probe_inj = _run(config, run, tx, params0, config.inject_at)
-    train_ctl, probe_ctl = _run(config, run, tx, params0, -1)
+    train_inj, probe_inj = _run(config, run, tx, params0, config.inject_at,
+                                f'{name}, injected')
+    train_ctl, probe_ctl = _run(config, run, tx, params0, -1,
+                                f'{name}, control')
     # probe[i] is the loss on the held-out batch after update i (0-based).
     runs[name] = {
         'probe_injected': probe_inj.tolist(),
@@ -116,7 +150,6 @@ def train_and_evaluate(
         'train_loss_control': train_ctl.tolist(),
         'seconds': time.time() - t0,
     }
-    print(f'{name}: done in {time.time() - t0:.0f}s', flush=True)
 
   k = config.inject_at
   delays = [d for d in (10, 100, 1000) if k + d < config.steps]

@@ -1,37 +1,19 @@
 """Command line: ``python -m examples.lm [flags]`` from the repository root.
 
 Trains the default configuration (``configs.DEFAULT``) with both optimizers
-and writes the results to ``--workdir``; every flag overrides one field.
+and writes the results to ``--workdir``; every field of ``configs.Config``
+is a flag (``--help`` lists them), and ``--mesh`` sets the two mesh fields.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 from typing import Optional, Sequence
 
+from examples._shared import cli
 from examples.lm import configs
-
-# Flag name -> Config field, for the flags that set one field as is.
-_FIELD_FLAGS = {
-    'steps': int,
-    'd_model': int,
-    'layers': int,
-    'heads': int,
-    'context': int,
-    'batch': int,
-    'lr': float,
-    'alpha': float,
-    'b3': float,
-    'seed': int,
-    'eval_every': int,
-    'checkpoint_every': int,
-    'max_bytes': int,
-    'data': str,
-    'state_dtype': str,
-}
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -41,12 +23,27 @@ def parse_mesh(text: str) -> tuple[int, int]:
     match = re.fullmatch(r'\s*(data|model)\s*=\s*(-?\d+)\s*', part)
     if match is None:
       raise argparse.ArgumentTypeError(
-          f'--mesh wants data=N,model=M, got {text!r}.')
+          f'wants data=N,model=M, got {text!r}')
     sizes[match.group(1)] = int(match.group(2))
   return sizes['data'], sizes['model']
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_address(text: str) -> str:
+  """``host:port`` of the coordinator, as ``jax.distributed`` takes it."""
+  host, _, port = text.rpartition(':')
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise argparse.ArgumentTypeError(f'wants HOST:PORT, got {text!r}')
+  return text
+
+
+def nonnegative_int(text: str) -> int:
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(
+        f'expected an integer >= 0, got {text!r}')
+  return int(text)
+
+
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m examples.lm',
       description='Train a byte-level Transformer LM with AdamW and '
@@ -54,85 +51,85 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       'table and write curves, a plot and checkpoints to --workdir.')
   parser.add_argument('--config', choices=sorted(configs.CONFIGS),
                       default='default', help='Base configuration.')
-  defaults = configs.DEFAULT
-  helps = {
-      'steps': 'Optimizer steps per optimizer.',
-      'd_model': 'Model width.',
-      'layers': 'Transformer blocks.',
-      'heads': 'Attention heads.',
-      'context': 'Sequence length in bytes.',
-      'batch': 'Global batch size in sequences.',
-      'lr': 'Peak learning rate (warmup + cosine decay).',
-      'alpha': 'AdEMAMix slow-EMA weight alpha.',
-      'b3': 'AdEMAMix slow-EMA decay; default: 0.999 below '
-            f'{configs.LONG_RUN_STEPS} steps, else 0.9999.',
-      'seed': 'Seed of the model init and of the data order.',
-      'eval_every': 'Steps between validation evaluations.',
-      'checkpoint_every': 'Steps between checkpoints.',
-      'max_bytes': 'Cap on the corpus bytes read.',
-      'data': 'A text file to train on (split by position); default: the '
-              'Python standard library sources (split by file).',
-      'state_dtype': 'Storage dtype of the optimizer states (bfloat16: '
-                     'stochastic rounding; bfloat16-nearest: '
-                     'round-to-nearest, for comparison).',
-  }
-  for field, kind in _FIELD_FLAGS.items():
-    extra = {'choices': configs.STATE_DTYPES} if field == 'state_dtype' else {}
-    default = getattr(defaults, field)
-    suffix = '' if default is None else f' Default: {default}.'
-    parser.add_argument(
-        '--' + field.replace('_', '-'), type=kind, default=None,
-        help=helps[field] + suffix, **extra)
-  parser.add_argument(
-      '--optimizers', default=None,
-      help='Comma-separated subset of ' + ','.join(configs.OPTIMIZERS) + '.')
+  cli.add_config_flags(parser, configs.DEFAULT,
+                       exclude=('mesh_data', 'mesh_model'))
   parser.add_argument(
       '--mesh', type=parse_mesh, default=None,
       help='Device mesh, e.g. data=4,model=2: the batch is split over '
-           '"data", parameters and optimizer state over "model". '
-           'Default: data=<all devices>,model=1.')
+      '"data", parameters and optimizer state over "model". '
+      'Default: data=<all devices>,model=1.')
   parser.add_argument('--workdir', default='runs/lm',
                       help='Output directory. Default: runs/lm.')
-  parser.add_argument('--resume', action='store_true',
-                      help='Continue from the latest checkpoints in workdir.')
   parser.add_argument(
-      '--stop-after', type=int, default=None,
+      '--resume', action='store_true',
+      help='Continue from the latest checkpoints in workdir; an optimizer '
+      'without one starts from step 0.')
+  parser.add_argument(
+      '--stop-after', type=cli.positive_int, default=None,
       help='Stop each optimizer after this many steps (saving a '
-           'checkpoint), as if interrupted; continue with --resume.')
-  parser.add_argument(
+      'checkpoint), as if interrupted; continue with --resume.')
+  group = parser.add_argument_group(
+      'multi-host', 'With --distributed, either all three of '
+      '--coordinator-address, --num-processes and --process-id, or none '
+      "(JAX detects the cluster: SLURM, Open MPI, Cloud TPU, ...).")
+  group.add_argument(
       '--distributed', action='store_true',
-      help='Multi-host: call jax.distributed.initialize() first.')
-  return parser.parse_args(argv)
+      help='Call jax.distributed.initialize() before anything else.')
+  group.add_argument('--coordinator-address', type=parse_address,
+                     help='HOST:PORT of process 0, the same on every host.')
+  group.add_argument('--num-processes', type=cli.positive_int,
+                     help='Number of processes in all.')
+  group.add_argument('--process-id', type=nonnegative_int,
+                     help='This process: 0 .. num-processes - 1.')
+  return parser
 
 
-def config_from_args(args: argparse.Namespace) -> configs.Config:
-  """The base config with every given flag applied."""
-  changes = {}
-  for field in _FIELD_FLAGS:
-    value = getattr(args, field)
-    if value is not None:
-      changes[field] = value
-  if args.optimizers is not None:
-    changes['optimizers'] = tuple(
-        n.strip() for n in args.optimizers.split(',') if n.strip())
-  if args.mesh is not None:
-    changes['mesh_data'], changes['mesh_model'] = args.mesh
-  return dataclasses.replace(configs.CONFIGS[args.config], **changes)
+def distributed_kwargs(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> Optional[dict]:
+  """``jax.distributed.initialize``'s arguments; ``None``: single process."""
+  given = {k: getattr(args, k) for k in
+           ('coordinator_address', 'num_processes', 'process_id')}
+  given = {k: v for k, v in given.items() if v is not None}
+  if not args.distributed:
+    if given:
+      parser.error(f'--{next(iter(given)).replace("_", "-")} needs '
+                   '--distributed.')
+    return None
+  if given and len(given) < 3:
+    parser.error('--coordinator-address, --num-processes and --process-id '
+                 'go together: give all three or none.')
+  if given and given['process_id'] >= given['num_processes']:
+    parser.error(f'--process-id {given["process_id"]} must be below '
+                 f'--num-processes {given["num_processes"]}.')
+  host = given.get('coordinator_address', '').rpartition(':')[0]
+  if host in ('127.0.0.1', 'localhost', '[::1]'):
+    # All processes on this machine: keep the coordinator off the network.
+    given['coordinator_bind_address'] = given['coordinator_address']
+  return given
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-  args = parse_args(argv)
-  config = config_from_args(args)
+  parser = make_parser()
+  args = parser.parse_args(argv)
+  mesh = {} if args.mesh is None else dict(
+      zip(('mesh_data', 'mesh_model'), args.mesh))
+  config = cli.config_from_args(
+      parser, args, configs.CONFIGS[args.config], **mesh)
+  distributed = distributed_kwargs(parser, args)
   import jax
 
-  if args.distributed:
-    jax.distributed.initialize()
+  if distributed is not None:
+    jax.distributed.initialize(**distributed)
 
   from examples.lm import train
 
-  return train.train_and_evaluate(
-      config, args.workdir, resume=args.resume, stop_after=args.stop_after,
-      out=sys.stdout)
+  try:
+    return train.train_and_evaluate(
+        config, args.workdir, resume=args.resume, stop_after=args.stop_after,
+        out=sys.stdout)
+  except cli.UsageError as e:
+    parser.error(str(e))
 
 
 if __name__ == '__main__':

@@ -9,12 +9,17 @@ derived from the default, so it exercises the same code paths.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import typing
+from typing import Literal, Optional
 
-OPTIMIZERS = ('adamw', 'ademamix')
+from examples._shared import cli
+
+Optimizer = Literal['adamw', 'ademamix']
 # 'bfloat16-nearest' stores bfloat16 states with round-to-nearest instead
 # of stochastic rounding: the stalling slow EMA, kept for comparison.
-STATE_DTYPES = ('float32', 'bfloat16', 'bfloat16-nearest')
+StateDtype = Literal['float32', 'bfloat16', 'bfloat16-nearest']
+OPTIMIZERS: tuple[Optimizer, ...] = typing.get_args(Optimizer)
+STATE_DTYPES: tuple[StateDtype, ...] = typing.get_args(StateDtype)
 
 # The paper: b3 = 0.999 works better than 0.9999 for runs of up to tens of
 # thousands of steps.
@@ -44,7 +49,8 @@ class Config:
     clip_norm: Global gradient norm clip.
     b1: Fast EMA decay (both optimizers).
     b2: Second-moment EMA decay (both optimizers).
-    b3: AdEMAMix slow EMA decay; ``None`` picks it from ``steps``.
+    b3: AdEMAMix slow EMA decay; ``None``: 0.999 below ``LONG_RUN_STEPS``
+      (20,000) steps, else 0.9999.
     alpha: AdEMAMix slow EMA weight.
     state_dtype: Storage dtype of the optimizer states: 'float32',
       'bfloat16' (AdEMAMix: m1, m2 and nu, stochastically rounded; AdamW:
@@ -79,8 +85,8 @@ class Config:
   b2: float = 0.999
   b3: Optional[float] = None
   alpha: float = 8.0
-  state_dtype: str = 'float32'
-  optimizers: tuple[str, ...] = OPTIMIZERS
+  state_dtype: StateDtype = 'float32'
+  optimizers: tuple[Optimizer, ...] = OPTIMIZERS
   seed: int = 0
   eval_every: int = 50
   eval_batches: int = 8
@@ -90,28 +96,22 @@ class Config:
   mesh_model: int = 1
 
   def __post_init__(self):
-    positive = ('max_bytes', 'd_model', 'layers', 'heads', 'context',
-                'mlp_ratio', 'steps', 'batch', 'eval_every', 'eval_batches',
-                'log_every', 'checkpoint_every', 'mesh_model')
-    for name in positive:
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+    cli.check_fields(
+        self,
+        integers=('max_bytes', 'd_model', 'layers', 'heads', 'context',
+                  'mlp_ratio', 'steps', 'batch', 'seed', 'eval_every',
+                  'eval_batches', 'log_every', 'checkpoint_every',
+                  'mesh_data', 'mesh_model'),
+        positive=('max_bytes', 'd_model', 'layers', 'heads', 'context',
+                  'mlp_ratio', 'steps', 'batch', 'lr', 'clip_norm',
+                  'eval_every', 'eval_batches', 'log_every',
+                  'checkpoint_every', 'mesh_model'),
+        nonnegative=('end_lr_ratio', 'weight_decay', 'alpha', 'seed'),
+        decays=('b1', 'b2', 'b3', 'warmup_fraction'),
+        fractions=('val_fraction',))
     if self.d_model % self.heads:
       raise ValueError(
           f'heads={self.heads} must divide d_model={self.d_model}.')
-    if not 0.0 < self.val_fraction < 1.0:
-      raise ValueError(
-          f'val_fraction must be in (0, 1), got {self.val_fraction}.')
-    if not 0.0 <= self.warmup_fraction < 1.0:
-      raise ValueError(
-          f'warmup_fraction must be in [0, 1), got {self.warmup_fraction}.')
-    if self.lr <= 0.0:
-      raise ValueError(f'lr must be positive, got {self.lr}.')
-    if self.b3 is not None and not 0.0 <= self.b3 < 1.0:
-      raise ValueError(f'b3 must be in [0, 1), got {self.b3}.')
-    if self.alpha < 0.0:
-      raise ValueError(f'alpha must be >= 0, got {self.alpha}.')
     if self.state_dtype not in STATE_DTYPES:
       raise ValueError(
           f'state_dtype must be one of {STATE_DTYPES}, got '

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import pathlib
-import platform
 from typing import Any, Optional
 
 import numpy as np
 
+from examples._shared import report as shared_report
 from examples.lm import configs
 
 _LABELS = {'adamw': 'AdamW', 'ademamix': 'AdEMAMix'}
@@ -110,42 +108,19 @@ def results_table(config: configs.Config, summary: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def versions() -> dict[str, str]:
-  """Library versions and the machine, for the JSON."""
-  import flax
-  import jax
-  import optax
-  import orbax.checkpoint
-
-  import ademamix_optax
-
-  return {
-      'python': platform.python_version(),
-      'jax': jax.__version__,
-      'flax': flax.__version__,
-      'optax': optax.__version__,
-      'orbax-checkpoint': orbax.checkpoint.__version__,
-      'ademamix_optax': ademamix_optax.__version__,
-      'platform': platform.platform(),
-      'cpu_count': str(os.cpu_count()),
-      'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
-  }
-
-
-def write_json(
-    path: pathlib.Path,
+def curves_payload(
     config: configs.Config,
     corpus: Any,
     summary: dict[str, Any],
     curves: dict[str, dict[str, Any]],
-) -> None:
-  """Writes the config, versions, summary and per-optimizer curves.
+) -> dict[str, Any]:
+  """What ``curves.json`` holds: config, environment, summary and curves.
 
   ``curves[name]`` holds ``step``/``train_loss`` (every step),
   ``eval_step``/``val_loss``, and per step the scheduled ``lr`` and, for
   AdEMAMix, ``alpha`` and ``b3``.
   """
-  payload = {
+  return {
       'config': {
           **dataclasses.asdict(config),
           'resolved_b3': config.resolved_b3,
@@ -158,11 +133,10 @@ def write_json(
           'train_files': corpus.num_train_files,
           'val_files': corpus.num_val_files,
       },
-      'versions': versions(),
+      'environment': shared_report.environment(),
       'summary': summary,
       'curves': curves,
   }
-  path.write_text(json.dumps(payload, indent=1) + '\n')
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -179,13 +153,8 @@ def plot_curves(
     curves: dict[str, dict[str, Any]],
 ) -> None:
   """Loss curves (left), learning rate (middle), alpha and b3 (right)."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt
-
   colors = {'adamw': 'tab:blue', 'ademamix': 'tab:red'}
-  fig, (ax_loss, ax_lr, ax_amx) = plt.subplots(
+  fig, (ax_loss, ax_lr, ax_amx) = shared_report.subplots(
       1, 3, figsize=(12, 3.4), gridspec_kw={'width_ratios': [2, 1, 1]})
   window = max(1, config.steps // 50)
   lows, highs = [], []
@@ -227,5 +196,4 @@ def plot_curves(
     ax_b3.set_ylabel('b3(t)', color='tab:green')
   ax_amx.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  shared_report.save_figure(fig, path, dpi=80)

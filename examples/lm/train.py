@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import inspect
 import json
-import math
 import pathlib
 import shutil
 import sys
@@ -41,8 +40,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ademamix_optax as amx
+from examples._shared import cli
+from examples._shared import corpus as corpus_lib
+from examples._shared import report as shared_report
 from examples.lm import configs
-from examples.lm import data
 from examples.lm import model as model_lib
 from examples.lm import report
 
@@ -61,11 +62,11 @@ def make_mesh(config: configs.Config) -> Mesh:
   model_size = config.mesh_model
   data_size = n // model_size if config.mesh_data == -1 else config.mesh_data
   if data_size * model_size != n:
-    raise ValueError(
+    raise cli.UsageError(
         f'Mesh data={data_size} x model={model_size} does not cover the {n} '
         'devices.')
   if config.batch % data_size:
-    raise ValueError(
+    raise cli.UsageError(
         f'batch={config.batch} is not divisible by the data axis '
         f'({data_size}).')
   return jax.make_mesh(
@@ -287,60 +288,14 @@ def eval_step(
 
 
 # ----------------------------------------------------------------------------
-# Progress.
-
-
-class Progress:
-  """A plain-text progress bar: ``\\r`` updates on a terminal, else lines."""
-
-  def __init__(self, name: str, total: int, start: int, out: TextIO):
-    self.name = name
-    self.total = total
-    self.out = out
-    self.tty = bool(getattr(out, 'isatty', lambda: False)())
-    self.next_line = start  # Non-terminal output: a line every 10%.
-    self.last = (time.perf_counter(), start)
-    self.rate = float('nan')
-    self.width = 0  # Of the last line written after a carriage return.
-
-  def update(self, step: int, loss: float, val: Optional[float]) -> None:
-    now = time.perf_counter()
-    if step > self.last[1]:
-      self.rate = (step - self.last[1]) / (now - self.last[0])
-    self.last = (now, step)
-    if not self.tty and step < self.next_line and step < self.total:
-      return
-    self.next_line = step + max(1, self.total // 10)
-    bar_width = 24
-    filled = bar_width * step // self.total
-    bar = '#' * filled + '-' * (bar_width - filled)
-    eta = (self.total - step) / self.rate if self.rate > 0 else float('nan')
-    val_text = f' val {val:.3f}' if val is not None else ''
-    line = (f'{self.name:<9}|{bar}| {step:>{len(str(self.total))}}/'
-            f'{self.total} loss {loss:.3f}{val_text} '
-            f'{self.rate:5.2f} step/s eta {_clock(eta)}')
-    if self.tty:
-      self.out.write('\r' + line.ljust(self.width))
-      self.width = len(line)
-    else:
-      self.out.write(line + '\n')
-    self.out.flush()
-
-  def close(self) -> None:
-    if self.tty:
-      self.out.write('\n')
-      self.out.flush()
-
-
-def _clock(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return '--:--'
-  minutes, secs = divmod(int(round(seconds)), 60)
-  return f'{minutes}:{secs:02d}'
-
-
-# ----------------------------------------------------------------------------
 # One optimizer's run.
+
+
+def _say(out: TextIO, text: str) -> None:
+  """Writes a line on process 0 only."""
+  if jax.process_index() == 0:
+    out.write(text + '\n')
+    out.flush()
 
 
 def check_finite(name: str, steps: list[int], losses: np.ndarray) -> None:
@@ -374,7 +329,7 @@ def _check_config(saved: dict[str, Any], config: configs.Config) -> None:
   if diff:
     changes = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}'
                         for k in diff)
-    raise ValueError(
+    raise cli.UsageError(
         f'Cannot resume: the config changed ({changes}). Use another '
         'workdir, or drop --resume to start over.')
 
@@ -384,6 +339,7 @@ def _restore_or_init(
     manager: ocp.CheckpointManager,
     config: configs.Config,
     resume: bool,
+    say: Callable[[str], None],
 ) -> tuple[model_lib.TransformerLM, nnx.Optimizer, int, dict[str, Any]]:
   """The latest checkpoint when resuming and there is one; else a new init.
 
@@ -392,6 +348,9 @@ def _restore_or_init(
   """
   latest = manager.latest_step() if resume else None
   if latest is None:
+    if resume:
+      say(f'--resume: no checkpoint found in {manager.directory}; training '
+          'starts from step 0.')
     model, optimizer = nnx.merge(program.graphdef, program.init())
     return model, optimizer, 0, _new_history()
   meta = manager.restore(
@@ -415,7 +374,7 @@ def train_one(
     name: str,
     config: configs.Config,
     workdir: pathlib.Path,
-    corpus: data.Corpus,
+    corpus: corpus_lib.Corpus,
     mesh: Mesh,
     *,
     resume: bool,
@@ -445,7 +404,7 @@ def train_one(
   manager = _checkpoint_manager(ckpt_dir)
   try:
     model, optimizer, step, history = _restore_or_init(
-        program, manager, config, resume)
+        program, manager, config, resume, functools.partial(_say, out))
     wall_before = history['wall_time_s']
 
     def save(at_step: int) -> None:
@@ -468,13 +427,14 @@ def train_one(
 
     batch_sharding = NamedSharding(mesh, P('data', None))
     val_ExBxL1 = put_global(
-        data.val_batches(corpus.val_U8, config.eval_batches, config.batch,
+        corpus_lib.val_batches(corpus.val_U8, config.eval_batches, config.batch,
                          config.context),
         NamedSharding(mesh, P(None, 'data', None)))
 
     end = config.steps if stop_after is None else min(config.steps,
                                                       stop_after)
-    progress = Progress(name, config.steps, step, out) if is_main else None
+    progress = cli.progress(config.steps, name, out=out, initial=step,
+                            disable=not is_main)
     pending: list[tuple[int, jax.Array]] = []
     last_val = history['val_loss'][-1] if history['val_loss'] else None
     step_time, timed_steps = 0.0, 0
@@ -495,7 +455,7 @@ def train_one(
       while step < end:
         t0 = time.perf_counter()
         seq_BxL1 = put_global(
-            data.train_batch(corpus.train_U8, config.seed, step,
+            corpus_lib.train_batch(corpus.train_U8, config.seed, step,
                              config.batch, config.context), batch_sharding)
         loss = program.train_step(model, optimizer, seq_BxL1)
         step += 1
@@ -512,13 +472,16 @@ def train_one(
           check_finite(f'{name} (validation)', [step], np.array([last_val]))
           history['eval_step'].append(step)
           history['val_loss'].append(last_val)
-        if progress is not None and (log_now or eval_now):
-          progress.update(step, history['train_loss'][-1], last_val)
+        if log_now or eval_now:
+          progress.set_postfix(
+              loss=f"{history['train_loss'][-1]:.3f}",
+              val='-' if last_val is None else f'{last_val:.3f}',
+              refresh=False)
+          progress.update(step - progress.n)
         if step % config.checkpoint_every == 0 or step == end:
           save(step)
     flush_losses()
-    if progress is not None:
-      progress.close()
+    progress.close()
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -581,16 +544,13 @@ def train_and_evaluate(
   mesh = make_mesh(config)
 
   t0 = time.perf_counter()
-  corpus = data.load_corpus(config.data, config.max_bytes,
-                            config.val_fraction)
-  data.check_length(corpus, config.context,
+  corpus = corpus_lib.load_corpus(config.data, config.max_bytes,
+                                 config.val_fraction)
+  corpus_lib.check_length(corpus, config.context,
                     config.eval_batches * config.batch)
   load_time = time.perf_counter() - t0
 
-  def say(text: str) -> None:
-    if is_main:
-      out.write(text + '\n')
-      out.flush()
+  say = functools.partial(_say, out)
 
   files = (f' ({corpus.num_train_files} / {corpus.num_val_files} files)'
            if corpus.num_train_files else '')
@@ -623,8 +583,9 @@ def train_and_evaluate(
     if finished:
       curves = {name: {**run['history'], **logged_schedules(name, config)}
                 for name, run in runs.items()}
-      report.write_json(workdir / 'curves.json', config, corpus, summary,
-                        curves)
+      shared_report.write_json(
+          workdir / 'curves.json',
+          report.curves_payload(config, corpus, summary, curves))
       report.plot_curves(workdir / 'loss_curves.png', config, curves)
       (workdir / 'results.md').write_text(table + '\n')
       say(f'\nWrote {workdir}/curves.json, loss_curves.png, results.md; '

@@ -1,6 +1,6 @@
 """The paper's Rosenbrock toy: Adam with several b1 against AdEMAMix."""
 
-from examples.rosenbrock.run import Config
-from examples.rosenbrock.run import run_and_report
+from examples.rosenbrock.train import Config
+from examples.rosenbrock.train import train_and_evaluate
 
-__all__ = ('Config', 'run_and_report')
+__all__ = ('Config', 'train_and_evaluate')

@@ -22,35 +22,68 @@ import optax
 
 import ademamix_optax as amx
 from examples._shared import byte_mlp
-from examples._shared import bytes_data
+from examples._shared import cli
+from examples._shared import corpus
 from examples._shared import loop
 from examples._shared import report
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Hyperparameters; the defaults are the run shown in the README."""
+  """Hyperparameters; the defaults are the run shown in the README.
+
+  Attributes:
+    model: The byte MLP.
+    steps: Optimizer steps of the AdamW run.
+    batch_size: Windows per step.
+    learning_rate: Peak learning rate; about the best for AdamW.
+    warmup_steps: Linear warmup, then cosine decay to 1%.
+    weight_decay: Decoupled weight decay of the matrices.
+    b1: Fast EMA decay (every optimizer).
+    b2: Second-moment EMA decay (every optimizer).
+    switch_at: Steps at which a branch switches to AdEMAMix.
+    switch_alpha: alpha after the switch (the paper's value at 110M).
+    switch_b3: b3 after the switch.
+    scratch: Also run AdEMAMix from step 0, with warmups.
+    scratch_alpha: alpha of the run from scratch.
+    scratch_b3: b3 of the run from scratch.
+    eval_every: Steps between validation evaluations.
+    eval_windows: Validation windows per evaluation.
+    max_bytes: Cap on the corpus bytes read (both splits).
+    val_fraction: Share of the corpus files held out.
+    seed: Seeds the init, the batches and the validation windows.
+  """
 
   model: byte_mlp.ModelConfig = byte_mlp.ModelConfig()
   steps: int = 20000
   batch_size: int = 128
-  learning_rate: float = 5e-3  # Peak; about the best for AdamW.
-  warmup_steps: int = 400  # Linear warmup, then cosine decay to 1%.
+  learning_rate: float = 5e-3
+  warmup_steps: int = 400
   weight_decay: float = 0.1
   b1: float = 0.9
   b2: float = 0.999
   switch_at: tuple[int, ...] = (5000, 10000)
-  switch_alpha: float = 2.0  # The paper's value at 110M parameters.
+  switch_alpha: float = 2.0
   switch_b3: float = 0.999
-  scratch: bool = True  # Also run AdEMAMix from step 0, with warmups.
+  scratch: bool = True
   scratch_alpha: float = 2.0
   scratch_b3: float = 0.999
   eval_every: int = 500
   eval_windows: int = 8192
-  max_train_bytes: int = 4_000_000
+  max_bytes: int = 8 * 2**20
+  val_fraction: float = 0.1
   seed: int = 0
 
   def __post_init__(self):
+    cli.check_fields(
+        self, integers=('steps', 'batch_size', 'warmup_steps', 'switch_at',
+                        'eval_every', 'eval_windows', 'max_bytes', 'seed'),
+        positive=('steps', 'batch_size', 'learning_rate', 'eval_every',
+                  'eval_windows', 'max_bytes'),
+        nonnegative=('warmup_steps', 'weight_decay', 'switch_alpha',
+                     'scratch_alpha', 'seed'),
+        decays=('b1', 'b2', 'switch_b3', 'scratch_b3'),
+        fractions=('val_fraction',))
     for s in self.switch_at:
       if not 0 < s < self.steps or s % self.eval_every:
         raise ValueError(
@@ -91,19 +124,23 @@ def make_scratch_ademamix(config: Config) -> optax.GradientTransformation:
       mask=byte_mlp.is_decayed, t_alpha_beta3=config.steps)
 
 
-def _train(run, evaluate, params, opt_state, start, stop, every,
+def _train(run, evaluate, params, opt_state, start, stop, every, desc,
            keep=()) -> tuple[dict[str, list[float]], dict[int, Any]]:
   """Runs steps [start, stop) in chunks; returns the curves and kept states."""
   curves = {'step': [], 'val_loss': [], 'train_loss': []}
   kept = {}
-  for chunk_start in range(start, stop, every):
-    params, opt_state, losses, _ = run(params, opt_state, chunk_start, every)
-    step = chunk_start + every
-    curves['step'].append(step)
-    curves['val_loss'].append(evaluate(params))
-    curves['train_loss'].append(float(np.mean(losses)))
-    if step in keep:
-      kept[step] = (params, opt_state)
+  with cli.progress(stop, desc, initial=start) as bar:
+    for chunk_start in range(start, stop, every):
+      params, opt_state, losses, _ = run(
+          params, opt_state, chunk_start, every)
+      step = chunk_start + every
+      curves['step'].append(step)
+      curves['val_loss'].append(evaluate(params))
+      curves['train_loss'].append(float(np.mean(losses)))
+      if step in keep:
+        kept[step] = (params, opt_state)
+      bar.set_postfix(val=f"{curves['val_loss'][-1]:.4f}", refresh=False)
+      bar.update(every)
   return curves, kept
 
 
@@ -112,17 +149,18 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Runs AdamW, the switched branches and AdEMAMix; writes JSON and PNG."""
   workdir = report.workdir_path(workdir)
-  train, val = bytes_data.load_corpus(config.max_train_bytes)
+  text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
   length = config.model.context + 1
-  batches = bytes_data.training_batches(
-      train, jax.random.key(config.seed + 1), config.batch_size, length)
+  batches = corpus.training_batches(
+      text.train_U8, jax.random.key(config.seed + 1), config.batch_size,
+      length)
 
   def batch_fn(step, aux):
     del aux
     return batches(step)
 
-  evaluate = loop.make_evaluator(bytes_data.fixed_windows(
-      val, config.seed + 2, config.eval_windows, length))
+  evaluate = loop.make_evaluator(corpus.fixed_windows(
+      text.val_U8, config.seed + 2, config.eval_windows, length))
   params0 = byte_mlp.init(config.model, jax.random.key(config.seed))
   every = config.eval_every
   runs: dict[str, dict[str, Any]] = {}
@@ -131,9 +169,9 @@ def train_and_evaluate(
   adamw = make_adamw(config)
   curves, kept = _train(
       loop.make_runner(adamw, batch_fn), evaluate, params0,
-      adamw.init(params0), 0, config.steps, every, keep=config.switch_at)
+      adamw.init(params0), 0, config.steps, every, 'AdamW',
+      keep=config.switch_at)
   runs['AdamW'] = {'switch_at': None, **curves, 'seconds': time.time() - t0}
-  print(f'AdamW: val loss {curves["val_loss"][-1]:.4f}', flush=True)
 
   tx = make_switch_ademamix(config)
   run = loop.make_runner(tx, batch_fn)
@@ -141,20 +179,18 @@ def train_and_evaluate(
     t0 = time.time()
     params, adam_state = kept[s]
     opt_state = amx.adam_state_to_ademamix(adam_state, tx, params)
-    curves, _ = _train(run, evaluate, params, opt_state, s, config.steps,
-                       every)
     name = f'AdamW -> AdEMAMix @ {s}'
+    curves, _ = _train(run, evaluate, params, opt_state, s, config.steps,
+                       every, name)
     runs[name] = {'switch_at': s, **curves, 'seconds': time.time() - t0}
-    print(f'{name}: val loss {curves["val_loss"][-1]:.4f}', flush=True)
 
   if config.scratch:
     t0 = time.time()
     tx = make_scratch_ademamix(config)
     curves, _ = _train(
         loop.make_runner(tx, batch_fn), evaluate, params0, tx.init(params0),
-        0, config.steps, every)
+        0, config.steps, every, 'AdEMAMix')
     runs['AdEMAMix'] = {'switch_at': 0, **curves, 'seconds': time.time() - t0}
-    print(f'AdEMAMix: val loss {curves["val_loss"][-1]:.4f}', flush=True)
 
   base = runs['AdamW']['val_loss'][-1]
   rows = []

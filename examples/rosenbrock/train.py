@@ -26,15 +26,30 @@ import numpy as np
 import optax
 
 import ademamix_optax as amx
+from examples._shared import cli
 from examples._shared import report
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Settings; the defaults are the run shown in the README."""
+  """Settings; the defaults are the run shown in the README.
+
+  Attributes:
+    steps: Optimizer steps per run.
+    learning_rate: The constant learning rate plotted.
+    sweep_learning_rates: The learning rates of the sweep.
+    start: The starting point (x, y).
+    adam_b1s: One Adam run per b1.
+    b2: Second-moment EMA decay (every optimizer).
+    ademamix_b1: AdEMAMix fast EMA decay.
+    ademamix_b3s: One AdEMAMix run per b3.
+    alpha: AdEMAMix slow EMA weight.
+    checkpoints: Steps at which the table gives the distance to (1, 1).
+    tolerances: Distances for "steps to stay within".
+  """
 
   steps: int = 30_000
-  learning_rate: float = 3e-3  # The one plotted.
+  learning_rate: float = 3e-3
   sweep_learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
   start: tuple[float, float] = (-3.0, 5.0)
   adam_b1s: tuple[float, ...] = (0.9, 0.99, 0.999)
@@ -44,6 +59,14 @@ class Config:
   alpha: float = 8.0
   checkpoints: tuple[int, ...] = (5_000, 10_000, 20_000, 30_000)
   tolerances: tuple[float, ...] = (1e-2, 1e-4)
+
+  def __post_init__(self):
+    cli.check_fields(
+        self, integers=('steps', 'checkpoints'),
+        positive=('steps', 'learning_rate', 'sweep_learning_rates',
+                  'checkpoints', 'tolerances'),
+        nonnegative=('alpha',),
+        decays=('adam_b1s', 'b2', 'ademamix_b1', 'ademamix_b3s'))
 
 
 def rosenbrock(p: jax.Array) -> jax.Array:
@@ -96,7 +119,7 @@ def _fmt_steps(s: Optional[int]) -> str:
   return 'never' if s is None else str(s)
 
 
-def run_and_report(
+def train_and_evaluate(
     config: Config, workdir: str | os.PathLike[str]
 ) -> dict[str, Any]:
   """Runs every optimizer (and the sweep); writes JSON, PNG and tables."""

@@ -1,4 +1,10 @@
-"""Byte-level text data: the Python standard library's source, or a file.
+"""The byte corpus of every text example, and its training windows.
+
+The Python standard library's own ``.py`` files (they ship with every Python
+installation, so nothing is downloaded), or one text file. The split is
+stated here only: a stdlib file goes to validation by a CRC32 of its path
+(:func:`is_validation_file`, about ``val_fraction`` of the files), and a
+single file holds out its last ``val_fraction`` of bytes (:func:`load_file`).
 
 Everything here is deterministic. The corpus is read in a fixed order and
 split in a fixed way, and training batch ``i`` is a pure function of
@@ -13,9 +19,13 @@ import os
 import pathlib
 import sysconfig
 import zlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from examples._shared import cli
 
 # Third-party packages installed next to the standard library are not part of
 # it.
@@ -101,7 +111,7 @@ def load_stdlib(
     total += len(text)
     (val if is_validation_file(relative, val_fraction) else train).append(text)
   if not train or not val:
-    raise ValueError(
+    raise cli.UsageError(
         f'{root} gave {len(train)} training and {len(val)} validation files '
         f'under max_bytes={max_bytes}; raise max_bytes.')
   return Corpus(
@@ -115,8 +125,11 @@ def load_stdlib(
 
 def load_file(path: str, max_bytes: int, val_fraction: float) -> Corpus:
   """Reads one file; its last ``val_fraction`` of bytes is validation."""
-  with open(path, 'rb') as f:
-    text = f.read(max_bytes)
+  try:
+    with open(path, 'rb') as f:
+      text = f.read(max_bytes)
+  except OSError as e:
+    raise cli.UsageError(f'Cannot read the data file: {e}') from e
   split = len(text) - int(len(text) * val_fraction)
   u8 = np.frombuffer(text, dtype=np.uint8)
   return Corpus(
@@ -138,11 +151,11 @@ def load_corpus(
 def check_length(corpus: Corpus, context: int, val_sequences: int) -> None:
   """Raises if a split is too short for the requested windows."""
   if len(corpus.train_U8) < context + 2:
-    raise ValueError(
+    raise cli.UsageError(
         f'Training text has {len(corpus.train_U8)} bytes, fewer than '
         f'context + 2 = {context + 2}.')
   if len(corpus.val_U8) < val_sequences * (context + 1):
-    raise ValueError(
+    raise cli.UsageError(
         f'Validation text has {len(corpus.val_U8)} bytes, fewer than '
         f'{val_sequences} windows of {context + 1}; lower the number of '
         'evaluation batches or raise max_bytes.')
@@ -175,3 +188,33 @@ def val_batches(
   starts = np.linspace(0, len(val_U8) - (context + 1), n).astype(np.int64)
   windows = val_U8[starts[:, None] + np.arange(context + 1)[None, :]]
   return windows.reshape(num_batches, batch, context + 1)
+
+
+def sample_windows(
+    data_U8: jax.Array, key: jax.Array, batch_size: int, length: int
+) -> jax.Array:
+  """``batch_size`` random windows of ``length`` bytes, as int32 (B, L)."""
+  starts = jax.random.randint(
+      key, (batch_size,), 0, data_U8.shape[0] - length)
+  take = lambda s: jax.lax.dynamic_slice(data_U8, (s,), (length,))
+  return jax.vmap(take)(starts).astype(jnp.int32)
+
+
+def fixed_windows(
+    data_U8: np.ndarray, seed: int, batch_size: int, length: int
+) -> jax.Array:
+  """A fixed set of windows (for evaluation), drawn once from ``seed``."""
+  return sample_windows(
+      jnp.asarray(data_U8), jax.random.key(seed), batch_size, length)
+
+
+def training_batches(train_U8: np.ndarray, key: jax.Array, batch_size: int,
+                     length: int) -> Callable[[jax.Array], jax.Array]:
+  """``batch(step)``: the step's random training windows, drawn on device.
+
+  A pure function of the (possibly traced) step, so a compiled training loop
+  (``lax.scan``) draws its batches itself and a rerun sees the same ones.
+  """
+  data_U8 = jnp.asarray(train_U8)
+  return lambda step: sample_windows(
+      data_U8, jax.random.fold_in(key, step), batch_size, length)

@@ -1,0 +1,95 @@
+"""Runs a group of JAX processes on 127.0.0.1 for the multi-host tests.
+
+Every process gets its own CPU devices (``JAX_NUM_CPU_DEVICES``) and the
+coordinator on a free loopback port; the group runs under one deadline, and
+when a process fails or the deadline passes, the others are killed.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on right now."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def environment(num_cpu_devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(num_cpu_devices),
+             PYTHONPATH=os.pathsep.join(
+                 filter(None, [str(REPO), env.get('PYTHONPATH')])))
+  # A device count forced through XLA_FLAGS would override ours.
+  env['XLA_FLAGS'] = ' '.join(
+      f for f in env.get('XLA_FLAGS', '').split()
+      if 'xla_force_host_platform_device_count' not in f)
+  return env
+
+
+def run_group(commands: Sequence[Sequence[str]],
+              num_cpu_devices: int | Sequence[int],
+              timeout: float) -> list[str]:
+  """Runs ``commands`` at once; returns their outputs if all exit with 0.
+
+  Args:
+    commands: One argument list per process (``sys.executable`` is
+      prepended).
+    num_cpu_devices: CPU devices of each process (or one count for all).
+    timeout: Seconds for the whole group.
+
+  Returns:
+    The stdout and stderr of each process, in order.
+
+  Raises:
+    AssertionError: A process failed or the group ran out of time; every
+      process still running is killed first, and the message holds every
+      output.
+  """
+  if isinstance(num_cpu_devices, int):
+    num_cpu_devices = [num_cpu_devices] * len(commands)
+  logs = [tempfile.TemporaryFile(mode='w+') for _ in commands]
+  procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO,
+                            env=environment(n), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+           for cmd, n, log in zip(commands, num_cpu_devices, logs)]
+  deadline = time.monotonic() + timeout
+  failure = None
+  try:
+    while any(p.poll() is None for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs):
+        failure = 'a process failed'
+        break
+      if time.monotonic() > deadline:
+        failure = f'timed out after {timeout:.0f}s'
+        break
+      time.sleep(0.1)
+    if failure is None and any(p.returncode for p in procs):
+      failure = 'a process failed'
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  outputs = []
+  for log in logs:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  if failure:
+    details = '\n'.join(
+        f'--- process {i} (exit code {p.returncode}):\n{out}'
+        for i, (p, out) in enumerate(zip(procs, outputs)))
+    raise AssertionError(f'{failure}:\n{details}')
+  return outputs

@@ -547,6 +547,7 @@ def test_sharded_init_and_steps():
                         'simplified_sharding_worker.py')
   result = strict_xla.run_worker(worker, devices=8)
   assert result['num_devices'] == 8
+  assert set(result['configs']) == {'warmup_bc_decay', 'bf16'}
   for name, res in result['configs'].items():
     for field in ('m', 'nu'):
       assert res['init_specs'][field] == res['param_specs'], (name, field)

@@ -369,6 +369,38 @@ def test_stochastic_rounding_keeps_slow_momentum_moving():
   assert abs(stochastic.mean() / exact - 1) < 2e-3, stochastic.mean()
 
 
+def test_optax_contrib_bf16_momentum_stalls():
+  """The README's claim: with bfloat16 params optax.contrib's m (stored in
+  the params' dtype, round-to-nearest) freezes at 256; ours (also stored in
+  bfloat16, stochastically rounded) reaches the exact 950."""
+  g = jnp.ones((1000,), BF16)
+  theirs = optax.contrib.scale_by_simplified_ademamix(b1=0.999)
+  ours = amx.scale_by_simplified_ademamix(b1=0.999)
+  for tx, want in ((theirs, 256), (ours, 950.3)):
+    state = tx.init(jnp.zeros((1000,), BF16))
+    state, _ = jax.jit(lambda s, tx=tx: jax.lax.scan(
+        lambda s, _: (tx.update(g, s)[1], None), s, length=3000))(state)
+    m = np.asarray(state.m, np.float64)
+    assert state.m.dtype == BF16
+    assert abs(m.mean() / want - 1) < 2e-3, m.mean()
+
+
+def test_readme_snippet_runs():
+  readme = os.path.join(os.path.dirname(__file__), '..', 'README.md')
+  with open(readme) as f:
+    text = f.read()
+  section = text[text.index('### Simplified AdEMAMix'):]
+  code = section[section.index('```python\n') + 10:section.index('```\n\n')]
+  namespace = {'amx': amx}
+  exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  tx = namespace['tx']
+  params = {'w': jnp.ones((3, 2))}
+  u, _ = tx.update({'w': jnp.ones((3, 2))}, tx.init(params), params)
+  # lr 1e-3 sqrt(1e-4) = 1e-5; u = (alpha + 1) g / |g| = 6 at step 1, plus
+  # the decay 0.1 w.
+  np.testing.assert_allclose(u['w'], -1e-5 * (6.0 + 0.1), rtol=1e-5)
+
+
 # State dtypes.
 
 

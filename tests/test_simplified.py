@@ -571,7 +571,7 @@ def test_edge_values_are_accepted():
     assert bool(jnp.all(jnp.isfinite(u))), kwargs
 
 
-# Sharding (8 emulated devices, in a subprocess).
+# Sharding (8 emulated devices, in a subprocess), and the XLA:CPU hints.
 
 
 def test_sharded_init_and_steps():
@@ -587,3 +587,7 @@ def test_sharded_init_and_steps():
     assert res['step_param_specs'] == res['param_specs'], name
     assert res['count'] == 5, name
     assert res['equal_to_single_device'], (name, res['diff'])
+  assert set(result['cpu_hints']) == {
+      'constant', 'warmup_bc', 'bf16_all', 'injected'}
+  for name, res in result['cpu_hints'].items():
+    assert res['leaves'] > 0 and res['differ'] == 0, (name, res)

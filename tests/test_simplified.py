@@ -533,6 +533,61 @@ def test_nnx_optimizer_learns():
   assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
+@pytest.mark.parametrize('bias_correction1', [False, True])
+def test_nnx_checkpoint_resume_is_bit_identical(tmp_path, bias_correction1):
+  """20 steps, an Orbax checkpoint, a fresh model restored from it, 20 more
+  steps: bit for bit the 40-step run (bf16 momentum, stochastically rounded;
+  the scalar s in the state with bias_correction1)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)
+  y = jnp.sin(x[:, :1])
+
+  def setup(seed):
+    model = nnx.Linear(4, 1, rngs=nnx.Rngs(seed))
+    tx = amx.simplified_ademamix(
+        1e-3, b1=0.999, alpha=3.0, t_b1=40, bias_correction1=bias_correction1,
+        weight_decay=0.1, mu_dtype=BF16)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(jnp.square(m(x) - y)))(model)
+    optimizer.update(model, grads)
+
+  def states(model, optimizer):
+    return jax.tree.leaves((nnx.state(model), nnx.state(optimizer)))
+
+  model_ref, opt_ref = setup(0)
+  for _ in range(40):
+    step(model_ref, opt_ref)
+  model, optimizer = setup(0)
+  for _ in range(20):
+    step(model, optimizer)
+  assert (optimizer.opt_state[0].s is None) != bias_correction1
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'step_20', {
+        'model': nnx.state(model), 'optimizer': nnx.state(optimizer)})
+    checkpointer.wait_until_finished()
+  model, optimizer = setup(1)
+  target = jax.tree.map(
+      ocp.utils.to_shape_dtype_struct,
+      {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)})
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(tmp_path / 'step_20', target)
+  nnx.update(model, restored['model'])
+  nnx.update(optimizer, restored['optimizer'])
+  for _ in range(20):
+    step(model, optimizer)
+  got, want = states(model, optimizer), states(model_ref, opt_ref)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # Errors.
 
 

@@ -533,6 +533,39 @@ def test_nnx_optimizer_learns():
   assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
+def test_linen_train_state_learns():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from flax.training import train_state  # pylint: disable=g-import-not-at-top
+
+  class MLP(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(jax.nn.tanh(nn.Dense(16)(x)))
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((64, 4)), jnp.float32)
+  y = jnp.sin(x @ jnp.array([[1.0], [-0.5], [0.25], [2.0]]))
+  model = MLP()
+  state = train_state.TrainState.create(
+      apply_fn=model.apply, params=model.init(jax.random.key(0), x),
+      tx=amx.simplified_ademamix(1e-2, b1=0.99, alpha=2.0, t_b1=50,
+                                 bias_correction1=True))
+
+  @jax.jit
+  def step(state):
+    loss, grads = jax.value_and_grad(
+        lambda p: jnp.mean(jnp.square(state.apply_fn(p, x) - y)))(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+  losses = []
+  for _ in range(50):
+    state, loss = step(state)
+    losses.append(float(loss))
+  assert int(state.opt_state[0].count) == 50
+  assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
 @pytest.mark.parametrize('bias_correction1', [False, True])
 def test_nnx_checkpoint_resume_is_bit_identical(tmp_path, bias_correction1):
   """20 steps, an Orbax checkpoint, a fresh model restored from it, 20 more

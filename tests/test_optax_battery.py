@@ -5,7 +5,8 @@ arguments, no recompilation, convergence inside ``lax.scan``,
 ``tree.map_params``, ``inject_hyperparams``, dtype preservation,
 ``MultiSteps``, dtype stability under ``lax.cond``, learning-rate schedules).
 These are our own tests of the same properties, run on a few configurations
-of :func:`ademamix_optax.ademamix`.
+of :func:`ademamix_optax.ademamix` and of
+:func:`ademamix_optax.simplified_ademamix`.
 """
 
 import contextlib
@@ -39,12 +40,33 @@ CONFIGS = {
         weight_decay=1e-2,
         mask=_decay_matrices,
     ),
+    # Simplified AdEMAMix: the theory-style momentum sums ~1 / (1 - b1)
+    # gradients, so the learning rate is AdamW's times
+    # sqrt((1 - b1_start) (1 - b1)) (the authors' recipe), unless the update
+    # is bias-corrected.
+    'simplified': dict(
+        learning_rate=3e-5, b1=0.99, alpha=2.0, t_b1=2_000),
+    'simplified_bc_decay': dict(
+        learning_rate=1e-3, b1=0.99, alpha=2.0, t_b1=2_000,
+        bias_correction1=True, weight_decay=1e-2, mask=_decay_matrices),
 }
 CONFIG_NAMES = tuple(CONFIGS)
 
 
+def _factory(name):
+  """The optimizer factory of a config."""
+  if name.startswith('simplified'):
+    return amx.simplified_ademamix
+  return amx.ademamix
+
+
 def _make(name, **overrides):
-  return amx.ademamix(**dict(CONFIGS[name], **overrides))
+  return _factory(name)(**dict(CONFIGS[name], **overrides))
+
+
+def _buffer_fields(inner_state):
+  """The names of the parameter-shaped buffers of the optimizer's state."""
+  return [f for f in inner_state._fields if f not in ('count', 's')]
 
 
 # Optimization targets: (initial params, minimiser, objective).
@@ -225,7 +247,7 @@ def test_tree_map_params(name):
   shifted = optax.tree.map_params(tx, lambda x: x + 1, state)
   inner, shifted_inner = state[0], shifted[0]
   assert int(shifted_inner.count) == int(inner.count)
-  for field in ('m1', 'm2', 'nu'):
+  for field in _buffer_fields(inner):
     before, after = getattr(inner, field), getattr(shifted_inner, field)
     if before is None:
       assert after is None
@@ -242,25 +264,26 @@ def test_tree_map_params(name):
 
 
 def _inject(name):
-  """``inject_hyperparams(ademamix)`` and the plain ``ademamix`` of a config."""
+  """``inject_hyperparams`` of a config's optimizer, and the plain one."""
   kwargs = CONFIGS[name]
   static = []
   if callable(kwargs.get('mask')):
     static.append('mask')  # A mask function is not a schedule.
   if kwargs.get('b1', 0.9) == 0:
     static.append('b1')  # Keep b1 a Python 0, so m1 is dropped as well.
-  injected = optax.inject_hyperparams(amx.ademamix, static_args=static)
-  return injected(**kwargs), amx.ademamix(**_as_float32(kwargs))
+  factory = _factory(name)
+  injected = optax.inject_hyperparams(factory, static_args=static)
+  return injected(**kwargs), factory(**_as_float32(kwargs, factory))
 
 
-def _as_float32(kwargs):
+def _as_float32(kwargs, factory=amx.ademamix):
   """All the float hyperparameters of ``ademamix``, rounded to float32.
 
   inject_hyperparams stores float hyperparameters in the params' dtype: the
   plain optimizer must see the same float32 values (``1 - b3`` with ``b3`` a
   Python float is not ``1 - float32(b3)``).
   """
-  bound = inspect.signature(amx.ademamix).bind(**kwargs)
+  bound = inspect.signature(factory).bind(**kwargs)
   bound.apply_defaults()
   return {
       k: float(np.float32(v)) if isinstance(v, float) else v
@@ -325,7 +348,7 @@ def test_updates_keep_params_dtype(name, dtype):
     updates, state = update(grads, state, params)
     for u in jax.tree.leaves(updates):
       assert u.dtype == jnp.dtype(dtype)
-  for buffer in (state[0].m1, state[0].m2, state[0].nu):
+  for buffer in (getattr(state[0], f) for f in _buffer_fields(state[0])):
     for x in jax.tree.leaves(buffer):
       assert x.dtype == jnp.dtype(dtype)
 
@@ -349,7 +372,7 @@ def test_multi_steps_first_mini_step_is_zero(name, dtype):
 
 
 @pytest.mark.parametrize('dtype', ('float16', 'bfloat16', 'float32', 'float64'))
-@pytest.mark.parametrize('name', ('warmup', 'b1_zero'))
+@pytest.mark.parametrize('name', ('warmup', 'b1_zero', 'simplified_bc_decay'))
 def test_state_stable_under_cond(name, dtype):
   with jax.enable_x64(dtype == 'float64'):
     tx = _make(name)

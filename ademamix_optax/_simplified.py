@@ -1,0 +1,397 @@
+r"""Simplified AdEMAMix: one theory-style momentum plus the current gradient.
+
+Morwani, Vyas, Zhang, Kakade (arXiv 2502.02431) show that AdEMAMix's two
+first-moment EMAs can be replaced by a single momentum without the
+:math:`1 - \beta_1` factor, mixed with the current gradient: Adam's memory
+(two buffers) instead of AdEMAMix's three. This module shares AdEMAMix's
+machinery: the per-leaf helpers of :mod:`ademamix_optax._update`, the leaf
+mapping of :mod:`ademamix_optax._leaves` (stochastic rounding, sharding, the
+XLA:CPU hints), the validation and the half-life warmup of
+:func:`ademamix_optax.beta3_warmup`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ademamix_optax import _leaves
+from ademamix_optax import _schedules
+from ademamix_optax import _transform
+from ademamix_optax import _update
+from ademamix_optax import _validation
+
+
+class ScaleBySimplifiedAdEMAMixState(NamedTuple):
+  r"""State of :func:`scale_by_simplified_ademamix`.
+
+  Attributes:
+    count: Number of updates made so far; shape ``()``, dtype ``int32``. The
+      step :math:`t` of the next update is ``count + 1``.
+    m: The momentum :math:`m = \sum_k (\prod_{j>k} \beta_1(j))\, g_k`
+      (no :math:`1 - \beta_1` factor), a tree like the parameters stored in
+      ``mu_dtype`` (default: the parameters' dtypes).
+    nu: EMA of the squared gradients, stored in ``nu_dtype`` (default: the
+      parameters' dtypes).
+    s: The sum of the momentum's weights, :math:`s_t = \beta_1(t)\, s_{t-1}
+      + 1`; a float32 scalar, present only with ``bias_correction1=True``
+      (``None`` otherwise, so that the default state holds what optax's
+      does).
+  """
+
+  count: jax.typing.ArrayLike  # shape=(), dtype=jnp.int32.
+  m: optax.Updates  # Like the params, in mu_dtype.
+  nu: optax.Updates  # Like the params, in nu_dtype.
+  s: Optional[jax.typing.ArrayLike]  # shape=(), dtype=jnp.float32, or None.
+
+
+class SimplifiedStepScalars(NamedTuple):
+  """The scalars of one step, shared by all leaves.
+
+  The field names ``count``, ``eps`` and ``eps_root`` and the
+  :class:`ademamix_optax._update.Decay` fields are those of
+  :class:`ademamix_optax._update.StepScalars`, which the XLA:CPU hints read.
+  """
+
+  count: jax.Array  # int32, shape (): the 1-based step t.
+  m: _update.Decay  # (b1(t), 1): the theory-style momentum.
+  nu: _update.Decay  # (b2, 1 - b2).
+  alpha: _update.Scalar  # alpha(t), the weight of the current gradient.
+  s: Optional[_update.Scalar]  # s_t, or None without bias_correction1.
+  bc2: _update.Scalar  # 1 - b2**t.
+  eps: _update.Scalar
+  eps_root: _update.Scalar
+
+
+def leaf_update(
+    g: jax.Array,
+    m: jax.Array,
+    nu: jax.Array,
+    s: SimplifiedStepScalars,
+    *,
+    stochastic: bool,
+    bits: _update.Bits,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""One Simplified AdEMAMix step for one leaf (or one block of it).
+
+  .. math::
+
+    m \leftarrow \beta_1(t)\, m + g, \quad
+    \nu \leftarrow \beta_2 \nu + (1 - \beta_2) |g|^2, \quad
+    u = \frac{\alpha g + m}
+             {\sqrt{\nu / (1 - \beta_2^t) + \bar\varepsilon} + \varepsilon}
+    \ (/\, s_t)
+
+  Args:
+    g: the incoming gradient values.
+    m: the stored momentum.
+    nu: the stored EMA of squared gradients.
+    s: the step's scalars.
+    stochastic: whether narrow buffers are rounded stochastically.
+    bits: the rounding bits of each stream (``m`` reads stream 0, as
+      AdEMAMix's first moments, ``nu`` stream 1).
+
+  Returns:
+    ``(update, m, nu)`` with the new moments in their storage dtypes.
+  """
+  cdt = jnp.promote_types(g.dtype, jnp.float32)  # At least float32.
+  g_c = g.astype(cdt)
+  m, m_c = _update.store(_update.ema(s.m, g_c, m, cdt), m.dtype, stochastic,
+                         lambda: bits(_update.STREAMS['m1']))
+  nu, nu_c = _update.store(
+      _update.ema(s.nu, _update.abs_sq(g_c), nu, cdt), nu.dtype, stochastic,
+      lambda: bits(_update.STREAMS['nu']))
+  nu_hat = nu_c / _update.like(s.bc2, nu_c)
+  u = (_update.like(s.alpha, g_c) * g_c + m_c) / (
+      jnp.sqrt(nu_hat + s.eps_root) + s.eps)
+  if s.s is not None:
+    u = u / _update.like(s.s, u)
+  return u.astype(g.dtype), m, nu
+
+
+def scale_by_simplified_ademamix(
+    b1: optax.ScalarOrSchedule = 0.99,
+    b2: jax.typing.ArrayLike = 0.95,
+    alpha: optax.ScalarOrSchedule = 0.0,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    *,
+    t_b1: Optional[int] = None,
+    b1_start: jax.typing.ArrayLike = 0.9,
+    bias_correction1: bool = False,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    nu_dtype: Optional[jax.typing.DTypeLike] = None,
+    stochastic_rounding: bool = True,
+) -> optax.GradientTransformation:
+  r"""Rescales updates with Simplified AdEMAMix (Morwani et al, 2025).
+
+  With :math:`g_t` the incoming updates (gradients) at the 1-based step
+  :math:`t`, ``b1``, ``b2``, ``alpha``, ``eps``, ``eps_root`` written
+  :math:`\beta_1(t), \beta_2, \alpha(t), \varepsilon, \bar\varepsilon`:
+
+  .. math::
+
+    \begin{aligned}
+      m &\leftarrow \beta_1(t)\, m + g_t \
+      \nu &\leftarrow \beta_2 \nu + (1 - \beta_2)\, |g_t|^2 \
+      u_t &= \frac{\alpha(t)\, g_t + m}
+                  {\sqrt{\nu / (1 - \beta_2^t) + \bar\varepsilon}
+                   + \varepsilon}
+    \end{aligned}
+
+  The momentum is "theory style": no :math:`1 - \beta_1` factor, so at a
+  constant gradient it grows to :math:`g / (1 - \beta_1)`, and the learning
+  rate is smaller than Adam's by about that factor (see the README's recipe).
+  With ``alpha = 0`` and the learning rate scaled by :math:`1 - \beta_1`
+  this is Adam without the first bias correction. With
+  ``bias_correction1=True`` :math:`u_t` is also divided by the sum of the
+  momentum's weights, :math:`s_t = \beta_1(t)\, s_{t-1} + 1`
+  (:math:`s_0 = 0`; :math:`(1 - \beta_1^t) / (1 - \beta_1)` for a constant
+  :math:`\beta_1`, and exact while :math:`\beta_1` warms up), kept as a
+  float32 scalar in the state (``state.s``, ``None`` without the option).
+
+  ``b1`` may be a schedule, called with the 1-based step :math:`t`. When
+  ``t_b1`` is a positive integer :math:`T`, a constant ``b1`` becomes
+  :func:`ademamix_optax.beta3_warmup` ``(b1, T, b_start=b1_start)``: its
+  half-life grows linearly from ``b1_start``'s to ``b1``'s over :math:`T`
+  steps, as in the authors' code (which sets :math:`T` to the length of
+  training). ``alpha`` may be a schedule of :math:`t` too
+  (:func:`optax.contrib.simplified_ademamix` calls it with the 0-based
+  count instead).
+
+  Arithmetic runs in at least float32; ``m`` is stored in ``mu_dtype`` and
+  ``nu`` in ``nu_dtype`` (both default to the parameters' dtypes), and the
+  state's dtypes never change from one step to the next. A buffer stored
+  narrower than float32 is written back with stochastic rounding, as in
+  :func:`ademamix_optax.scale_by_ademamix` (same bits: ``m`` takes the
+  first-moment stream, ``nu`` the second). The state's buffers are sharded
+  like the parameters they belong to, also when ``init`` is jitted on a mesh.
+
+  Args:
+    b1: Decay rate of the momentum, in [0, 1), or a schedule of the step.
+    b2: Decay rate of the EMA of squared gradients, in [0, 1).
+    alpha: Weight of the current gradient, ``>= 0``, or a schedule of the
+      step. The authors' value shrinks with the batch size.
+    eps: Added to the denominator outside the square root, ``>= 0``.
+    eps_root: Added inside the square root, ``>= 0`` (useful when
+      differentiating through the update).
+    t_b1: Optional number of warmup steps of a constant ``b1``; ``None`` or
+      ``0`` for no warmup.
+    b1_start: Decay rate of the momentum at the start of the warmup, in
+      [0, 1) (the authors use Adam's ``b1``); ignored without ``t_b1``. A
+      ``b1`` below it is used as is from the first step.
+    bias_correction1: Whether to divide the update by the sum of the
+      momentum's weights :math:`s_t`.
+    mu_dtype: Optional storage dtype of ``m``; ``None`` keeps the
+      parameters' dtypes.
+    nu_dtype: Optional storage dtype of ``nu``; ``None`` keeps the
+      parameters' dtypes.
+    stochastic_rounding: Whether buffers stored narrower than float32 are
+      written back with stochastic rounding (default) or round-to-nearest
+      (which stalls slow EMAs; kept for comparison).
+
+  Returns:
+    A :class:`optax.GradientTransformation` whose state is a
+    :class:`ScaleBySimplifiedAdEMAMixState`.
+
+  Raises:
+    ValueError: at construction, for a concrete hyperparameter outside its
+      range or an unknown ``mu_dtype`` or ``nu_dtype``; the message names the
+      argument.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import ademamix_optax as amx
+    >>> tx = amx.scale_by_simplified_ademamix(alpha=2.0, t_b1=10,
+    ...                                       bias_correction1=True)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(jnp.array([0.5, -0.25]), state)
+    ...   print(', '.join('{:.4f}'.format(u) for u in updates))
+    3.0000, -3.0000
+    2.0182, -2.0182
+    1.6870, -1.6870
+
+  References:
+    Morwani, Vyas, Zhang, Kakade, `Connections between Schedule-Free
+    Optimizers, AdEMAMix, and Accelerated SGD Variants
+    <https://arxiv.org/abs/2502.02431>`_, 2025
+  """
+  _validation.check_interval('b1', b1, low=0.0, high=1.0)
+  _validation.check_interval('b2', b2, low=0.0, high=1.0)
+  _validation.check_interval('alpha', alpha, low=0.0)
+  _validation.check_interval('eps', eps, low=0.0)
+  _validation.check_interval('eps_root', eps_root, low=0.0)
+  _validation.check_steps('t_b1', t_b1)
+  _validation.check_interval('b1_start', b1_start, low=0.0, high=1.0)
+  mu_dtype = _validation.canonicalize_float_dtype('mu_dtype', mu_dtype)
+  nu_dtype = _validation.canonicalize_float_dtype('nu_dtype', nu_dtype)
+
+  b1_fn = _transform._maybe_warmup(  # pylint: disable=protected-access
+      b1, t_b1,
+      lambda b: _schedules.beta3_warmup(b, t_b1, b_start=b1_start))
+
+  def init_fn(params: optax.Params) -> ScaleBySimplifiedAdEMAMixState:
+    return ScaleBySimplifiedAdEMAMixState(
+        count=jnp.zeros([], jnp.int32),
+        m=_leaves.zeros_like(params, mu_dtype),
+        nu=_leaves.zeros_like(params, nu_dtype),
+        s=jnp.zeros([], jnp.float32) if bias_correction1 else None,
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count_inc = optax.safe_increment(state.count)
+    b1_t = b1_fn(count_inc) if callable(b1_fn) else b1_fn
+    alpha_t = alpha(count_inc) if callable(alpha) else alpha
+    s_t = None
+    if bias_correction1:
+      s_t = (b1_t * state.s + 1).astype(jnp.float32)
+    scalars = SimplifiedStepScalars(
+        count=count_inc,
+        m=_update.Decay(keep=b1_t, take=1.0),
+        nu=_update.ema_decay(b2),
+        alpha=alpha_t,
+        s=s_t,
+        bc2=1 - b2**count_inc,  # As optax.tree.bias_correction computes it.
+        eps=eps,
+        eps_root=eps_root,
+    )
+    u, (m, nu) = _leaves.map_leaves(
+        leaf_update, scalars, updates, (state.m, state.nu),
+        stochastic=stochastic_rounding)
+    return u, ScaleBySimplifiedAdEMAMixState(
+        count=count_inc, m=m, nu=nu, s=s_t)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def simplified_ademamix(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: optax.ScalarOrSchedule = 0.99,
+    b2: jax.typing.ArrayLike = 0.95,
+    alpha: optax.ScalarOrSchedule = 0.0,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    *,
+    t_b1: Optional[int] = None,
+    b1_start: jax.typing.ArrayLike = 0.9,
+    bias_correction1: bool = False,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    nu_dtype: Optional[jax.typing.DTypeLike] = None,
+    stochastic_rounding: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Simplified AdEMAMix with decoupled weight decay (Morwani et al, 2025).
+
+  AdEMAMix mixes a fast and a slow EMA of the gradients; Simplified AdEMAMix
+  keeps one slow momentum, without the :math:`1 - \beta_1` factor, and
+  mixes it with the current gradient: two parameter-sized buffers, as Adam.
+  With :math:`\eta_t` the learning rate (a schedule is evaluated at optax's
+  0-based count), :math:`\lambda` the weight decay, :math:`\theta` the
+  parameters and :math:`u_t` the output of
+  :func:`ademamix_optax.scale_by_simplified_ademamix`:
+
+  .. math::
+
+    \theta \leftarrow \theta - \eta_t \left(
+      \frac{\alpha(t)\, g_t + m}
+           {\sqrt{\nu / (1 - \beta_2^t) + \bar\varepsilon} + \varepsilon}
+      + \lambda\, \theta \right)
+
+  where the decay term applies only to the leaves selected by ``mask`` (and
+  is multiplied by the learning rate, as in :func:`optax.adamw`). This is the
+  chain ``scale_by_simplified_ademamix`` -> :func:`optax.add_decayed_weights`
+  -> :func:`optax.scale_by_learning_rate`.
+
+  The authors' recipe, starting from a tuned AdamW: ``b1_start`` = AdamW's
+  ``b1``, a larger ``b1`` (0.99 to 0.999) reached by the warmup ``t_b1`` =
+  the number of training steps, a learning rate of
+  :math:`\eta_{AdamW} \sqrt{(1 - \beta_{1,start})(1 - \beta_1)}`, and an
+  ``alpha`` that shrinks as the batch grows (about 100 at 32k tokens per
+  batch, near 0 at a million).
+
+  Args:
+    learning_rate: A float or an optax schedule of the 0-based step count.
+    b1: Decay rate of the momentum, in [0, 1), or a schedule of the 1-based
+      step.
+    b2: Decay rate of the EMA of squared gradients, in [0, 1).
+    alpha: Weight of the current gradient, ``>= 0``, or a schedule of the
+      1-based step.
+    eps: Added to the denominator outside the square root, ``>= 0``.
+    eps_root: Added inside the square root, ``>= 0``.
+    weight_decay: Decoupled weight decay, ``>= 0``, multiplied by the learning
+      rate.
+    mask: A tree of booleans like the parameters (or a prefix of it), or a
+      function of the parameters returning one: ``True`` where weight decay
+      applies.
+    t_b1: Optional warmup length of a constant ``b1`` (see
+      :func:`ademamix_optax.scale_by_simplified_ademamix`).
+    b1_start: Decay rate of the momentum at the start of the warmup, in
+      [0, 1).
+    bias_correction1: Whether to divide the update by the sum of the
+      momentum's weights.
+    mu_dtype: Optional storage dtype of the momentum.
+    nu_dtype: Optional storage dtype of the second-moment EMA.
+    stochastic_rounding: Whether states stored narrower than float32 are
+      written back with (deterministic) stochastic rounding.
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: at construction, for a concrete hyperparameter out of range
+      or an unknown ``mu_dtype`` or ``nu_dtype``; the message names the
+      argument.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import ademamix_optax as amx
+    >>> def f(x): return jnp.sum(jnp.square(x))
+    >>> solver = amx.simplified_ademamix(learning_rate=1e-3, alpha=2.0,
+    ...                                  t_b1=100)
+    >>> params = jnp.array([1.0, 2.0, 3.0])
+    >>> opt_state = solver.init(params)
+    >>> for _ in range(5):
+    ...   grad = jax.grad(f)(params)
+    ...   updates, opt_state = solver.update(grad, opt_state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print('Objective function: {:.2E}'.format(f(params)))
+    Objective function: 1.40E+01
+    Objective function: 1.39E+01
+    Objective function: 1.39E+01
+    Objective function: 1.38E+01
+    Objective function: 1.37E+01
+
+  References:
+    Morwani, Vyas, Zhang, Kakade, `Connections between Schedule-Free
+    Optimizers, AdEMAMix, and Accelerated SGD Variants
+    <https://arxiv.org/abs/2502.02431>`_, 2025
+
+    Loshchilov et al, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019
+  """
+  _validation.check_interval('weight_decay', weight_decay, low=0.0)
+  return optax.chain(
+      scale_by_simplified_ademamix(
+          b1=b1,
+          b2=b2,
+          alpha=alpha,
+          eps=eps,
+          eps_root=eps_root,
+          t_b1=t_b1,
+          b1_start=b1_start,
+          bias_correction1=bias_correction1,
+          mu_dtype=mu_dtype,
+          nu_dtype=nu_dtype,
+          stochastic_rounding=stochastic_rounding,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

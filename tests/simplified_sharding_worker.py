@@ -1,0 +1,158 @@
+"""Simplified AdEMAMix on 8 host CPU devices (a 4x2 Auto mesh).
+
+``tests/test_simplified.py`` runs this file with ``--worker`` through
+``strict_xla.run_worker`` (8 emulated devices, no FMA contraction) and
+asserts on the JSON it prints last: the jitted ``init`` shards ``m`` and
+``nu`` like the parameters, the steps keep those shardings, and the sharded
+run equals the single-device run bit for bit (the stochastic rounding of the
+bfloat16 config included). It also runs steps on one device with and
+without the XLA:CPU layout hints (as ``cpu_hints_worker.py`` does for
+AdEMAMix), leaves above and below ``_cpu.ANCHOR_MIN_SIZE`` included: the
+hints must leave every bit unchanged.
+"""
+
+import json
+import sys
+
+import jax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ademamix_optax as amx
+
+SPECS = {
+    'w': P('data', 'model'),
+    'b': P('model'),
+    'scale': P(),
+    'v': P(None, 'model'),
+    'r': P('data'),
+}
+SHAPES = {'w': (8, 6), 'b': (4,), 'scale': (3,), 'v': (5, 4), 'r': (12, 2)}
+CONFIGS = {
+    'warmup_bc_decay': dict(
+        learning_rate=1e-2, b1=0.999, alpha=4.0, t_b1=3,
+        bias_correction1=True, weight_decay=0.1,
+        mask={'w': True, 'b': False, 'scale': False, 'v': True, 'r': True}),
+    'bf16': dict(
+        learning_rate=1e-2, b1=0.99, alpha=2.0, t_b1=4,
+        mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+}
+STEPS = 5
+HINT_SHAPES = {'big': (200, 130), 'mid': (40, 33), 'vec': (7,), 'scalar': ()}
+HINT_CONFIGS = {
+    'constant': dict(learning_rate=1e-3, alpha=2.0),
+    'warmup_bc': dict(learning_rate=1e-3, b1=0.999, alpha=4.0, t_b1=10,
+                      bias_correction1=True, weight_decay=0.1),
+    'bf16_all': dict(learning_rate=1e-3, b1=0.999, t_b1=5,
+                     mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+}
+
+
+def spec_list(spec, ndim):
+  """A spec as a list of ndim entries (P() and P(None,) are the same)."""
+  entries = tuple(spec) + (None,) * (ndim - len(spec))
+  return [None if e is None else str(e) for e in entries]
+
+
+def specs_of(tree):
+  return {k: spec_list(x.sharding.spec, x.ndim)
+          if hasattr(x.sharding, 'spec') else 'single'
+          for k, x in tree.items()}
+
+
+def loss(params):
+  return sum(jnp.sum(jnp.sin(3.0 * p) + 0.5 * jnp.square(p - 0.25))
+             for p in jax.tree.leaves(params))
+
+
+def buffers(state):
+  return {'m': state[0].m, 'nu': state[0].nu}
+
+
+def run(tx, params):
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.jit(tx.init)(params)
+  init_specs = {f: specs_of(t) for f, t in buffers(state).items()}
+  for _ in range(STEPS):
+    params, state = step(params, state)
+  return params, state, init_specs
+
+
+def hint_bits(tx, params, grads):
+  # A new function each call: jax.jit(tx.update) would reuse the executable
+  # compiled for the other path.
+  step = jax.jit(lambda g, state, p: tx.update(g, state, p))
+  state, out = tx.init(params), []
+  for g in grads:
+    updates, state = step(g, state, params)
+    params = optax.apply_updates(params, updates)
+    out += [np.asarray(x).tobytes() for x in jax.tree.leaves((params, state))]
+  return out
+
+
+def cpu_hints():
+  """Per config: how many leaves (over all steps) differ with the hints."""
+  rng = np.random.default_rng(1)
+  device = jax.devices()[0]
+  params = jax.device_put({k: rng.standard_normal(s).astype(np.float32)
+                           for k, s in HINT_SHAPES.items()}, device)
+  grads = [jax.device_put({k: rng.standard_normal(s).astype(np.float32)
+                           for k, s in HINT_SHAPES.items()}, device)
+           for _ in range(STEPS)]
+  txs = {k: amx.simplified_ademamix(**kw) for k, kw in HINT_CONFIGS.items()}
+  txs['injected'] = optax.inject_hyperparams(amx.simplified_ademamix)(
+      learning_rate=1e-3, b1=0.99, alpha=2.0, t_b1=4)
+  hinted = {k: hint_bits(tx, params, grads) for k, tx in txs.items()}
+  platform_dependent = jax.lax.platform_dependent
+  jax.lax.platform_dependent = lambda *a, default, **kw: default(*a)
+  try:
+    plain = {k: hint_bits(tx, params, grads) for k, tx in txs.items()}
+  finally:
+    jax.lax.platform_dependent = platform_dependent
+  return {k: {'leaves': len(hinted[k]),
+              'differ': sum(a != b for a, b in zip(hinted[k], plain[k]))}
+          for k in txs}
+
+
+def main():
+  rng = np.random.default_rng(0)
+  data = {k: rng.standard_normal(s).astype(np.float32)
+          for k, s in SHAPES.items()}
+  mesh = jax.make_mesh((4, 2), ('data', 'model'),
+                       axis_types=(AxisType.Auto,) * 2)
+  out = {'num_devices': jax.device_count(), 'configs': {}}
+  for name, kwargs in CONFIGS.items():
+    tx = amx.simplified_ademamix(**kwargs)
+    ref_params, ref_state, _ = run(tx, jax.device_put(data, jax.devices()[0]))
+    params = jax.device_put(
+        data, {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+    final, state, init_specs = run(tx, params)
+    got = jax.tree.leaves((final, buffers(state), state[0].s))
+    want = jax.tree.leaves((ref_params, buffers(ref_state), ref_state[0].s))
+    out['configs'][name] = {
+        'param_specs': specs_of(params),
+        'init_specs': init_specs,
+        'step_specs': {f: specs_of(t) for f, t in buffers(state).items()},
+        'step_param_specs': specs_of(final),
+        'count': int(state[0].count),
+        'equal_to_single_device': all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(got, want)),
+        'diff': max(float(np.max(np.abs(np.asarray(a, np.float64)
+                                        - np.asarray(b, np.float64))))
+                    for a, b in zip(got, want)),
+    }
+  out['cpu_hints'] = cpu_hints()
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  sys.exit(main())

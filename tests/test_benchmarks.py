@@ -12,6 +12,9 @@ from benchmarks import compile_time
 from benchmarks import memory
 from benchmarks import step_time
 
+pytestmark = pytest.mark.slow
+
+
 def _table_rows(markdown, first_cell):
   """The cells of the markdown rows whose first cell is ``first_cell``."""
   rows = []

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from examples import digits
+
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_run(tmp_path):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from examples import forgetting
 from examples._shared import byte_mlp
+
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_run(tmp_path):

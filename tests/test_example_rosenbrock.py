@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from examples import rosenbrock
+
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_run(tmp_path):

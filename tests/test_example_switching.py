@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from examples import switching
 from examples._shared import byte_mlp
+
+pytestmark = pytest.mark.slow
 
 _TINY = switching.Config(
     model=byte_mlp.ModelConfig(context=8, embed=4, hidden=16, depth=1),

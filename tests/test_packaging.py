@@ -61,6 +61,7 @@ def test_imported_from_site_packages(installed):
 def test_wheel_has_py_typed(installed):
   _, files = installed
   assert f'{NAME}/py.typed' in files
+  assert pathlib.Path(files[f'{NAME}/py.typed'].locate()).is_file()
 
 
 def test_wheel_has_the_license(installed):
@@ -68,6 +69,7 @@ def test_wheel_has_the_license(installed):
   dist_info = f'{NAME}-{dist.version}.dist-info'
   path = f'{dist_info}/licenses/LICENSE'
   assert path in files, sorted(files)
+  assert pathlib.Path(files[path].locate()).is_file()
   text = files[path].read_text()
   assert text.split()[:4] == ['Apache', 'License', 'Version', '2.0,']
   assert 'END OF TERMS AND CONDITIONS' in text
@@ -91,6 +93,12 @@ def test_wheel_has_no_tests_or_examples(installed):
             if re.search(r'(^|/)(tests?|examples|benchmarks)/', f[len(NAME):])
             or re.search(r'(^|/)(test_[^/]*|[^/]*_test|conftest)\.py$', f)]
   assert not strays, strays
+  # Nor on disk, listed or not.
+  package_dir = pathlib.Path(ademamix_optax.__file__).resolve().parent
+  on_disk = [str(f.relative_to(package_dir)) for f in package_dir.rglob('*')
+             if f.is_file() and '__pycache__' not in f.parts]
+  assert sorted(on_disk) == sorted(
+      f[len(NAME) + 1:] for f in package if '__pycache__' not in f)
   # The package itself is there.
   assert f'{NAME}/__init__.py' in files
   assert f'{NAME}/_transform.py' in files

@@ -15,6 +15,8 @@ from examples import switching
 from examples._shared import cli
 from examples.lm import __main__ as lm_main
 
+pytestmark = pytest.mark.slow
+
 
 @dataclasses.dataclass(frozen=True)
 class _Inner:

@@ -7,6 +7,8 @@ import pytest
 
 from examples import digits
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.slow
 def test_tiny_run(tmp_path):

@@ -8,6 +8,8 @@ import pytest
 from examples import forgetting
 from examples._shared import byte_mlp
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.slow
 def test_tiny_run(tmp_path):

@@ -34,6 +34,8 @@ from examples.lm import configs
 from examples.lm import report
 from examples.lm import train
 
+pytestmark = pytest.mark.slow
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Measured (2-core CPU, jax 0.10.2): data=4,model=2 (also 2x4 and 8x1)

@@ -9,6 +9,8 @@ import pytest
 
 from examples import rosenbrock
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.slow
 def test_tiny_run(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 from examples import switching
 from examples._shared import byte_mlp
 
+pytestmark = pytest.mark.slow
+
 _TINY = switching.Config(
     model=byte_mlp.ModelConfig(context=8, embed=4, hidden=16, depth=1),
     steps=40, batch_size=32, learning_rate=1e-2, warmup_steps=5,

@@ -125,6 +125,7 @@ def scale_by_simplified_ademamix(
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates with Simplified AdEMAMix (Morwani et al, 2025).
 
@@ -192,6 +193,9 @@ def scale_by_simplified_ademamix(
     stochastic_rounding: Whether buffers stored narrower than float32 are
       written back with stochastic rounding (default) or round-to-nearest
       (which stalls slow EMAs; kept for comparison).
+    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
+      partition specs there, so that stochastic rounding uses global element
+      indices; see :func:`ademamix_optax.scale_by_ademamix`.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -262,7 +266,7 @@ def scale_by_simplified_ademamix(
     )
     u, (m, nu) = _leaves.map_leaves(
         leaf_update, scalars, updates, (state.m, state.nu),
-        stochastic=stochastic_rounding)
+        stochastic=stochastic_rounding, partition_specs=partition_specs)
     return u, ScaleBySimplifiedAdEMAMixState(
         count=count_inc, m=m, nu=nu, s=s_t)
 
@@ -285,6 +289,7 @@ def simplified_ademamix(
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Simplified AdEMAMix with decoupled weight decay (Morwani et al, 2025).
 
@@ -339,6 +344,8 @@ def simplified_ademamix(
     nu_dtype: Optional storage dtype of the second-moment EMA.
     stochastic_rounding: Whether states stored narrower than float32 are
       written back with (deterministic) stochastic rounding.
+    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
+      partition specs there; see :func:`scale_by_simplified_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -391,6 +398,7 @@ def simplified_ademamix(
           mu_dtype=mu_dtype,
           nu_dtype=nu_dtype,
           stochastic_rounding=stochastic_rounding,
+          partition_specs=partition_specs,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

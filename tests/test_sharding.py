@@ -142,3 +142,7 @@ def test_nnx_optimizer_state_specs_match_params(result, config):
   for path, (param, state, array) in res.items():
     assert state == param, path
     assert array == [e for e in param if e is not None] or array == param, path
+
+
+def test_simplified_shard_map_with_specs_equals_global_run(result):
+  assert result['simplified_shard_map_equal']

@@ -53,6 +53,7 @@ def bits(tree):
 
 
 def main():
+  strict_xla.apply_warning_filters()
   rng = np.random.default_rng(0)
   params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
             for k, s in SHAPES.items()}

@@ -25,6 +25,7 @@ import optax
 
 import ademamix_optax as amx
 from ademamix_optax import experimental
+import strict_xla
 
 SPECS = {
     'w': P('data', 'model'),
@@ -145,6 +146,7 @@ def _refusals(host):
 
 
 def main():
+  strict_xla.apply_warning_filters()
   warnings.filterwarnings('ignore', '.*Pallas interpret mode', RuntimeWarning)
   rng = np.random.default_rng(0)
   host = {k: rng.standard_normal(s).astype(np.float32)

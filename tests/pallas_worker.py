@@ -149,6 +149,7 @@ def run_case(name):
 
 def main():
   """Runs every case (under strict_xla.STRICT_XLA_FLAGS); prints JSON."""
+  strict_xla.apply_warning_filters()
   warnings.filterwarnings('ignore', INTERPRET_WARNING, RuntimeWarning)
   results = {'strict': strict_xla.fma_contraction_off()}
   for name in CASES:

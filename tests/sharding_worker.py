@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 import ademamix_optax as amx
+import strict_xla
 
 SPECS = {
     'w': P('data', 'model'),
@@ -179,6 +180,7 @@ def element_indices(mesh):
 
 
 def main():
+  strict_xla.apply_warning_filters()
   rng = np.random.default_rng(0)
   data = {k: rng.standard_normal(s).astype(np.float32)
           for k, s in SHAPES.items()}

@@ -8,10 +8,13 @@ the tests compare the fused kernel, the anchored loops and the plain
 arithmetic exactly.
 """
 
+import builtins
 import json
 import os
 import subprocess
 import sys
+import tomllib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,25 @@ def fma_contraction_off() -> bool:
   x = jnp.asarray(np.random.default_rng(0).standard_normal(4096), jnp.float32)
   probe = lambda x: (1 - 0.9) * x + 0.9 * (x * x)
   return bool((np.asarray(probe(x)) == np.asarray(jax.jit(probe)(x))).all())
+
+
+def apply_warning_filters() -> None:
+  """In a worker: the exceptions of the tests' warnings-as-errors.
+
+  Workers run under ``-W error``; this adds pyproject.toml's pytest
+  ``filterwarnings`` ignores (other libraries' deprecations, by module
+  pattern) before they import those libraries.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, 'pyproject.toml'), 'rb') as f:
+    entries = tomllib.load(f)['tool']['pytest']['ini_options'][
+        'filterwarnings']
+  for entry in entries:
+    action, _, category, module = (entry.split(':') + ['', '', ''])[:4]
+    if action == 'ignore':
+      warnings.filterwarnings(
+          'ignore', category=getattr(builtins, category or 'Warning'),
+          module=module)
 
 
 def run_worker(module_file: str, devices: int = 1) -> dict:

@@ -145,7 +145,7 @@ def adam_state_to_ademamix(
   adam: optax.ScaleByAdamState = src_leaves[src_core]
   target: _transform.ScaleByAdEMAMixState = dst_leaves[dst_core]
 
-  moments_def = jax.tree.structure(target.m2)
+  moments_def: Any = jax.tree.structure(target.m2)
   for name in ('mu', 'nu'):
     moment = getattr(adam, name)
     if jax.tree.structure(moment) != moments_def:
@@ -197,7 +197,8 @@ def adam_state_to_ademamix(
       core if i == dst_core else next(rest) for i in range(len(dst_leaves))
   ]
   out = dst_treedef.unflatten(out_leaves)
-  if jax.tree.structure(out) != jax.tree.structure(template):
+  out_def: Any = jax.tree.structure(out)
+  if out_def != jax.tree.structure(template):
     raise ValueError(  # Not expected: a safety net for exotic chains.
         f'The converted state has structure {jax.tree.structure(out)}, '
         f'expected {jax.tree.structure(template)}.'

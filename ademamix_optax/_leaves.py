@@ -177,6 +177,7 @@ def map_leaves(
   Returns:
     ``(updates, buffers)``: the new trees (``None`` where given ``None``).
   """
+  treedef: Any  # A jax.tree_util.PyTreeDef.
   g_leaves, treedef = jax.tree.flatten(updates)
   n = len(g_leaves)
   columns = [[None] * n if b is None else treedef.flatten_up_to(b)

@@ -42,7 +42,9 @@ class ScaleBySimplifiedAdEMAMixState(NamedTuple):
       does).
   """
 
-  count: jax.typing.ArrayLike  # shape=(), dtype=jnp.int32.
+  # shape=(), dtype=jnp.int32 (a field named like tuple.count, as in
+  # optax's states).
+  count: jax.typing.ArrayLike  # type: ignore[assignment]
   m: optax.Updates  # Like the params, in mu_dtype.
   nu: optax.Updates  # Like the params, in nu_dtype.
   s: Optional[jax.typing.ArrayLike]  # shape=(), dtype=jnp.float32, or None.
@@ -56,7 +58,9 @@ class SimplifiedStepScalars(NamedTuple):
   :class:`ademamix_optax._update.StepScalars`, which the XLA:CPU hints read.
   """
 
-  count: jax.Array  # int32, shape (): the 1-based step t.
+  # int32, shape (): the 1-based step t (a field named like tuple.count,
+  # as in optax's states).
+  count: jax.Array  # type: ignore[assignment]
   m: _update.Decay  # (b1(t), 1): the theory-style momentum.
   nu: _update.Decay  # (b2, 1 - b2).
   alpha: _update.Scalar  # alpha(t), the weight of the current gradient.

@@ -28,7 +28,9 @@ class ScaleByAdEMAMixState(NamedTuple):
       parameters' dtypes).
   """
 
-  count: jax.typing.ArrayLike  # shape=(), dtype=jnp.int32.
+  # shape=(), dtype=jnp.int32 (a field named like tuple.count, as in
+  # optax's states).
+  count: jax.typing.ArrayLike  # type: ignore[assignment]
   m1: Optional[optax.Updates]
   m2: optax.Updates
   nu: optax.Updates

@@ -42,7 +42,9 @@ def ema_decay(beta: Scalar) -> Decay:
 class StepScalars(NamedTuple):
   """The scalars of one step, shared by all leaves."""
 
-  count: jax.Array  # int32, shape (): the 1-based step t.
+  # int32, shape (): the 1-based step t (a field named like tuple.count,
+  # as in optax's states).
+  count: jax.Array  # type: ignore[assignment]
   m1: Decay  # (b1, 1 - b1).
   m2: Decay  # (b3(t), 1 - b3(t)).
   nu: Decay  # (b2, 1 - b2).

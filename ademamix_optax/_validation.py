@@ -209,6 +209,13 @@ def canonicalize_float_dtype(name: str, dtype: Any) -> Optional[jnp.dtype]:
   if isinstance(dtype, (bool, np.bool_)):
     raise ValueError(
         f'{name} must be None or a floating dtype, got {name}={dtype!r}.')
+  if isinstance(dtype, jax.Array):
+    # optax.inject_hyperparams takes a dtype class such as jnp.bfloat16 for a
+    # schedule (it is callable) and passes what it returns for a value.
+    raise ValueError(
+        f'{name} must be None or a floating dtype, got an array, '
+        f'{name}={dtype!r}. Under optax.inject_hyperparams pass the dtype '
+        f"by name ({name}='bfloat16') or list {name!r} in static_args.")
   try:
     canonical = jax.dtypes.canonicalize_dtype(dtype)
   except (TypeError, ValueError) as e:

@@ -358,3 +358,20 @@ def test_helpers_are_reusable_for_another_optimizer():
   _validation.check_interval('b1', lambda t: 0.9, low=0.0, high=1.0,
                              schedule=True)
   assert _validation.check_state_dtype('mu_dtype', 'bfloat16') == jnp.bfloat16
+
+
+def test_dtype_under_inject_hyperparams():
+  """inject_hyperparams calls a dtype class (callable) as a schedule: the
+  error says what to do instead, and the dtype's name works."""
+  params = jnp.ones(3)
+  with pytest.raises(ValueError, match=r"mu_dtype.*'bfloat16'.*static_args"):
+    optax.inject_hyperparams(amx.ademamix)(
+        learning_rate=1e-3, mu_dtype=jnp.bfloat16).init(params)
+  for stochastic in (True, False):
+    tx = optax.inject_hyperparams(amx.ademamix)(
+        learning_rate=1e-3, mu_dtype='bfloat16',
+        stochastic_rounding=stochastic)
+    state = tx.init(params)
+    assert state.inner_state[0].m2.dtype == jnp.bfloat16
+    updates, _ = jax.jit(tx.update)(params, state, params)
+    assert jnp.all(jnp.isfinite(updates))

@@ -109,6 +109,17 @@ def test_updates_equal_the_reference(tree, hyper, steps, seed):
   grads = [{name: (scale * (rng.normal(size=shape) + 0.5)).astype(dtype)
             for name, (shape, dtype, scale) in tree.items()}
            for _ in range(steps)]
+  dtypes = {name: dtype for name, (_, dtype, _) in tree.items()}
+  narrow = {name: (None if d == np.float32 else d)
+            for name, d in dtypes.items()}
+  nu_narrow = narrow
+  if np.float16 in dtypes.values():
+    # nu follows the parameters' dtype by default, and float16 cannot hold
+    # it: (1 - b2) g**2 underflows (nu_dtype=float16 is refused for that,
+    # see test_validation.py). A rounding of a subnormal nu the other way
+    # moves the update by percents, beyond any float16 tolerance.
+    kw = {**kw, 'nu_dtype': jnp.float32}
+    nu_narrow = None
   tx = amx.ademamix(**kw)
   p = {k: jnp.asarray(v) for k, v in params.items()}
   state = tx.init(p)
@@ -117,11 +128,10 @@ def test_updates_equal_the_reference(tree, hyper, steps, seed):
     u, state = tx.update({k: jnp.asarray(v) for k, v in g.items()}, state, p)
     p = optax.apply_updates(p, u)
     got.append(u)
-  dtypes = {name: dtype for name, (_, dtype, _) in tree.items()}
-  narrow = {name: (None if d == np.float32 else d)
-            for name, d in dtypes.items()}
-  want = ref.run_reference(params, grads, mu_dtype=narrow, nu_dtype=narrow,
-                           rounding_bits=_package_bits, **kw)['updates']
+  kw.pop('nu_dtype', None)
+  want = ref.run_reference(params, grads, mu_dtype=narrow,
+                           nu_dtype=nu_narrow, rounding_bits=_package_bits,
+                           **kw)['updates']
   for step, (u, w) in enumerate(zip(got, want)):
     for name, dtype in dtypes.items():
       a = np.asarray(u[name], np.float64)

@@ -84,8 +84,10 @@ def ademamix(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: at construction, for a concrete hyperparameter out of range
-      or an unknown ``mu_dtype``; the message names the argument.
+    ValueError: at construction, naming the argument and its value: for a
+      ``learning_rate`` that is ``None``, not a real number or schedule, or
+      negative or not finite; a ``weight_decay`` likewise; and for every
+      case listed by :func:`ademamix_optax.scale_by_ademamix`.
 
   Examples:
     >>> import jax
@@ -115,7 +117,9 @@ def ademamix(
     Loshchilov et al, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019
   """
-  _validation.check_interval('weight_decay', weight_decay, low=0.0)
+  _validation.check_learning_rate('learning_rate', learning_rate)
+  _validation.check_interval(
+      'weight_decay', weight_decay, low=0.0, schedule=True)
   return optax.chain(
       _transform.scale_by_ademamix(
           b1=b1,

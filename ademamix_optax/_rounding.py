@@ -11,18 +11,27 @@ lower neighbour (in units of the gap), so the stored value is unbiased:
 The random bits come from a counter-based hash of (element index, step,
 leaf, stream): no PRNG state, nothing extra stored, the same numbers on every
 run and after a resume, and independent of how the array is sharded (the
-element index is the global one). The hash is computed inside the same fused
-elementwise loop as the update, so it must be cheap: the (step, leaf,
-stream) key is a scalar, mixed thoroughly once per step, and each element
-then costs one xor, one multiply and one xorshift (``mix_index``). For a fixed
-element, the well-mixed key makes successive steps' bits independent and
-uniform, which is what keeps the rounding of each EMA unbiased; across the
-elements of one step the bits form a scrambled Weyl-like sequence, uniform
-too.
+element index is the global one). The (step, leaf, stream) key is a scalar,
+mixed thoroughly once per step; each element's bits are then a full
+avalanche hash of its index xor the key (``mix_index``: two xorshift-multiply
+rounds). For a fixed element, the well-mixed key makes successive steps'
+bits independent and uniform, which keeps each EMA unbiased; within one
+step, every output bit depends on every bit of the index, so the bits of
+neighbouring elements are independent too and the rounding noise averages
+out across a tensor. (A one-round mix, cheaper, left the bits of consecutive
+indices lattice-like: a 64-element leaf then rounded all its elements the
+same way in 42% of the steps.)
+
+:func:`stochastic_round` serves every narrow floating dtype with a sign and a
+zero that XLA converts to: bfloat16, float16 and the float8 formats
+(including those without infinities, whose largest finite value is then
+the bound). Its derivative is the identity (straight through), as for
+round-to-nearest, so gradients flow through a narrow state.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -108,9 +117,14 @@ def flat_index(
 
 
 def mix_index(index: jax.Array, key: jax.Array) -> jax.Array:
-  """Uniform uint32 bits for each element index under a mixed ``key``."""
-  x = (index ^ key) * _M1
-  return x ^ (x >> 16)
+  """Uniform uint32 bits for each element index under a mixed ``key``.
+
+  A full avalanche hash (``_mix``) of ``index ^ key``: a bijection of the
+  index for a given key, so the elements of one step get distinct values,
+  and each output bit depends on every input bit, so neighbouring indices get
+  independent-looking bits.
+  """
+  return _mix(index ^ key)
 
 
 def random_bits(shape: tuple[int, ...], key: jax.Array) -> jax.Array:
@@ -118,23 +132,42 @@ def random_bits(shape: tuple[int, ...], key: jax.Array) -> jax.Array:
   return mix_index(flat_index(shape), key)
 
 
-def stochastic_round(x: jax.Array, dtype: jnp.dtype,
-                     bits: jax.Array) -> jax.Array:
-  """Rounds float32 ``x`` to ``dtype``, up or down at random, unbiased.
+def unsupported_reason(dtype: jnp.dtype) -> Optional[str]:
+  """Why :func:`stochastic_round` cannot round to ``dtype``, or ``None``.
 
-  Args:
-    x: float32 values.
-    dtype: the narrower floating dtype to store (bfloat16, float16, ...).
-    bits: uniform random uint32 values, shape of ``x``.
-
-  Returns:
-    ``x`` in ``dtype``; each value is one of the two neighbours of ``x`` in
-    ``dtype``, the upper one with probability equal to the fraction of the
-    gap that lies below ``x``. Exactly representable values, infinities and
-    NaNs come back unchanged.
+  It serves the floating dtypes narrower than 32 bits that have a sign, a
+  zero and a NaN and that XLA converts to and from float32: bfloat16,
+  float16 and the float8 formats but one.
   """
   dtype = jnp.dtype(dtype)
-  x = x.astype(jnp.float32)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return f'{dtype} is not a floating dtype'
+  info = jnp.finfo(dtype)
+  if info.bits >= 32:
+    return None
+  if info.nmant < 1:
+    # float8_e8m0fnu: powers of two only, no sign, no zero.
+    return f'{dtype} has no sign and no zero'
+  if info.bits < 8 and info.bits != 4:
+    return f'XLA cannot convert to or from {dtype}'
+  if info.bits == 4:
+    # float4_e2m1fn: a NaN converts to -0.0, infinities to 6.
+    return (f'{dtype} has no NaN and no infinity: a NaN stored in it reads '
+            'back as zero, hiding a divergence')
+  return None
+
+
+def _pow2(exponent: jax.Array) -> jax.Array:
+  """``2.0 ** exponent`` in float32, exactly, for int32 ``exponent`` in
+  [-126, 127]."""
+  biased = (exponent + 127).astype(jnp.uint32) << 23
+  return jax.lax.bitcast_convert_type(biased, jnp.float32)
+
+
+def _round(x: jax.Array, dtype: jnp.dtype, bits: jax.Array) -> jax.Array:
+  """The primal of :func:`stochastic_round`."""
+  dtype = jnp.dtype(dtype)
+  x = jnp.asarray(x).astype(jnp.float32)
   if dtype == jnp.bfloat16:
     # bfloat16 is float32 with the low 16 bits cut: adding 16 random bits to
     # the magnitude before cutting rounds it up with the right probability.
@@ -142,15 +175,66 @@ def stochastic_round(x: jax.Array, dtype: jnp.dtype,
     rounded = (raw + (bits >> 16)) & np.uint32(0xFFFF0000)
     # NaNs stay NaN: a quiet NaN's top mantissa bit survives the cut.
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(dtype)
-  # General case: pick between the nearest value and its neighbour on the
-  # other side of x, with probability proportional to the distance.
+  # General case, in float32 arithmetic that is exact for every narrow
+  # format: with s the gap between values of ``dtype`` around |x| (2**(e -
+  # nmant) in the binade [2**e, 2**(e+1)), the subnormal gap below the
+  # smallest normal), |x| / s = n + f with an integer n and 0 <= f < 1;
+  # the magnitude becomes (n + 1) s with probability f, n s otherwise.
+  info = jnp.finfo(dtype)
   nearest = x.astype(dtype)
-  nearest_f = nearest.astype(jnp.float32)
-  direction = jnp.where(x > nearest_f, jnp.inf, -jnp.inf).astype(dtype)
-  other = jnp.nextafter(nearest, direction)
-  other_f = other.astype(jnp.float32)
-  gap = jnp.abs(other_f - nearest_f)
-  dist = jnp.abs(x - nearest_f)
+  magnitude = jnp.abs(x)
+  raw = jax.lax.bitcast_convert_type(magnitude, jnp.uint32)
+  # float32 subnormals (below 2**-126) are far below every narrow format's
+  # smallest value: the clamp to minexp treats them as subnormals there.
+  exponent = (raw >> 23).astype(jnp.int32) - 127
+  exponent = jnp.maximum(exponent, info.minexp) - info.nmant
+  scaled = magnitude * _pow2(-exponent)  # Exact: a power of two.
+  whole = jnp.floor(scaled)
+  fraction = scaled - whole  # Exact, in [0, 1).
   u = (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
-  take_other = (dist > 0) & jnp.isfinite(gap) & (u * gap < dist)
-  return jnp.where(take_other, other, nearest)
+  up = (u < fraction).astype(jnp.float32)
+  rounded = (whole + up) * _pow2(exponent)
+  # The upper neighbour of the largest finite value does not exist: values
+  # there stay at the largest finite value.
+  rounded = jnp.minimum(rounded, np.float32(info.max))
+  stochastic = jnp.copysign(rounded, x).astype(dtype)
+  # Where round-to-nearest overflows (to inf, or NaN in formats without
+  # infinities) or x is not finite, the result is round-to-nearest's.
+  nearest_f = nearest.astype(jnp.float32)
+  return jnp.where(jnp.isfinite(nearest_f) & jnp.isfinite(x), stochastic,
+                   nearest)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def stochastic_round(x: jax.Array, dtype: jnp.dtype,
+                     bits: jax.Array) -> jax.Array:
+  """Rounds float32 ``x`` to ``dtype``, up or down at random, unbiased.
+
+  Args:
+    x: float32 values.
+    dtype: the narrower floating dtype to store (bfloat16, float16, float8;
+      see :func:`unsupported_reason`).
+    bits: uniform random uint32 values, shape of ``x``. bfloat16 reads their
+      high 16 bits, the other dtypes their high 24 bits.
+
+  Returns:
+    ``x`` in ``dtype``; each value is one of the two neighbours of ``x`` in
+    ``dtype``, the one farther from zero with probability equal to the
+    fraction of the gap that lies between ``x`` and the one nearer to zero.
+    Exactly representable values, infinities and NaNs come back unchanged.
+    Above the largest finite value ``M``, bfloat16 rounds between ``M`` and
+    infinity (its upper neighbour in the bit pattern); the other dtypes give
+    ``M`` where round-to-nearest does, and round-to-nearest's inf (or NaN,
+    in formats without infinities) beyond.
+
+  The derivative with respect to ``x`` is the identity (the tangent cast to
+  ``dtype``), the same as round-to-nearest's; ``bits`` get none.
+  """
+  return _round(x, dtype, bits)
+
+
+@stochastic_round.defjvp
+def _stochastic_round_jvp(dtype, primals, tangents):
+  x, bits = primals
+  x_dot, _ = tangents
+  return _round(x, dtype, bits), jnp.asarray(x_dot).astype(dtype)

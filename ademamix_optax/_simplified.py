@@ -228,15 +228,17 @@ def scale_by_simplified_ademamix(
     Optimizers, AdEMAMix, and Accelerated SGD Variants
     <https://arxiv.org/abs/2502.02431>`_, 2025
   """
-  _validation.check_interval('b1', b1, low=0.0, high=1.0)
+  _validation.check_interval('b1', b1, low=0.0, high=1.0, schedule=True)
   _validation.check_interval('b2', b2, low=0.0, high=1.0)
-  _validation.check_interval('alpha', alpha, low=0.0)
+  _validation.check_interval('alpha', alpha, low=0.0, schedule=True)
   _validation.check_interval('eps', eps, low=0.0)
   _validation.check_interval('eps_root', eps_root, low=0.0)
   _validation.check_steps('t_b1', t_b1)
   _validation.check_interval('b1_start', b1_start, low=0.0, high=1.0)
-  mu_dtype = _validation.canonicalize_float_dtype('mu_dtype', mu_dtype)
-  nu_dtype = _validation.canonicalize_float_dtype('nu_dtype', nu_dtype)
+  _validation.check_bool('bias_correction1', bias_correction1)
+  _validation.check_bool('stochastic_rounding', stochastic_rounding)
+  mu_dtype = _validation.check_state_dtype('mu_dtype', mu_dtype)
+  nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
 
   b1_fn = _transform._maybe_warmup(  # pylint: disable=protected-access
       b1, t_b1,
@@ -388,7 +390,9 @@ def simplified_ademamix(
     Loshchilov et al, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019
   """
-  _validation.check_interval('weight_decay', weight_decay, low=0.0)
+  _validation.check_learning_rate('learning_rate', learning_rate)
+  _validation.check_interval(
+      'weight_decay', weight_decay, low=0.0, schedule=True)
   return optax.chain(
       scale_by_simplified_ademamix(
           b1=b1,

@@ -140,8 +140,18 @@ def scale_by_ademamix(
     :class:`ScaleByAdEMAMixState`.
 
   Raises:
-    ValueError: at construction, for a concrete hyperparameter outside its
-      range or an unknown ``mu_dtype``; the message names the argument.
+    ValueError: at construction, naming the argument and its value: for a
+      hyperparameter that is not a real number (``None``, a string, a list,
+      a complex number, a bool, an array that is not a scalar), a callable
+      where no schedule is accepted (every argument but ``alpha`` and
+      ``b3``), a concrete value outside its range (NaN and infinities
+      included), a ``stochastic_rounding`` that is not a bool, or a
+      ``mu_dtype`` / ``nu_dtype`` that is not a
+      floating dtype or that the state cannot be stored in:
+      ``float8_e8m0fnu`` (no sign, no zero), ``float4_e2m1fn`` (no NaN),
+      the float6 formats (XLA cannot convert them), and for ``nu_dtype``
+      every narrow dtype but bfloat16 (float16 and float8 underflow:
+      ``(1 - b2) * g**2`` is 0 in float16 for ``|g| < 5.5e-3``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -170,13 +180,14 @@ def build(
   """:func:`scale_by_ademamix` with another way to map the leaves."""
   _validation.check_interval('b1', b1, low=0.0, high=1.0)
   _validation.check_interval('b2', b2, low=0.0, high=1.0)
-  _validation.check_interval('b3', b3, low=0.0, high=1.0)
-  _validation.check_interval('alpha', alpha, low=0.0)
+  _validation.check_interval('b3', b3, low=0.0, high=1.0, schedule=True)
+  _validation.check_interval('alpha', alpha, low=0.0, schedule=True)
   _validation.check_interval('eps', eps, low=0.0)
   _validation.check_interval('eps_root', eps_root, low=0.0)
   _validation.check_steps('t_alpha_beta3', t_alpha_beta3)
-  mu_dtype = _validation.canonicalize_float_dtype('mu_dtype', mu_dtype)
-  nu_dtype = _validation.canonicalize_float_dtype('nu_dtype', nu_dtype)
+  _validation.check_bool('stochastic_rounding', stochastic_rounding)
+  mu_dtype = _validation.check_state_dtype('mu_dtype', mu_dtype)
+  nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
 
   alpha_fn = _maybe_warmup(
       alpha, t_alpha_beta3,

@@ -23,6 +23,7 @@ Learning-rate schedules take optax's 0-based count ``t - 1``; ``alpha`` and
 
 import math
 
+import ml_dtypes
 import numpy as np
 
 _LN_HALF = math.log(0.5)
@@ -80,6 +81,70 @@ def _round_to(dtype):
   return lambda x: np.asarray(x).astype(dtype).astype(np.float64)
 
 
+def _neighbours(x, dtype):
+  """The magnitudes of the two values of ``dtype`` around ``|x|``.
+
+  Returns ``(lower, upper)``, float64, with ``lower <= |x| <= upper``;
+  ``upper`` is ``lower`` where nothing finite lies above.
+  """
+  magnitude = np.abs(x)
+  top = np.asarray(ml_dtypes.finfo(dtype).max, dtype)
+  near = np.abs(magnitude.astype(dtype))
+  near64 = near.astype(np.float64)
+  zero = np.zeros_like(near)
+  away = np.nextafter(near, np.full_like(near, top)).astype(np.float64)
+  towards = np.nextafter(near, zero).astype(np.float64)
+  lower = np.where(near64 <= magnitude, near64, towards)
+  upper = np.where(near64 <= magnitude, away, near64)
+  return lower, upper
+
+
+def stochastic_round_np(x, dtype, bits):
+  """Stochastic rounding of float64 ``x`` to ``dtype`` with uint32 ``bits``.
+
+  The rule documented by the package: the magnitude becomes the upper of
+  its two neighbours with probability equal to the fraction ``f`` of the
+  gap that lies below it, decided by the bits: in bfloat16, when ``bits >>
+  16`` plus ``f`` in units of 2**-16 reaches 2**16 (the 16 random bits added
+  below the cut); in the other dtypes, when ``(bits >> 8) * 2**-24 < f``.
+  Values whose nearest value is not finite are rounded to nearest.
+  """
+  x = np.asarray(x, np.float64)
+  bits = np.asarray(bits, np.uint32)
+  lower, upper = _neighbours(x, dtype)
+  gap = upper - lower
+  with np.errstate(invalid='ignore', divide='ignore'):
+    fraction = np.where(gap > 0, (np.abs(x) - lower) / gap, 0.0)
+  if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
+    up = (bits >> 16).astype(np.float64) + fraction * 2.0**16 >= 2.0**16
+  else:
+    up = (bits >> 8).astype(np.float64) * 2.0**-24 < fraction
+  up &= gap > 0
+  rounded = np.copysign(np.where(up, upper, lower), x)
+  nearest = x.astype(dtype).astype(np.float64)
+  return np.where(np.isfinite(nearest), rounded, nearest)
+
+
+def _leaf_order(tree, prefix=()):
+  """The paths of the leaves of nested dicts, in ``jax.tree`` order."""
+  if isinstance(tree, dict):
+    return [path for key in sorted(tree)
+            for path in _leaf_order(tree[key], prefix + (key,))]
+  return [prefix]
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree[key]
+  tree[path[-1]] = value
+
+
 class AdEMAMixReference:
   """Runs AdEMAMix step by step in float64 over nested dicts of arrays.
 
@@ -105,8 +170,20 @@ class AdEMAMixReference:
       mask=None,
       t_alpha_beta3=None,
       mu_dtype=None,
+      nu_dtype=None,
+      rounding_bits=None,
   ):
-    """Builds the optimizer; ``mu_dtype`` rounds the stored m1 and m2."""
+    """Builds the optimizer.
+
+    ``mu_dtype`` rounds the stored m1 and m2, ``nu_dtype`` the stored nu
+    (``None``: float64; a dtype or a nested dict of dtypes, like the
+    parameters). Without ``rounding_bits`` they are rounded to nearest; with
+    it, stochastically (:func:`stochastic_round_np`), with the uint32 bits
+    ``rounding_bits(t, leaf, stream, shape)`` for the 1-based step ``t``, the
+    leaf's position in ``jax.tree`` order, and the stream: 0 for m1 (the
+    bits as given) and m2 (the bits shifted left by 16), 1 for nu. Stored
+    dtypes of 32 bits or more are rounded to nearest.
+    """
     if t_alpha_beta3 and not callable(alpha):
       alpha_const = float(alpha)
       alpha = lambda t: alpha_warmup_np(t, alpha_const, t_alpha_beta3)
@@ -121,7 +198,10 @@ class AdEMAMixReference:
     self.eps = float(eps)
     self.eps_root = float(eps_root)
     self.weight_decay = float(weight_decay)
-    self._round = _round_to(mu_dtype)
+    self.mu_dtype = mu_dtype
+    self.nu_dtype = nu_dtype
+    self.rounding_bits = rounding_bits
+    self.paths = _leaf_order(params)
     self.params = _map(lambda p: np.array(p, dtype=np.float64), params)
     if mask is None:
       mask = _map(lambda p: True, params)
@@ -140,24 +220,48 @@ class AdEMAMixReference:
     b3_t = self.b3(t)
     alpha_t = self.alpha(t)
     grads = _map(lambda g: np.asarray(g, dtype=np.float64), grads)
-    # The new moments are used unrounded; only what is stored is rounded to
-    # mu_dtype (as a low-precision state would be).
+    # The new moments are rounded to their storage dtypes, and the update
+    # reads them as stored (as the package documents).
+    if self.m1 is not None:
+      m1 = _map(lambda m, g: b1 * m + (1.0 - b1) * g, self.m1, grads)
+      self.m1 = self._store(m1, self.mu_dtype, 'm1')
+    m2 = _map(lambda m, g: b3_t * m + (1.0 - b3_t) * g, self.m2, grads)
+    self.m2 = self._store(m2, self.mu_dtype, 'm2')
+    nu = _map(lambda v, g: b2 * v + (1.0 - b2) * g * g, self.nu, grads)
+    self.nu = self._store(nu, self.nu_dtype, 'nu')
     if self.m1 is None:
       m1_hat = grads
     else:
-      m1 = _map(lambda m, g: b1 * m + (1.0 - b1) * g, self.m1, grads)
-      m1_hat = _map(lambda m: m / (1.0 - b1**t), m1)
-      self.m1 = _map(self._round, m1)
-    m2 = _map(lambda m, g: b3_t * m + (1.0 - b3_t) * g, self.m2, grads)
-    self.m2 = _map(self._round, m2)
-    self.nu = _map(lambda v, g: b2 * v + (1.0 - b2) * g * g, self.nu, grads)
+      m1_hat = _map(lambda m: m / (1.0 - b1**t), self.m1)
 
     def leaf(m1h, m2, nu):
       nu_hat = nu / (1.0 - b2**t)
       denom = np.sqrt(nu_hat + self.eps_root) + self.eps
       return (m1h + alpha_t * m2) / denom
 
-    return _map(leaf, m1_hat, m2, self.nu)
+    return _map(leaf, m1_hat, self.m2, self.nu)
+
+  def _store(self, tree, dtypes, buffer):
+    """``tree`` rounded to ``dtypes`` (a dtype, None or a tree of them)."""
+    out = _map(np.copy, tree)
+    for leaf, path in enumerate(self.paths):
+      dtype = _get(dtypes, path) if isinstance(dtypes, dict) else dtypes
+      if dtype is None:
+        continue
+      value = _get(tree, path)
+      narrow = ml_dtypes.finfo(dtype).bits < 32
+      if self.rounding_bits is None or not narrow:
+        rounded = _round_to(dtype)(value)
+      else:
+        stream = 1 if buffer == 'nu' else 0
+        bits = np.asarray(
+            self.rounding_bits(self.t, leaf, stream, np.shape(value)),
+            np.uint32)
+        if buffer == 'm2':
+          bits = bits << np.uint32(16)
+        rounded = stochastic_round_np(value, dtype, bits)
+      _set(out, path, np.asarray(rounded, np.float64))
+    return out
 
   def step(self, grads):
     """One full step, decay and learning rate included; returns params."""

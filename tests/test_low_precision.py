@@ -18,9 +18,43 @@ from ademamix_optax import _rounding
 BF16 = jnp.bfloat16
 
 
-def _constant_gradient_state(dtype, stochastic, *, steps, n=10_000):
+# Every narrow dtype the moments may be stored in (mu_dtype). nu_dtype accepts
+# only bfloat16 of these (see test_validation.py).
+NARROW_MU_DTYPES = (
+    BF16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e4m3fnuz,
+    jnp.float8_e5m2, jnp.float8_e5m2fnuz, jnp.float8_e4m3b11fnuz,
+    jnp.float8_e4m3, jnp.float8_e3m4)
+# Every floating dtype jnp offers, sorted by what stochastic rounding does
+# with it: the ones above, and the ones refused at construction.
+REFUSED_DTYPES = (jnp.float8_e8m0fnu, jnp.float4_e2m1fn, jnp.float6_e2m3fn,
+                  jnp.float6_e3m2fn)
+
+
+def _dtype_id(dtype):
+  return jnp.dtype(dtype).name
+
+
+def test_every_jnp_float_dtype_is_sorted():
+  """A new narrow dtype in jnp must be tested here, or refused."""
+  names = {name for name in dir(jnp)
+           if name.startswith(('float', 'bfloat')) and name != 'float_power'}
+  narrow = set()
+  for name in names:
+    try:
+      dtype = jnp.dtype(getattr(jnp, name))
+    except TypeError:  # jnp.floating, an abstract type.
+      continue
+    if jnp.finfo(dtype).bits < 32:
+      narrow.add(dtype)
+  known = {jnp.dtype(d) for d in NARROW_MU_DTYPES + REFUSED_DTYPES}
+  assert narrow == known
+
+
+def _constant_gradient_state(dtype, stochastic, *, steps, n=10_000,
+                             nu_dtype='same'):
   tx = amx.scale_by_ademamix(
-      b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, mu_dtype=dtype, nu_dtype=dtype,
+      b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, mu_dtype=dtype,
+      nu_dtype=dtype if nu_dtype == 'same' else nu_dtype,
       stochastic_rounding=stochastic)
   state = tx.init(jnp.zeros((n,), jnp.float32))
   g = jnp.ones((n,), jnp.float32)
@@ -33,10 +67,9 @@ def _constant_gradient_state(dtype, stochastic, *, steps, n=10_000):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), state)
 
 
-@pytest.mark.parametrize('dtype', [BF16, jnp.float16])
-def test_constant_gradient_does_not_stall(dtype):
+def test_constant_gradient_does_not_stall():
   steps = 50_000
-  state = _constant_gradient_state(dtype, True, steps=steps)
+  state = _constant_gradient_state(BF16, True, steps=steps)
   exact_m2 = 1.0 - 0.9999**steps  # 0.9933
   exact_nu = 1.0 - 0.999**steps  # 1.0 to float precision
   assert abs(state.m2.mean() / exact_m2 - 1.0) < 0.01
@@ -44,12 +77,18 @@ def test_constant_gradient_does_not_stall(dtype):
   assert abs(state.m1.mean() - 1.0) < 0.01
 
 
-def test_round_to_nearest_stalls_as_documented():
-  # The failure that stochastic rounding fixes: bfloat16 round-to-nearest
-  # freezes the slow EMA at 2**-5 and nu at 0.25.
-  state = _constant_gradient_state(BF16, False, steps=50_000, n=16)
-  np.testing.assert_array_equal(state.m2, 0.03125)
-  np.testing.assert_array_equal(state.nu, 0.25)
+@pytest.mark.parametrize('dtype', NARROW_MU_DTYPES[1:], ids=_dtype_id)
+def test_constant_gradient_does_not_stall_in_every_mu_dtype(dtype):
+  # float8 formats without infinities once stalled here exactly as with
+  # round-to-nearest (m2 at 0.023): nextafter towards inf gave NaN there.
+  # 20,000 steps: the slow EMA is at 0.865, 28 times what round-to-nearest
+  # leaves; the mean of 4000 elements has a noise of about 0.1% (float8).
+  steps = 20_000
+  state = _constant_gradient_state(dtype, True, steps=steps, n=4000,
+                                   nu_dtype=BF16)
+  exact_m2 = 1.0 - 0.9999**steps
+  assert abs(state.m2.mean() / exact_m2 - 1.0) < 0.01
+  assert abs(state.m1.mean() - 1.0) < 0.01
 
 
 def _random_gradient_states(b3, stochastic, n=4096, steps=3000):
@@ -90,27 +129,69 @@ def test_round_to_nearest_is_biased_on_random_gradients():
   assert low.nu.mean() / ref.nu.mean() > 1.2
 
 
-@pytest.mark.parametrize('dtype', [BF16, jnp.float16])
+@pytest.mark.parametrize('dtype', NARROW_MU_DTYPES, ids=_dtype_id)
 def test_stochastic_round_is_unbiased_and_picks_a_neighbour(dtype):
-  x = jnp.full((200_000,), 1.0 + 2.0**-12, jnp.float32)
+  # Between 1 and its upper neighbour, at a fifth of the gap.
+  upper = float(np.nextafter(np.asarray(1.0, dtype), np.asarray(2.0, dtype)))
+  value = np.float32(1.0 + (upper - 1.0) * 0.2)
+  x = jnp.full((200_000,), value, jnp.float32)
   bits = _rounding.random_bits(x.shape, _rounding.stream_key(7, 0, 0))
   y = _rounding.stochastic_round(x, dtype, bits)
   assert y.dtype == dtype
   y64 = np.asarray(y, np.float64)
-  lower = 1.0
-  upper = float(np.nextafter(np.asarray(1.0, dtype), np.asarray(2.0, dtype)))
-  assert set(np.unique(y64)) <= {lower, upper}
-  np.testing.assert_allclose(y64.mean(), 1.0 + 2.0**-12, rtol=2e-5)
+  assert set(np.unique(y64)) <= {1.0, upper}
+  # The fraction rounded up is 0.2, within 4 binomial standard errors.
+  se = np.sqrt(0.2 * 0.8 / x.size)
+  assert abs((y64 == upper).mean() - 0.2) < 4 * se
+  np.testing.assert_allclose(y64.mean(), value, rtol=4 * se * (upper - 1))
 
 
-@pytest.mark.parametrize('dtype', [BF16, jnp.float16])
+@pytest.mark.parametrize('dtype', NARROW_MU_DTYPES, ids=_dtype_id)
 def test_stochastic_round_keeps_exact_and_special_values(dtype):
-  x = jnp.array([0.0, -0.0, 1.0, -2.5, 0.125, jnp.inf, -jnp.inf, jnp.nan],
-                jnp.float32)
-  bits = jnp.full(x.shape, 0xFFFFFFFF, jnp.uint32)
+  """Representable values, infinities and NaN: round-to-nearest's results."""
+  finite = [0.0, -0.0, 1.0, -2.5, 0.125, 1.75, float(jnp.finfo(dtype).max)]
+  x = jnp.array(finite + [np.inf, -np.inf, np.nan], jnp.float32)
+  nearest = np.asarray(x.astype(dtype), np.float32)
+  for fill in (0, 0xFFFFFFFF, 0x80000000):
+    bits = jnp.full(x.shape, fill, jnp.uint32)
+    y = np.asarray(_rounding.stochastic_round(x, dtype, bits), np.float32)
+    np.testing.assert_array_equal(y, nearest)
+    np.testing.assert_array_equal(y[:len(finite)], np.asarray(finite))
+
+
+@pytest.mark.parametrize('dtype', NARROW_MU_DTYPES, ids=_dtype_id)
+def test_stochastic_round_stays_finite_below_the_overflow(dtype):
+  """Above the largest value, where round-to-nearest still gives it."""
+  top = float(jnp.finfo(dtype).max)
+  below = float(np.nextafter(np.asarray(top, dtype), np.asarray(0, dtype)))
+  x = jnp.full((1000,), top + 0.4 * (top - below), jnp.float32)
+  assert np.asarray(x.astype(dtype), np.float32)[0] == top
+  bits = _rounding.random_bits(x.shape, _rounding.stream_key(3, 0, 0))
   y = np.asarray(_rounding.stochastic_round(x, dtype, bits), np.float32)
-  np.testing.assert_array_equal(y[:7], np.asarray(x)[:7])
-  assert np.isnan(y[7])
+  if dtype == BF16:
+    # Rounds between the largest value and inf, its upper neighbour in the
+    # bit pattern (as documented), the upper one with probability 0.4.
+    assert set(np.unique(y)) == {top, np.inf}
+    assert abs(np.mean(y == np.inf) - 0.4) < 4 * np.sqrt(0.24 / y.size)
+  else:
+    np.testing.assert_array_equal(y, top)
+
+
+@pytest.mark.parametrize('dtype', NARROW_MU_DTYPES, ids=_dtype_id)
+def test_stochastic_round_derivative_is_round_to_nearest_s(dtype):
+  """Straight through: the tangent cast to ``dtype``, as ``astype`` gives."""
+  x = jnp.array([0.3, -1.7, 2.0, 0.0], jnp.float32)
+  x_dot = jnp.array([1.0, -0.5, 3.0, 0.25], jnp.float32)
+  bits = _rounding.random_bits(x.shape, _rounding.stream_key(5, 1, 0))
+  _, sr_dot = jax.jvp(
+      lambda v: _rounding.stochastic_round(v, dtype, bits), (x,), (x_dot,))
+  _, rtn_dot = jax.jvp(lambda v: v.astype(dtype), (x,), (x_dot,))
+  assert sr_dot.dtype == rtn_dot.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(sr_dot, np.float32),
+                                np.asarray(rtn_dot, np.float32))
+  grad = jax.grad(lambda v: jnp.sum(
+      _rounding.stochastic_round(v, dtype, bits).astype(jnp.float32)))(x)
+  np.testing.assert_array_equal(grad, np.ones(4, np.float32))
 
 
 def test_random_bits_look_uniform_and_differ_between_streams():
@@ -228,3 +309,164 @@ def test_ml_dtypes_bfloat16_is_jax_bfloat16():
   # Guards the bit trick, which assumes bfloat16 is the top half of float32.
   assert jnp.dtype(BF16) == np.dtype(ml_dtypes.bfloat16)
   assert jnp.finfo(BF16).nmant == 7
+
+
+# Gradients through narrow states (meta-learning, hypergradients). The
+# rounding's derivative is the identity, so differentiating a step with
+# narrow states gives the float32 states' derivative evaluated at the
+# rounded values; once it was exactly zero (bfloat16) or raised (float16).
+STATE_DTYPES = {
+    'bf16': (BF16, BF16),
+    'fp16_mu': (jnp.float16, None),
+    'bf16_rtn': (BF16, BF16),
+}
+
+
+def _second_update_of_first_gradient(mu_dtype, nu_dtype, stochastic=True):
+  tx = amx.scale_by_ademamix(b3=0.999, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                             stochastic_rounding=stochastic)
+  g2 = jnp.array([0.3, -0.2, 0.5, 1.0])
+
+  def second_update(g1):
+    state = tx.init(jnp.zeros(4))
+    _, state = tx.update(g1, state)
+    u, _ = tx.update(g2, state)
+    return u.astype(jnp.float32)
+
+  return second_update
+
+
+@pytest.mark.parametrize('states', list(STATE_DTYPES))
+def test_hypergradient_through_narrow_states(states):
+  mu_dtype, nu_dtype = STATE_DTYPES[states]
+  g1 = jnp.array([1.0, -0.5, 0.25, 1.0])
+  narrow = _second_update_of_first_gradient(
+      mu_dtype, nu_dtype, stochastic=states != 'bf16_rtn')
+  wide = _second_update_of_first_gradient(None, None)
+  jac = np.asarray(jax.jacrev(narrow)(g1))
+  jac_fwd = np.asarray(jax.jacfwd(narrow)(g1))
+  jac_wide = np.asarray(jax.jacrev(wide)(g1))
+  # Central differences of the float32-state step (the narrow one is a step
+  # function of g1): h = 1e-3, truncation error O(h**2), float32 error
+  # O(1e-7 / h) = 1e-4 of an O(1) entry.
+  h = 1e-3
+  fd = np.stack([(np.asarray(wide(g1.at[i].add(h)))
+                  - np.asarray(wide(g1.at[i].add(-h)))) / (2 * h)
+                 for i in range(4)], axis=1)
+  np.testing.assert_allclose(jac_wide, fd, atol=1e-3)
+  # Measured diagonal: -0.14, -0.30, 0.43, -0.021 (float32 states).
+  assert np.abs(np.diag(jac)).min() > 0.01
+  # The narrow states' derivative is the float32 one at rounded states, and
+  # its tangents are rounded too (to 8 bits in bfloat16): measured 0.013
+  # apart at most (bfloat16), 0.002 (float16); 2**-5 of the largest entry.
+  scale = np.abs(jac_wide).max()
+  np.testing.assert_allclose(jac, jac_wide, atol=2**-5 * scale)
+  np.testing.assert_allclose(jac_fwd, jac_wide, atol=2**-5 * scale)
+
+
+@pytest.mark.parametrize('states', list(STATE_DTYPES))
+def test_derivative_of_the_loss_after_training_by_learning_rate(states):
+  mu_dtype, nu_dtype = STATE_DTYPES[states]
+  weights = jnp.arange(1.0, 4.0)
+  loss = lambda p: jnp.sum(weights * (p - 0.5) ** 2)
+
+  def final_loss(lr, mu_dtype, nu_dtype, stochastic=True):
+    tx = amx.ademamix(lr, b3=0.999, t_alpha_beta3=10, mu_dtype=mu_dtype,
+                      nu_dtype=nu_dtype, stochastic_rounding=stochastic)
+    p = jnp.array([1.0, -2.0, 3.0])
+
+    def body(carry, _):
+      p, state = carry
+      u, state = tx.update(jax.grad(loss)(p), state, p)
+      return (p + u, state), None
+
+    (p, _), _ = jax.lax.scan(body, (p, tx.init(p)), length=20)
+    return loss(p)
+
+  lr, h = 0.05, 1e-3
+  got = jax.grad(final_loss)(lr, mu_dtype, nu_dtype,
+                             stochastic=states != 'bf16_rtn')
+  want = jax.grad(final_loss)(lr, None, None)
+  fd = (final_loss(lr + h, None, None) - final_loss(lr - h, None, None)) / (
+      2 * h)
+  # float32 states against central differences: measured 1.4e-5 apart.
+  np.testing.assert_allclose(want, fd, rtol=1e-3)
+  # Narrow states: measured within 3e-4 (relative) of float32 states'.
+  np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
+# Rounding bits must be independent across the elements of one step, or the
+# rounding noise of a tensor does not average out. With one multiply and one
+# xorshift per element, 64 elements whose m1 rounds up with probability 0.27
+# had 19 times the binomial variance of the per-step fraction rounded up.
+def _fraction_rounded_up(update_counts, steps, n):
+  """Per step, the fraction of the ``n`` elements of each buffer rounded up.
+
+  Each step starts from m1 = m2 = nu = 1 (bfloat16) at step count ``k`` and
+  a gradient whose new m1, m2, nu lie 0.27, 0.27 and 0.54 of a bfloat16 gap
+  above 1; it returns the exact fractions and the per-step fractions.
+  """
+  del update_counts
+  gap = 2.0**-7
+  delta = np.float32(2.7 * gap)  # m1 = m2 = 1 + 0.1 delta with b1 = b3 = 0.9
+  g = jnp.full((n,), 1.0 + delta, jnp.float32)
+  g64 = float(np.float32(1.0 + delta))
+  exact = {
+      'm1': (0.1 * (g64 - 1.0)) / gap,
+      'm2': (0.1 * (g64 - 1.0)) / gap,
+      'nu': (0.1 * (g64**2 - 1.0)) / gap,
+  }
+  tx = amx.scale_by_ademamix(b1=0.9, b2=0.9, b3=0.9, mu_dtype=BF16,
+                             nu_dtype=BF16)
+  ones = jnp.ones((n,), BF16)
+
+  def one_step(count):
+    state = amx.ScaleByAdEMAMixState(count=count, m1=ones, m2=ones, nu=ones)
+    _, state = tx.update(g, state)
+    return {name: jnp.mean((getattr(state, name) > 1).astype(jnp.float32))
+            for name in exact}
+
+  fractions = jax.jit(lambda c: jax.lax.map(one_step, c))(
+      jnp.arange(steps, dtype=jnp.int32))
+  return exact, {k: np.asarray(v, np.float64) for k, v in fractions.items()}
+
+
+@pytest.mark.parametrize('n', [64, 1000])
+def test_rounding_is_independent_across_the_elements_of_a_step(n):
+  steps = 2000
+  exact, fractions = _fraction_rounded_up(None, steps, n)
+  for name, p in exact.items():
+    f = fractions[name]
+    binomial_var = p * (1 - p) / n
+    # Over 2000 steps the sample variance of independent bits is within 7%
+    # (2 standard errors) of the binomial one; correlated bits gave 19x.
+    assert 0.5 < f.var() / binomial_var < 2.0, (name, f.var() / binomial_var)
+    # Unbiased: the mean within 4 standard errors of the exact fraction.
+    assert abs(f.mean() - p) < 4 * np.sqrt(binomial_var / steps), name
+    # No step rounds all or none of a large tensor the same way.
+    assert np.mean((f == 0) | (f == 1)) < 0.01 + p**n + (1 - p)**n, name
+
+
+@pytest.mark.parametrize('dtype', [BF16, jnp.float16, jnp.float8_e4m3fn],
+                         ids=_dtype_id)
+@pytest.mark.parametrize('half', ['high', 'low'])
+def test_rounding_bits_independent_across_elements(dtype, half):
+  """The same property for the bits themselves, both halves of the hash
+  (m1 reads the high half, m2 the low one), in every rounding path."""
+  n, steps, p = 64, 2000, 0.27
+  upper = float(np.nextafter(np.asarray(1.0, dtype), np.asarray(2.0, dtype)))
+  x = jnp.full((n,), np.float32(1.0 + p * (upper - 1.0)), jnp.float32)
+  p = (float(x[0]) - 1.0) / (upper - 1.0)
+
+  def fraction(step):
+    bits = _rounding.random_bits((n,), _rounding.stream_key(step, 3, 0))
+    if half == 'low':
+      bits = bits << 16
+    y = _rounding.stochastic_round(x, dtype, bits)
+    return jnp.mean((y.astype(jnp.float32) > 1).astype(jnp.float32))
+
+  f = np.asarray(jax.jit(jax.vmap(fraction))(jnp.arange(1, steps + 1)),
+                 np.float64)
+  binomial_var = p * (1 - p) / n
+  assert 0.5 < f.var() / binomial_var < 2.0, f.var() / binomial_var
+  assert abs(f.mean() - p) < 4 * np.sqrt(binomial_var / steps)

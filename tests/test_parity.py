@@ -21,6 +21,7 @@ import optax
 import pytest
 
 import ademamix_optax as amx
+from ademamix_optax import _rounding
 import numpy_reference as ref
 
 N_STEPS = 200
@@ -382,33 +383,86 @@ def test_real_loss_trajectory_matches_reference():
                    steps=(1, 2, 10, 50, 100, 150, 200, 300))
 
 
-@pytest.mark.parametrize('stochastic', [False, True])
-def test_bfloat16_moments_match_reference(stochastic):
-  """mu_dtype=bfloat16: m1 and m2 are stored rounded, nu stays float32."""
+def _package_bits(t, leaf, stream, shape):
+  """The package's rounding bits: an input to the reference, like the
+  gradients (the reference implements the rounding rule, not the hash)."""
+  key = _rounding.stream_key(jnp.int32(t), leaf, stream)
+  return np.asarray(_rounding.random_bits(tuple(shape), key))
+
+
+BF16 = ml_dtypes.bfloat16
+# The reference rounds with the package's bits and rule, so each stored value
+# is the same one of its two neighbours unless the package's float32 EMA and
+# the reference's float64 one lie on two sides of a rounding threshold (the
+# midpoint for round-to-nearest, the random one for stochastic rounding):
+# probability about 2**-16 a value in bfloat16, 2**-13 in float16.
+#
+# Claim 1, where no value rounded the other way (observed: every stored
+# narrow value equal, params 1.5e-5, updates 1e-5, the float32 moments as in
+# test_alias_matches_reference): the float32 tolerance RTOL. One value
+# rounded the other way costs a unit of the narrow dtype in one element
+# (2**-8 of it in bfloat16, 2**-3 in float8), far outside RTOL.
+NARROW_RTOL = RTOL
+# Claim 2, where one did (observed: bfloat16 to nearest, m2 4.4e-4 and
+# updates 5.6e-4 of the leaf's largest entry; float16, m2 5.1e-5, updates
+# 3.7e-5): the one value's unit of bfloat16 relative to its leaf's largest
+# (at most 2**-8), kept small by the leaf's scale; 2e-3 is 4x the worst.
+# Stochastic rounding against round-to-nearest differs by 1.8e-2 to 7.9e-2
+# (test_narrow_parity_tells_rounding_modes_apart), 9x and more above it.
+FLIP_RTOL = 2e-3
+# name -> (mu_dtype, nu_dtype, stochastic, rtol). Every storage dtype the
+# reference can round to, stochastically or to nearest.
+NARROW_CASES = {
+    'mu_bf16': (BF16, None, True, NARROW_RTOL),
+    'mu_bf16_nearest': (BF16, None, False, FLIP_RTOL),
+    'nu_bf16': (None, BF16, True, NARROW_RTOL),
+    'nu_bf16_nearest': (None, BF16, False, NARROW_RTOL),
+    'mu_nu_bf16': (BF16, BF16, True, NARROW_RTOL),
+    'mu_fp16': (np.float16, None, True, FLIP_RTOL),
+    'mu_fp8_e4m3fn_nu_bf16': (ml_dtypes.float8_e4m3fn, BF16, True,
+                              NARROW_RTOL),
+}
+
+
+def _narrow_run(mu_dtype, nu_dtype, stochastic, reference_stochastic=None):
   kwargs = {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP}
   params, grads = _make_params(), _make_grads()
-  tx = amx.ademamix(LR, mu_dtype=jnp.bfloat16,
+  tx = amx.ademamix(LR, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
                     stochastic_rounding=stochastic, **kwargs)
-  state = tx.init(params)[0]
   got = _run_package(tx, params, grads)
-  for tree in (state.m1, state.m2, got[2].m1, got[2].m2):
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(tree))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got[2].nu))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got[0]))
-  if stochastic:
-    # Against the unrounded reference: stochastic rounding is unbiased but
-    # leaves about one bfloat16 ulp of noise per element, more in the slow
-    # EMA. Observed: params 2e-2, m1 1e-2, m2 5e-2, nu 2e-6.
-    mu_dtype, rtol = None, 0.2
-  else:
-    # Against a reference that rounds its stored m1 and m2 to nearest
-    # bfloat16 too: float32 and float64 sums now and then round to different
-    # neighbours, one ulp that the slow EMA keeps. Observed: params 3e-4,
-    # m1 0, m2 4e-4, nu 2e-6.
-    mu_dtype, rtol = ml_dtypes.bfloat16, 2e-3
-  want = ref.run_reference(params, _unstack(grads, N_STEPS), learning_rate=LR,
-                           mu_dtype=mu_dtype, **kwargs)
-  _compare_history(got, want, ('params', 'm1', 'm2', 'nu'), rtol)
+  if reference_stochastic is None:
+    reference_stochastic = stochastic
+  want = ref.run_reference(
+      params, _unstack(grads, N_STEPS), learning_rate=LR, mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      rounding_bits=_package_bits if reference_stochastic else None,
+      **kwargs)
+  return got, want
+
+
+@pytest.mark.parametrize('name', list(NARROW_CASES))
+def test_narrow_moments_match_reference(name):
+  """Stored moments narrower than float32 against the reference that
+  rounds them the same way (stochastically with the same bits, or to
+  nearest), with the update reading the moments as stored."""
+  mu_dtype, nu_dtype, stochastic, rtol = NARROW_CASES[name]
+  got, want = _narrow_run(mu_dtype, nu_dtype, stochastic)
+  for tree, dtype in ((got[2].m1, mu_dtype), (got[2].m2, mu_dtype),
+                      (got[2].nu, nu_dtype)):
+    want_dtype = np.float32 if dtype is None else dtype
+    assert all(x.dtype == want_dtype for x in jax.tree.leaves(tree))
+  _compare_history(got, want, ('params', 'updates', 'm1', 'm2', 'nu'), rtol)
+
+
+@pytest.mark.parametrize('name', ['mu_bf16', 'nu_bf16'])
+def test_narrow_parity_tells_rounding_modes_apart(name):
+  """The comparison above fails when the package rounds to nearest where
+  the reference rounds stochastically (the test once could not tell)."""
+  mu_dtype, nu_dtype, _, _ = NARROW_CASES[name]
+  got, want = _narrow_run(mu_dtype, nu_dtype, False, reference_stochastic=True)
+  with pytest.raises(AssertionError):
+    _compare_history(got, want, ('params', 'updates', 'm1', 'm2', 'nu'),
+                     FLIP_RTOL)
 
 
 def test_bfloat16_state_update_does_not_warn():

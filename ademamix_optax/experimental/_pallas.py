@@ -645,7 +645,9 @@ def ademamix_pallas(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
   """
   from ademamix_optax import _validation  # pylint: disable=g-import-not-at-top
-  _validation.check_interval('weight_decay', weight_decay, low=0.0)
+  _validation.check_learning_rate('learning_rate', learning_rate)
+  _validation.check_interval(
+      'weight_decay', weight_decay, low=0.0, schedule=True)
   return optax.chain(
       scale_by_ademamix_pallas(
           b1, b2, b3, alpha, eps, eps_root, mu_dtype,

@@ -389,7 +389,7 @@ def test_readme_snippet_runs():
   readme = os.path.join(os.path.dirname(__file__), '..', 'README.md')
   with open(readme) as f:
     text = f.read()
-  section = text[text.index('### Simplified AdEMAMix'):]
+  section = text[text.index('## Simplified AdEMAMix'):]
   code = section[section.index('```python\n') + 10:section.index('```\n\n')]
   namespace = {'amx': amx}
   exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used

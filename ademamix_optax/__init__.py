@@ -8,11 +8,11 @@ from ademamix_optax._alias import ademamix
 from ademamix_optax._convert import adam_state_to_ademamix
 from ademamix_optax._schedules import alpha_warmup
 from ademamix_optax._schedules import beta3_warmup
-from ademamix_optax._simplified import scale_by_simplified_ademamix
 from ademamix_optax._simplified import ScaleBySimplifiedAdEMAMixState
+from ademamix_optax._simplified import scale_by_simplified_ademamix
 from ademamix_optax._simplified import simplified_ademamix
-from ademamix_optax._transform import scale_by_ademamix
 from ademamix_optax._transform import ScaleByAdEMAMixState
+from ademamix_optax._transform import scale_by_ademamix
 
 __version__ = '0.1.0'
 

@@ -143,7 +143,8 @@ def leaf_update(
   """
   cdt = jnp.promote_types(g.dtype, jnp.float32)  # At least float32.
   g_c = g.astype(cdt)
-  m2_bits = lambda: bits(STREAMS['m2']) << 16
+  def m2_bits():
+    return bits(STREAMS['m2']) << 16
 
   if m1 is None:
     m1, m1_hat = None, g_c

@@ -14,9 +14,9 @@ sys.path.insert(0, str(DOCS.parent))
 sys.path.insert(0, str(DOCS / '_ext'))
 
 # After the sys.path entries above.
-import amx_docs  # pylint: disable=g-import-not-at-top
+import amx_docs  # noqa: E402  # pylint: disable=g-import-not-at-top
 
-import ademamix_optax  # pylint: disable=g-import-not-at-top
+import ademamix_optax  # noqa: E402  # pylint: disable=g-import-not-at-top
 
 project = 'ademamix_optax'
 author = 'ademamix_optax developers'

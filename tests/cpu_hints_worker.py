@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import strict_xla
 
 import ademamix_optax as amx
-import strict_xla
 
 # Leaves above and below _cpu.ANCHOR_MIN_SIZE (16K elements).
 SHAPES = {'big': (200, 130), 'big2': (20000,), 'mid': (40, 33), 'vec': (7,),

@@ -186,10 +186,12 @@ class AdEMAMixReference:
     """
     if t_alpha_beta3 and not callable(alpha):
       alpha_const = float(alpha)
-      alpha = lambda t: alpha_warmup_np(t, alpha_const, t_alpha_beta3)
+      def alpha(t):
+        return alpha_warmup_np(t, alpha_const, t_alpha_beta3)
     if t_alpha_beta3 and not callable(b3):
       b3_const = float(b3)
-      b3 = lambda t: beta3_warmup_np(t, b3_const, t_alpha_beta3, b1)
+      def b3(t):
+        return beta3_warmup_np(t, b3_const, t_alpha_beta3, b1)
     self.b1 = float(b1)
     self.b2 = float(b2)
     self.b3 = _as_schedule(b3)
@@ -206,7 +208,8 @@ class AdEMAMixReference:
     if mask is None:
       mask = _map(lambda p: True, params)
     self.mask = mask
-    zeros = lambda p: np.zeros(np.shape(p), dtype=np.float64)
+    def zeros(p):
+      return np.zeros(np.shape(p), dtype=np.float64)
     self.m1 = None if self.b1 == 0.0 else _map(zeros, params)
     self.m2 = _map(zeros, params)
     self.nu = _map(zeros, params)

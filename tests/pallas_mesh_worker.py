@@ -18,14 +18,16 @@ import sys
 import warnings
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
+import strict_xla
 
 import ademamix_optax as amx
 from ademamix_optax import experimental
-import strict_xla
 
 SPECS = {
     'w': P('data', 'model'),

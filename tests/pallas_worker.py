@@ -17,12 +17,12 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import strict_xla
 
 import ademamix_optax as amx
 from ademamix_optax import _rounding
 from ademamix_optax import _update
 from ademamix_optax import experimental
-import strict_xla
 
 T_WARMUP = 10
 # The RuntimeWarning of the kernel in interpret mode (once per process).

@@ -9,15 +9,15 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import jax.numpy as jnp
 import numpy as np
 import optax
+import strict_xla
 
 import ademamix_optax as amx
-import strict_xla
 
 SPECS = {
     'w': P('data', 'model'),

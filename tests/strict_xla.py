@@ -27,7 +27,8 @@ def fma_contraction_off() -> bool:
   """Whether a contractible expression gives the same bits eagerly (one op
   at a time) and jitted (fused): true under the flags on x86."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal(4096), jnp.float32)
-  probe = lambda x: (1 - 0.9) * x + 0.9 * (x * x)
+  def probe(x):
+    return (1 - 0.9) * x + 0.9 * (x * x)
   return bool((np.asarray(probe(x)) == np.asarray(jax.jit(probe)(x))).all())
 
 

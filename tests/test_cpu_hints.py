@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+import strict_xla
 
 import ademamix_optax as amx
-import strict_xla
 
 
 @pytest.fixture(scope='module')

@@ -26,7 +26,6 @@ import optax
 import pytest
 
 import ademamix_optax as amx
-
 from examples._shared import cli as shared_cli
 from examples._shared import corpus
 from examples.lm import __main__ as cli

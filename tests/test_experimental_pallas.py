@@ -33,15 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pallas_mesh_worker
+import pallas_worker
 import pytest
+import strict_xla
 
 import ademamix_optax as amx
 from ademamix_optax import _update
 from ademamix_optax import experimental
 from ademamix_optax.experimental import _pallas
-import pallas_mesh_worker
-import pallas_worker
-import strict_xla
 
 BF16 = jnp.bfloat16
 CASES = pallas_worker.CASES
@@ -235,7 +235,7 @@ def mesh_results():
        '--worker'],
       env=env, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-5000:]
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
   assert len(lines) == 1, proc.stdout[-5000:]
   return json.loads(lines[0][len('RESULT '):])
 

@@ -5,8 +5,8 @@ half-way and resumed from the restored optimizer state must continue exactly
 (bit for bit) like the uninterrupted run.
 """
 
-import flax.linen as nn
 from flax import nnx
+import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp

@@ -187,7 +187,8 @@ def test_inject_hyperparams_integer_warmup_length():
 
 def test_chain_with_clip_by_global_norm_matches_manual_clipping():
   max_norm = 1.0
-  make = lambda: amx.ademamix(learning_rate=1e-2, b3=0.99, alpha=4.0)
+  def make():
+    return amx.ademamix(learning_rate=1e-2, b3=0.99, alpha=4.0)
   chained = optax.chain(optax.clip_by_global_norm(max_norm), make())
   tx = make()
   params = {'a': jnp.zeros((3,)), 'b': jnp.zeros((2, 2))}

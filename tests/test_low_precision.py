@@ -368,7 +368,8 @@ def test_hypergradient_through_narrow_states(states):
 def test_derivative_of_the_loss_after_training_by_learning_rate(states):
   mu_dtype, nu_dtype = STATE_DTYPES[states]
   weights = jnp.arange(1.0, 4.0)
-  loss = lambda p: jnp.sum(weights * (p - 0.5) ** 2)
+  def loss(p):
+    return jnp.sum(weights * (p - 0.5) ** 2)
 
   def final_loss(lr, mu_dtype, nu_dtype, stochastic=True):
     tx = amx.ademamix(lr, b3=0.999, t_alpha_beta3=10, mu_dtype=mu_dtype,

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import time
 
+import multiproc
 import numpy as np
 import pytest
-
-import multiproc
 
 _TIMEOUT_S = 120  # Measured: about 25 s per group on 2 busy cores.
 

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import numpy_reference as ref
 import optax
 import pytest
 
 import ademamix_optax as amx
 from ademamix_optax import _rounding
-import numpy_reference as ref
 
 N_STEPS = 200
 T_WARMUP = 100  # Inside the run: both the warmup and the constant phase.

@@ -12,16 +12,15 @@ import math
 
 import hypothesis
 from hypothesis import strategies as st
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import numpy_reference as ref
 import optax
 import pytest
 
 import ademamix_optax as amx
 from ademamix_optax import _rounding
-import numpy_reference as ref
 
 SHAPES = ((), (0,), (1,), (3,), (2, 2), (0, 3), (1, 2, 1))
 DTYPES = (np.float32, ml_dtypes.bfloat16, np.float16)

@@ -5,10 +5,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 import ademamix_optax as amx
-import numpy_reference as ref
 
 # (b_start, b3): the paper's pairs, a short-run b3, b_start = 0 (the b1 = 0
 # variant), and b_start > b3 (capped at b3 throughout).

@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import pytest
-
 import strict_xla
 
 CONFIGS = ('warmup_decay', 'b1_zero_bf16', 'bf16_all')

@@ -14,13 +14,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import optax
 import pytest
-
-import ademamix_optax as amx
-import numpy_reference
 import simplified_reference as ref
 import strict_xla
+
+import ademamix_optax as amx
 
 BF16 = jnp.bfloat16
 N_STEPS = 240

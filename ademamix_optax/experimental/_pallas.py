@@ -270,10 +270,13 @@ def _kernel(*refs, n_packed: int, has_m1: bool, rebuild, size: int,
   if masked:
     plgpu = _triton()
     mask = local < (np.int32(size) - start)
-    load = lambda ref: plgpu.load(ref, mask=mask, other=0)
-    store = lambda ref, x: plgpu.store(ref, x, mask=mask)
+    def load(ref):
+      return plgpu.load(ref, mask=mask, other=0)
+    def store(ref, x):
+      return plgpu.store(ref, x, mask=mask)
   else:
-    load = lambda ref: ref[...]
+    def load(ref):
+      return ref[...]
 
     def store(ref, x):
       ref[...] = x
@@ -500,8 +503,9 @@ def fused_leaf_update(
     # The tangents of the plain arithmetic (the kernel's own values as the
     # primal outputs): differentiating through the kernel's aliasing and
     # masked loads is not supported by Pallas.
-    plain = lambda *args: _plain(*split(args[:n_buf]), s_of(args[n_buf:]),
-                                 leaf=leaf, stochastic=stochastic)
+    def plain(*args):
+      return _plain(*split(args[:n_buf]), s_of(args[n_buf:]),
+                                     leaf=leaf, stochastic=stochastic)
     _, tangents_out = jax.jvp(plain, primals, tangents)
     return step(*primals), tangents_out
 

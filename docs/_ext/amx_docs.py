@@ -211,7 +211,7 @@ def _api_pages(module_names) -> dict[str, str]:
       index.append(f'{module_doc}\n\n')
     index.append(f'.. currentmodule:: {module_name}\n\n')
     index.append('.. list-table::\n   :widths: 35 65\n\n')
-    for page, qualname, obj in entries:
+    for _, qualname, obj in entries:
       role = 'class' if inspect.isclass(obj) else (
           'func' if callable(obj) else 'data')
       index.append(f'   * - :{role}:`~{qualname}`\n     - '

@@ -18,8 +18,8 @@ import dataclasses
 import os
 import pathlib
 import sysconfig
-import zlib
 from typing import Callable, Optional, Sequence
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +196,8 @@ def sample_windows(
   """``batch_size`` random windows of ``length`` bytes, as int32 (B, L)."""
   starts = jax.random.randint(
       key, (batch_size,), 0, data_U8.shape[0] - length)
-  take = lambda s: jax.lax.dynamic_slice(data_U8, (s,), (length,))
+  def take(s):
+    return jax.lax.dynamic_slice(data_U8, (s,), (length,))
   return jax.vmap(take)(starts).astype(jnp.int32)
 
 

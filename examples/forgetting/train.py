@@ -132,7 +132,8 @@ def train_and_evaluate(
     # inject_at is traced: -1 (the control run) reuses the compiled loop.
     return jnp.where(step == inject_at, held_out, batches(step))
 
-  probe_fn = lambda params: byte_mlp.loss(params, held_out)
+  def probe_fn(params):
+    return byte_mlp.loss(params, held_out)
   params0 = byte_mlp.init(config.model, jax.random.key(config.seed))
   runs: dict[str, dict[str, Any]] = {}
   for name, tx in make_optimizers(config).items():

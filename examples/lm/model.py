@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 import optax
 
 VOCAB_SIZE = 256  # Bytes.

@@ -27,17 +27,17 @@ import sys
 import time
 from typing import Any, Callable, Optional, TextIO
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import orbax.checkpoint as ocp
 from flax import nnx
+import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
 import ademamix_optax as amx
 from examples._shared import cli

@@ -119,7 +119,8 @@ def ademamix(
   """
   _validation.check_learning_rate('learning_rate', learning_rate)
   _validation.check_interval(
-      'weight_decay', weight_decay, low=0.0, schedule=True)
+      'weight_decay', weight_decay, low=0.0, schedule=True
+  )
   return optax.chain(
       _transform.scale_by_ademamix(
           b1=b1,

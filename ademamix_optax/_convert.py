@@ -137,11 +137,12 @@ def adam_state_to_ademamix(
     AdamW to AdEMAMix)
   """
   src_leaves, _, src_core = _split(
-      adam_state, _is_adam, 'optax.ScaleByAdamState', 'adam_state')
+      adam_state, _is_adam, 'optax.ScaleByAdamState', 'adam_state'
+  )
   template = jax.eval_shape(ademamix_tx.init, params)
   dst_leaves, dst_treedef, dst_core = _split(
-      template, _is_ademamix, 'ScaleByAdEMAMixState',
-      'ademamix_tx.init(params)')
+      template, _is_ademamix, 'ScaleByAdEMAMixState', 'ademamix_tx.init(params)'
+  )
   adam: optax.ScaleByAdamState = src_leaves[src_core]
   target: _transform.ScaleByAdEMAMixState = dst_leaves[dst_core]
 
@@ -150,13 +151,13 @@ def adam_state_to_ademamix(
     moment = getattr(adam, name)
     if jax.tree.structure(moment) != moments_def:
       raise ValueError(
-          f'Adam\'s {name} has tree structure {jax.tree.structure(moment)}, '
+          f"Adam's {name} has tree structure {jax.tree.structure(moment)}, "
           f'but the parameters have {moments_def}.'
       )
     for a, p in zip(jax.tree.leaves(moment), jax.tree.leaves(target.m2)):
       if jnp.shape(a) != p.shape:
         raise ValueError(
-            f'Adam\'s {name} has a leaf of shape {jnp.shape(a)} where the '
+            f"Adam's {name} has a leaf of shape {jnp.shape(a)} where the "
             f'parameters have shape {p.shape}.'
         )
 
@@ -172,7 +173,9 @@ def adam_state_to_ademamix(
       # zeros_like keeps the placement (sharding) of Adam's moments.
       m2=jax.tree.map(
           lambda mu, like: jnp.zeros_like(mu, dtype=like.dtype),
-          adam.mu, target.m2),
+          adam.mu,
+          target.m2,
+      ),
       nu=jax.tree.map(cast, adam.nu, target.nu),
   )
 

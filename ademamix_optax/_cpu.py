@@ -63,8 +63,11 @@ def step_scalars_once(s: Any) -> tuple[Any, Optional[jax.Array]]:
     too when a moving average's coefficients vary with the step (else
     ``None``).
   """
-  fields = {name: value for name, value in zip(s._fields, s)
-            if name not in _NOT_REDUCED}
+  fields = {
+      name: value
+      for name, value in zip(s._fields, s)
+      if name not in _NOT_REDUCED
+  }
   flat, treedef = jax.tree.flatten(fields)
   slots = [i for i, x in enumerate(flat) if isinstance(x, jax.Array)]
   if not slots:
@@ -76,21 +79,29 @@ def step_scalars_once(s: Any) -> tuple[Any, Optional[jax.Array]]:
   for k, (i, a) in enumerate(zip(slots, arrays)):
     flat[i] = v[k].astype(a.dtype)
   s = s._replace(**jax.tree.unflatten(treedef, flat))
-  varying = any(isinstance(x, jax.Array)
-                for d in s if isinstance(d, _update.Decay) for x in d)
+  varying = any(
+      isinstance(x, jax.Array)
+      for d in s
+      if isinstance(d, _update.Decay)
+      for x in d
+  )
   return s, (v[-1].astype(jnp.float32) if varying else None)
 
 
-def stream_keys(count: jax.Array,
-                streams: list[tuple[int, int]]) -> list[jax.Array]:
+def stream_keys(
+    count: jax.Array, streams: list[tuple[int, int]]
+) -> list[jax.Array]:
   """``stream_key(count, leaf, stream)`` of each ``(leaf, stream)``.
 
   The same values, computed together and handed out as separate scalars by
   a ``while_loop`` that runs once (see the module docstring).
   """
   if len(streams) > KEYS_PER_LOOP:
-    return [key for start in range(0, len(streams), KEYS_PER_LOOP)
-            for key in stream_keys(count, streams[start:start + KEYS_PER_LOOP])]
+    return [
+        key
+        for start in range(0, len(streams), KEYS_PER_LOOP)
+        for key in stream_keys(count, streams[start : start + KEYS_PER_LOOP])
+    ]
   if not streams:
     return []
   count = jnp.asarray(count)
@@ -104,15 +115,20 @@ def stream_keys(count: jax.Array,
 
   zero = jnp.zeros((), jnp.uint32)
   _, *keys = jax.lax.while_loop(
-      once, body, (jnp.zeros((), count.dtype), *([zero] * len(streams))))
+      once, body, (jnp.zeros((), count.dtype), *([zero] * len(streams)))
+  )
   return keys
 
 
 def _anchored(s: Any, anchor: jax.Array) -> Any:
   """``s`` with ``anchor`` (an exact zero) added to every EMA coefficient."""
-  return s._replace(**{
-      name: _update.Decay(d.keep + anchor, d.take + anchor)
-      for name, d in zip(s._fields, s) if isinstance(d, _update.Decay)})
+  return s._replace(
+      **{
+          name: _update.Decay(d.keep + anchor, d.take + anchor)
+          for name, d in zip(s._fields, s)
+          if isinstance(d, _update.Decay)
+      }
+  )
 
 
 def map_leaves(

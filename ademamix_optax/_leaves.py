@@ -41,8 +41,9 @@ PartitionSpec = jax.sharding.PartitionSpec
 LeafFn = Callable[..., tuple]
 
 
-def zeros_like(params: optax.Params,
-               dtype: Optional[jnp.dtype] = None) -> optax.Params:
+def zeros_like(
+    params: optax.Params, dtype: Optional[jnp.dtype] = None
+) -> optax.Params:
   """Zeros shaped (and sharded) like ``params``, in ``dtype`` if given."""
 
   def zeros(p):
@@ -121,7 +122,8 @@ def element_index(g: jax.Array, spec: Optional[PartitionSpec]) -> jax.Array:
   if len(entries) > g.ndim:
     raise ValueError(
         f'partition spec {spec} has more entries than the leaf of shape '
-        f'{g.shape} has dimensions.')
+        f'{g.shape} has dimensions.'
+    )
   global_shape, offsets = [], []
   for size, entry in zip(g.shape, entries):
     axes = [a for a in _spec_axes(entry) if a in manual]
@@ -139,15 +141,18 @@ def _specs_for(specs: Any, treedef: Any, n: int) -> list:
   return treedef.flatten_up_to(specs)
 
 
-def rounding_streams(buffers: Sequence[Optional[jax.Array]],
-                     stochastic: bool) -> list[int]:
+def rounding_streams(
+    buffers: Sequence[Optional[jax.Array]], stochastic: bool
+) -> list[int]:
   """The rounding streams that a leaf with these stored moments reads.
 
   The last buffer is the second moment (stream 1), the others are first
   moments (stream 0); see :data:`ademamix_optax._update.STREAMS`.
   """
-  narrow = [x is not None and _update.needs_rounding(x.dtype, stochastic)
-            for x in buffers]
+  narrow = [
+      x is not None and _update.needs_rounding(x.dtype, stochastic)
+      for x in buffers
+  ]
   return [k for k, used in ((0, any(narrow[:-1])), (1, narrow[-1])) if used]
 
 
@@ -180,29 +185,37 @@ def map_leaves(
   treedef: Any  # A jax.tree_util.PyTreeDef.
   g_leaves, treedef = jax.tree.flatten(updates)
   n = len(g_leaves)
-  columns = [[None] * n if b is None else treedef.flatten_up_to(b)
-             for b in buffers]
+  columns = [
+      [None] * n if b is None else treedef.flatten_up_to(b) for b in buffers
+  ]
   leaves = [(g, *(c[i] for c in columns)) for i, g in enumerate(g_leaves)]
   specs = _specs_for(partition_specs, treedef, n)
-  index = [lambda g=g, spec=spec: element_index(g, spec)
-           for g, spec in zip(g_leaves, specs)]
+  index = [
+      lambda g=g, spec=spec: element_index(g, spec)
+      for g, spec in zip(g_leaves, specs)
+  ]
   streams = [rounding_streams(args[1:], stochastic) for args in leaves]
 
   def plain():
     out = []
     for i, args in enumerate(leaves):
+
       def bits(stream, i=i):
         key = _rounding.stream_key(scalars.count, i, stream)
         return _rounding.mix_index(index[i](), key)
+
       out.append(leaf_fn(*args, scalars, stochastic=stochastic, bits=bits))
     return out
 
   def cpu():
-    return _cpu.map_leaves(leaf_fn, scalars, leaves, index, streams,
-                           stochastic=stochastic)
+    return _cpu.map_leaves(
+        leaf_fn, scalars, leaves, index, streams, stochastic=stochastic
+    )
 
   out = jax.lax.platform_dependent(cpu=cpu, default=plain) if n else []
   new_updates = treedef.unflatten([o[0] for o in out])
-  new_buffers = [None if b is None else treedef.unflatten([o[k + 1] for o in out])
-                 for k, b in enumerate(buffers)]
+  new_buffers = [
+      None if b is None else treedef.unflatten([o[k + 1] for o in out])
+      for k, b in enumerate(buffers)
+  ]
   return new_updates, new_buffers

@@ -61,8 +61,12 @@ def _fields(streams: list[tuple[int, int]]) -> np.ndarray:
   # Combined in Python ints (mod 2**32), not as NumPy scalars, whose
   # wrap-around warns.
   return np.array(
-      [(leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
-       for leaf, buffer in streams], dtype=np.uint32)
+      [
+          (leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
+          for leaf, buffer in streams
+      ],
+      dtype=np.uint32,
+  )
 
 
 def _keys(count: jax.Array, fields: np.ndarray) -> jax.Array:
@@ -76,8 +80,9 @@ def stream_key(count: jax.Array, leaf: int, buffer: int) -> jax.Array:
   return _keys(count, _fields([(leaf, buffer)])[0])
 
 
-def stream_key_array(count: jax.Array,
-                     streams: list[tuple[int, int]]) -> jax.Array:
+def stream_key_array(
+    count: jax.Array, streams: list[tuple[int, int]]
+) -> jax.Array:
   """``stream_key(count, leaf, buffer)`` of each ``(leaf, buffer)``, as one
   uint32 vector computed by one vectorized hash."""
   return _keys(count, _fields(streams))
@@ -152,8 +157,10 @@ def unsupported_reason(dtype: jnp.dtype) -> Optional[str]:
     return f'XLA cannot convert to or from {dtype}'
   if info.bits == 4:
     # float4_e2m1fn: a NaN converts to -0.0, infinities to 6.
-    return (f'{dtype} has no NaN and no infinity: a NaN stored in it reads '
-            'back as zero, hiding a divergence')
+    return (
+        f'{dtype} has no NaN and no infinity: a NaN stored in it reads '
+        'back as zero, hiding a divergence'
+    )
   return None
 
 
@@ -201,13 +208,15 @@ def _round(x: jax.Array, dtype: jnp.dtype, bits: jax.Array) -> jax.Array:
   # Where round-to-nearest overflows (to inf, or NaN in formats without
   # infinities) or x is not finite, the result is round-to-nearest's.
   nearest_f = nearest.astype(jnp.float32)
-  return jnp.where(jnp.isfinite(nearest_f) & jnp.isfinite(x), stochastic,
-                   nearest)
+  return jnp.where(
+      jnp.isfinite(nearest_f) & jnp.isfinite(x), stochastic, nearest
+  )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def stochastic_round(x: jax.Array, dtype: jnp.dtype,
-                     bits: jax.Array) -> jax.Array:
+def stochastic_round(
+    x: jax.Array, dtype: jnp.dtype, bits: jax.Array
+) -> jax.Array:
   """Rounds float32 ``x`` to ``dtype``, up or down at random, unbiased.
 
   Args:

@@ -103,14 +103,22 @@ def leaf_update(
   """
   cdt = jnp.promote_types(g.dtype, jnp.float32)  # At least float32.
   g_c = g.astype(cdt)
-  m, m_c = _update.store(_update.ema(s.m, g_c, m, cdt), m.dtype, stochastic,
-                         lambda: bits(_update.STREAMS['m1']))
+  m, m_c = _update.store(
+      _update.ema(s.m, g_c, m, cdt),
+      m.dtype,
+      stochastic,
+      lambda: bits(_update.STREAMS['m1']),
+  )
   nu, nu_c = _update.store(
-      _update.ema(s.nu, _update.abs_sq(g_c), nu, cdt), nu.dtype, stochastic,
-      lambda: bits(_update.STREAMS['nu']))
+      _update.ema(s.nu, _update.abs_sq(g_c), nu, cdt),
+      nu.dtype,
+      stochastic,
+      lambda: bits(_update.STREAMS['nu']),
+  )
   nu_hat = nu_c / _update.like(s.bc2, nu_c)
   u = (_update.like(s.alpha, g_c) * g_c + m_c) / (
-      jnp.sqrt(nu_hat + s.eps_root) + s.eps)
+      jnp.sqrt(nu_hat + s.eps_root) + s.eps
+  )
   if s.s is not None:
     u = u / _update.like(s.s, u)
   return u.astype(g.dtype), m, nu
@@ -241,8 +249,8 @@ def scale_by_simplified_ademamix(
   nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
 
   b1_fn = _transform._maybe_warmup(  # pylint: disable=protected-access
-      b1, t_b1,
-      lambda b: _schedules.beta3_warmup(b, t_b1, b_start=b1_start))
+      b1, t_b1, lambda b: _schedules.beta3_warmup(b, t_b1, b_start=b1_start)
+  )
 
   def init_fn(params: optax.Params) -> ScaleBySimplifiedAdEMAMixState:
     return ScaleBySimplifiedAdEMAMixState(
@@ -271,10 +279,14 @@ def scale_by_simplified_ademamix(
         eps_root=eps_root,
     )
     u, (m, nu) = _leaves.map_leaves(
-        leaf_update, scalars, updates, (state.m, state.nu),
-        stochastic=stochastic_rounding, partition_specs=partition_specs)
-    return u, ScaleBySimplifiedAdEMAMixState(
-        count=count_inc, m=m, nu=nu, s=s_t)
+        leaf_update,
+        scalars,
+        updates,
+        (state.m, state.nu),
+        stochastic=stochastic_rounding,
+        partition_specs=partition_specs,
+    )
+    return u, ScaleBySimplifiedAdEMAMixState(count=count_inc, m=m, nu=nu, s=s_t)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -392,7 +404,8 @@ def simplified_ademamix(
   """
   _validation.check_learning_rate('learning_rate', learning_rate)
   _validation.check_interval(
-      'weight_decay', weight_decay, low=0.0, schedule=True)
+      'weight_decay', weight_decay, low=0.0, schedule=True
+  )
   return optax.chain(
       scale_by_simplified_ademamix(
           b1=b1,

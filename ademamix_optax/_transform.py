@@ -168,13 +168,32 @@ def scale_by_ademamix(
     <https://arxiv.org/abs/2409.03137>`_, 2024
   """
   return build(
-      b1, b2, b3, alpha, eps, eps_root, mu_dtype, t_alpha_beta3, nu_dtype,
-      stochastic_rounding, partition_specs)
+      b1,
+      b2,
+      b3,
+      alpha,
+      eps,
+      eps_root,
+      mu_dtype,
+      t_alpha_beta3,
+      nu_dtype,
+      stochastic_rounding,
+      partition_specs,
+  )
 
 
 def build(
-    b1, b2, b3, alpha, eps, eps_root, mu_dtype, t_alpha_beta3, nu_dtype,
-    stochastic_rounding, partition_specs,
+    b1,
+    b2,
+    b3,
+    alpha,
+    eps,
+    eps_root,
+    mu_dtype,
+    t_alpha_beta3,
+    nu_dtype,
+    stochastic_rounding,
+    partition_specs,
     map_leaves: Callable[..., Any] = _leaves.map_leaves,
 ) -> optax.GradientTransformation:
   """:func:`scale_by_ademamix` with another way to map the leaves."""
@@ -190,11 +209,13 @@ def build(
   nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
 
   alpha_fn = _maybe_warmup(
-      alpha, t_alpha_beta3,
-      lambda a: _schedules.alpha_warmup(a, t_alpha_beta3))
+      alpha, t_alpha_beta3, lambda a: _schedules.alpha_warmup(a, t_alpha_beta3)
+  )
   b3_fn = _maybe_warmup(
-      b3, t_alpha_beta3,
-      lambda b: _schedules.beta3_warmup(b, t_alpha_beta3, b_start=b1))
+      b3,
+      t_alpha_beta3,
+      lambda b: _schedules.beta3_warmup(b, t_alpha_beta3, b_start=b1),
+  )
   # Only a plain number can drop the fast EMA: an array may be injected and
   # change, and the state's structure must not depend on it.
   use_m1 = not _validation.is_concrete_zero(b1)
@@ -224,9 +245,13 @@ def build(
         eps_root=eps_root,
     )
     u, (m1, m2, nu) = map_leaves(
-        _update.leaf_update, scalars, updates,
-        (state.m1, state.m2, state.nu), stochastic=stochastic_rounding,
-        partition_specs=partition_specs)
+        _update.leaf_update,
+        scalars,
+        updates,
+        (state.m1, state.m2, state.nu),
+        stochastic=stochastic_rounding,
+        partition_specs=partition_specs,
+    )
     return u, ScaleByAdEMAMixState(count=count_inc, m1=m1, m2=m2, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

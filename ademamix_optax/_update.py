@@ -83,15 +83,20 @@ def abs_sq(x: jax.Array) -> jax.Array:
   return x * x
 
 
-def ema(d: Decay, new: jax.Array, old: jax.Array,
-        dtype: jnp.dtype) -> jax.Array:
+def ema(
+    d: Decay, new: jax.Array, old: jax.Array, dtype: jnp.dtype
+) -> jax.Array:
   """``d.take * new + d.keep * old``, with ``old`` read in ``dtype``."""
   old = old.astype(dtype)
   return like(d.take, new) * new + like(d.keep, old) * old
 
 
-def store(value: jax.Array, dtype: jnp.dtype, stochastic: bool,
-          bits: Callable[[], jax.Array]) -> tuple[jax.Array, jax.Array]:
+def store(
+    value: jax.Array,
+    dtype: jnp.dtype,
+    stochastic: bool,
+    bits: Callable[[], jax.Array],
+) -> tuple[jax.Array, jax.Array]:
   """A new moment as stored, and the value the update reads (the same one).
 
   Buffers narrower than float32 are written back with stochastic rounding
@@ -143,19 +148,29 @@ def leaf_update(
   """
   cdt = jnp.promote_types(g.dtype, jnp.float32)  # At least float32.
   g_c = g.astype(cdt)
+
   def m2_bits():
     return bits(STREAMS['m2']) << 16
 
   if m1 is None:
     m1, m1_hat = None, g_c
   else:
-    m1, m1_c = store(ema(s.m1, g_c, m1, cdt), m1.dtype, stochastic,
-                     lambda: bits(STREAMS['m1']))
+    m1, m1_c = store(
+        ema(s.m1, g_c, m1, cdt),
+        m1.dtype,
+        stochastic,
+        lambda: bits(STREAMS['m1']),
+    )
     m1_hat = m1_c / like(s.bc1, m1_c)
   m2, m2_c = store(ema(s.m2, g_c, m2, cdt), m2.dtype, stochastic, m2_bits)
-  nu, nu_c = store(ema(s.nu, abs_sq(g_c), nu, cdt), nu.dtype, stochastic,
-                   lambda: bits(STREAMS['nu']))
+  nu, nu_c = store(
+      ema(s.nu, abs_sq(g_c), nu, cdt),
+      nu.dtype,
+      stochastic,
+      lambda: bits(STREAMS['nu']),
+  )
   nu_hat = nu_c / like(s.bc2, nu_c)
   u = (m1_hat + like(s.alpha, m2_c) * m2_c) / (
-      jnp.sqrt(nu_hat + like(s.eps_root, nu_hat)) + like(s.eps, nu_hat))
+      jnp.sqrt(nu_hat + like(s.eps_root, nu_hat)) + like(s.eps, nu_hat)
+  )
   return u.astype(g.dtype), m1, m2, nu

@@ -59,24 +59,28 @@ def _real_scalar(name: str, value: Any, kind: str) -> Optional[float]:
 
   ``kind`` describes what is accepted, for the message.
   """
+
   def fail(why=''):
     raise ValueError(
-        f'{name} must be {kind}{why}, got {name}={_describe(value)}.')
+        f'{name} must be {kind}{why}, got {name}={_describe(value)}.'
+    )
 
   if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
     fail()
   if isinstance(value, jax.core.Tracer):
     # The value is unknown, the dtype is not.
     if not jnp.issubdtype(value.dtype, jnp.integer) and not jnp.issubdtype(
-        value.dtype, jnp.floating):
+        value.dtype, jnp.floating
+    ):
       fail(f' (a real scalar, not of dtype {value.dtype})')
     return None
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     if np.ndim(value) != 0:
       fail(f' (a scalar, not of shape {np.shape(value)})')
     dtype = value.dtype
-    if not (np.issubdtype(dtype, np.integer)
-            or jnp.issubdtype(dtype, jnp.floating)):
+    if not (
+        np.issubdtype(dtype, np.integer) or jnp.issubdtype(dtype, jnp.floating)
+    ):
       fail(f' (a real scalar, not of dtype {dtype})')
     return float(value)
   if isinstance(value, numbers.Real):
@@ -125,7 +129,8 @@ def check_interval(
       return
     raise ValueError(
         f'{name} must be {kind}, not a callable (no schedule is supported '
-        f'for it), got {name}={_describe(value)}.')
+        f'for it), got {name}={_describe(value)}.'
+    )
   v = _real_scalar(name, value, kind)
   if v is None:
     return
@@ -148,7 +153,8 @@ def check_learning_rate(name: str, value: Any) -> None:
     raise ValueError(
         f'{name} must be a real number >= 0 or a schedule, got {name}=None '
         '(for no scaling of the update, use optax.chain with '
-        'scale_by_ademamix directly).')
+        'scale_by_ademamix directly).'
+    )
   check_interval(name, value, low=0.0, schedule=True)
 
 
@@ -156,7 +162,8 @@ def check_bool(name: str, value: Any) -> None:
   """Raises a ``ValueError`` naming ``name`` unless ``value`` is a bool."""
   if not isinstance(value, (bool, np.bool_)):
     raise ValueError(
-        f'{name} must be True or False, got {name}={_describe(value)}.')
+        f'{name} must be True or False, got {name}={_describe(value)}.'
+    )
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -164,8 +171,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
   if not isinstance(value, str) or value not in choices:
     listed = ', '.join(repr(c) for c in choices[:-1])
     listed = f'{listed} or {choices[-1]!r}' if listed else repr(choices[-1])
-    raise ValueError(
-        f'{name} must be {listed}, got {name}={_describe(value)}.')
+    raise ValueError(f'{name} must be {listed}, got {name}={_describe(value)}.')
 
 
 def check_steps(name: str, value: Any) -> None:
@@ -208,14 +214,16 @@ def canonicalize_float_dtype(name: str, dtype: Any) -> Optional[jnp.dtype]:
     return None
   if isinstance(dtype, (bool, np.bool_)):
     raise ValueError(
-        f'{name} must be None or a floating dtype, got {name}={dtype!r}.')
+        f'{name} must be None or a floating dtype, got {name}={dtype!r}.'
+    )
   if isinstance(dtype, jax.Array):
     # optax.inject_hyperparams takes a dtype class such as jnp.bfloat16 for a
     # schedule (it is callable) and passes what it returns for a value.
     raise ValueError(
         f'{name} must be None or a floating dtype, got an array, '
         f'{name}={dtype!r}. Under optax.inject_hyperparams pass the dtype '
-        f"by name ({name}='bfloat16') or list {name!r} in static_args.")
+        f"by name ({name}='bfloat16') or list {name!r} in static_args."
+    )
   try:
     canonical = jax.dtypes.canonicalize_dtype(dtype)
   except (TypeError, ValueError) as e:
@@ -264,7 +272,8 @@ def check_state_dtype(
   if reason is not None:
     raise ValueError(
         f'{name}={canonical.name} is not supported: {reason}. Use '
-        'bfloat16, float16 or a float8 format with a sign and a NaN.')
+        'bfloat16, float16 or a float8 format with a sign and a NaN.'
+    )
   smallest = float(jnp.finfo(canonical).smallest_subnormal)
   if squares and smallest > SECOND_MOMENT_SMALLEST:
     # Round-to-nearest gives 0 below half the smallest value.
@@ -274,7 +283,8 @@ def check_state_dtype(
         f'gradients: its smallest positive value is {smallest:.1e}, so '
         f'(1 - b2) * g**2 rounds to zero for |g| < {threshold:.1e} with '
         'b2 = 0.999, and the update then divides by eps alone. Use '
-        'bfloat16, which has float32\'s range, or float32.')
+        "bfloat16, which has float32's range, or float32."
+    )
   return canonical
 
 

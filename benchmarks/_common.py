@@ -27,22 +27,31 @@ OUT_DIR = 'benchmarks/out'  # Git-ignored.
 
 def _ours(**kwargs: Any) -> Callable[[], optax.GradientTransformation]:
   return lambda: amx.ademamix(
-      LEARNING_RATE, weight_decay=WEIGHT_DECAY, **kwargs)
+      LEARNING_RATE, weight_decay=WEIGHT_DECAY, **kwargs
+  )
 
 
 _BF16 = jnp.bfloat16
 # key: (label, factory). Every ours_* differs from 'ours' in one thing.
 OPTIMIZERS: dict[str, tuple[str, Callable[[], Any]]] = {
-    'contrib': ('optax.contrib.ademamix', lambda: optax.contrib.ademamix(
-        LEARNING_RATE, weight_decay=WEIGHT_DECAY)),
+    'contrib': (
+        'optax.contrib.ademamix',
+        lambda: optax.contrib.ademamix(
+            LEARNING_RATE, weight_decay=WEIGHT_DECAY
+        ),
+    ),
     'ours': ('ours b1=0.9', _ours(b1=0.9)),
     'ours_warmup': ('ours t_alpha_beta3', _ours(t_alpha_beta3=T_ALPHA_BETA3)),
     'ours_b1_0': ('ours b1=0', _ours(b1=0.0)),
     'ours_bf16': ('ours bf16 m1,m2', _ours(mu_dtype=_BF16)),
-    'ours_bf16_nu': ('ours bf16 m1,m2,nu', _ours(mu_dtype=_BF16,
-                                                 nu_dtype=_BF16)),
-    'adamw': ('optax.adamw', lambda: optax.adamw(
-        LEARNING_RATE, weight_decay=WEIGHT_DECAY)),
+    'ours_bf16_nu': (
+        'ours bf16 m1,m2,nu',
+        _ours(mu_dtype=_BF16, nu_dtype=_BF16),
+    ),
+    'adamw': (
+        'optax.adamw',
+        lambda: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+    ),
 }
 
 
@@ -78,15 +87,23 @@ def transformer_specs(n: int, layers: int = 9) -> dict[str, Any]:
   def dense():
     return {'w': _spec(d, d), 'b': _spec(d)}
 
-  tree: dict[str, Any] = {'embed': {
-      'tokens': _spec(max(8, (n - rest) // d), d),
-      'positions': _spec(positions, d)}}
+  tree: dict[str, Any] = {
+      'embed': {
+          'tokens': _spec(max(8, (n - rest) // d), d),
+          'positions': _spec(positions, d),
+      }
+  }
   for i in range(layers):
     tree[f'layer_{i:02d}'] = {
-        'ln1': norm(), 'ln2': norm(),
+        'ln1': norm(),
+        'ln2': norm(),
         'attn': {k: dense() for k in 'qkvo'},
-        'mlp': {'w_in': _spec(d, 4 * d), 'b_in': _spec(4 * d),
-                'w_out': _spec(4 * d, d), 'b_out': _spec(d)},
+        'mlp': {
+            'w_in': _spec(d, 4 * d),
+            'b_in': _spec(4 * d),
+            'w_out': _spec(4 * d, d),
+            'b_out': _spec(d),
+        },
     }
   tree['final_ln'] = norm()
   return tree
@@ -114,7 +131,9 @@ def nbytes(tree: Any, arrays_only: bool = False) -> int:
   """Bytes of the leaves of ``tree``; ``arrays_only`` skips scalars."""
   return sum(
       math.prod(x.shape) * np.dtype(x.dtype).itemsize
-      for x in jax.tree.leaves(tree) if x.shape or not arrays_only)
+      for x in jax.tree.leaves(tree)
+      if x.shape or not arrays_only
+  )
 
 
 def state_bytes(state: Any) -> int:
@@ -130,9 +149,14 @@ def ideal_bytes(params: Any, state: Any) -> int:
 def random_tree(specs: Any, seed: int, scale: float) -> Any:
   leaves, treedef = jax.tree.flatten(specs)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.block_until_ready(treedef.unflatten([
-      scale * jax.random.normal(k, s.shape, s.dtype)
-      for k, s in zip(keys, leaves)]))
+  return jax.block_until_ready(
+      treedef.unflatten(
+          [
+              scale * jax.random.normal(k, s.shape, s.dtype)
+              for k, s in zip(keys, leaves)
+          ]
+      )
+  )
 
 
 def make_step(tx: optax.GradientTransformation, name: str) -> Any:
@@ -186,27 +210,39 @@ def machine() -> dict[str, Any]:
   """The hardware and versions the numbers come from."""
   cpu = platform.processor() or '?'
   with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
-    cpu = next((line.split(':', 1)[1].strip() for line in f
-                if line.startswith('model name')), cpu)
+    cpu = next(
+        (
+            line.split(':', 1)[1].strip()
+            for line in f
+            if line.startswith('model name')
+        ),
+        cpu,
+    )
   return {
-      'cpu': cpu, 'cores': len(os.sched_getaffinity(0)),
+      'cpu': cpu,
+      'cores': len(os.sched_getaffinity(0)),
       'backend': jax.default_backend(),
       'device': jax.devices()[0].device_kind,
-      'jax': jax.__version__, 'optax': optax.__version__,
+      'jax': jax.__version__,
+      'optax': optax.__version__,
       'load_average': [round(x, 2) for x in os.getloadavg()],
   }
 
 
 def machine_line(info: dict[str, Any]) -> str:
-  return (f'{info["cpu"]}, {info["cores"]} cores, backend {info["backend"]} '
-          f'({info["device"]}), jax {info["jax"]}, optax {info["optax"]}, '
-          f'load average {info["load_average"]} at start.')
+  return (
+      f'{info["cpu"]}, {info["cores"]} cores, backend {info["backend"]} '
+      f'({info["device"]}), jax {info["jax"]}, optax {info["optax"]}, '
+      f'load average {info["load_average"]} at start.'
+  )
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
   """A Markdown table, the first column left-aligned, the others right."""
-  lines = ['| ' + ' | '.join(headers) + ' |',
-           '|---|' + '--:|' * (len(headers) - 1)]
+  lines = [
+      '| ' + ' | '.join(headers) + ' |',
+      '|---|' + '--:|' * (len(headers) - 1),
+  ]
   lines += ['| ' + ' | '.join(str(c) for c in r) + ' |' for r in rows]
   return '\n'.join(lines)
 
@@ -220,8 +256,10 @@ def seconds(t: float) -> str:
 
 def ratio_cell(values: Sequence[float]) -> str:
   """'median [min-max]' of per-round ratios."""
-  return (f'{float(np.median(values)):.2f} '
-          f'[{min(values):.2f}-{max(values):.2f}]')
+  return (
+      f'{float(np.median(values)):.2f} '
+      f'[{min(values):.2f}-{max(values):.2f}]'
+  )
 
 
 def write_json(out_dir: str, name: str, data: Any) -> pathlib.Path:

@@ -58,61 +58,101 @@ def run(specs: Any, rounds: int) -> dict[str, Any]:
   for key in keys:
     total = [a + b for a, b in zip(lower[key], compile_[key])]
     total_ref = [a + b for a, b in zip(lower[REFERENCE], compile_[REFERENCE])]
-    rows.append({
-        'key': key, 'label': C.label(key), 'lower_s': lower[key],
-        'compile_s': compile_[key],
-        'x_contrib_compile': [
-            a / b for a, b in zip(compile_[key], compile_[REFERENCE])],
-        'x_contrib_total': [a / b for a, b in zip(total, total_ref)],
-    })
-  return {'n_params': C.count_params(specs),
-          'n_leaves': len(jax.tree.leaves(specs)), 'rounds': rounds,
-          'step_compiles': sum(n.startswith('jit(step_') for n in names),
-          'rows': rows}
+    rows.append(
+        {
+            'key': key,
+            'label': C.label(key),
+            'lower_s': lower[key],
+            'compile_s': compile_[key],
+            'x_contrib_compile': [
+                a / b for a, b in zip(compile_[key], compile_[REFERENCE])
+            ],
+            'x_contrib_total': [a / b for a, b in zip(total, total_ref)],
+        }
+    )
+  return {
+      'n_params': C.count_params(specs),
+      'n_leaves': len(jax.tree.leaves(specs)),
+      'rounds': rounds,
+      'step_compiles': sum(n.startswith('jit(step_') for n in names),
+      'rows': rows,
+  }
 
 
 def markdown(result: dict[str, Any]) -> str:
-  rows = [[
-      r['label'], C.seconds(statistics.median(r['lower_s'])),
-      C.seconds(statistics.median(r['compile_s'])),
-      C.ratio_cell(r['x_contrib_compile']),
-      C.ratio_cell(r['x_contrib_total']),
-  ] for r in result['rows']]
-  return '\n'.join([
-      (f'### {result["n_leaves"]} leaves, {result["n_params"]:,} '
-       f'parameters, {result["rounds"]} rounds'), '',
-      C.markdown_table(['optimizer', 'lowering', 'XLA compile',
-                        'compile x contrib [min-max]',
-                        'lowering + compile x contrib'], rows)])
+  rows = [
+      [
+          r['label'],
+          C.seconds(statistics.median(r['lower_s'])),
+          C.seconds(statistics.median(r['compile_s'])),
+          C.ratio_cell(r['x_contrib_compile']),
+          C.ratio_cell(r['x_contrib_total']),
+      ]
+      for r in result['rows']
+  ]
+  return '\n'.join(
+      [
+          (
+              f'### {result["n_leaves"]} leaves, {result["n_params"]:,} '
+              f'parameters, {result["rounds"]} rounds'
+          ),
+          '',
+          C.markdown_table(
+              [
+                  'optimizer',
+                  'lowering',
+                  'XLA compile',
+                  'compile x contrib [min-max]',
+                  'lowering + compile x contrib',
+              ],
+              rows,
+          ),
+      ]
+  )
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      prog='python -m benchmarks.compile_time', description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--size', default='1M',
-                 help='parameters of the 148-leaf transformer tree (default '
-                      '%(default)s; the size barely matters)')
+      prog='python -m benchmarks.compile_time',
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+      '--size',
+      default='1M',
+      help='parameters of the 148-leaf transformer tree (default '
+      '%(default)s; the size barely matters)',
+  )
   p.add_argument('--rounds', type=int, default=6)
-  p.add_argument('--quick', action='store_true',
-                 help='a 20-leaf tree of 64K parameters: checks that it runs')
-  p.add_argument('--out', default=C.OUT_DIR,
-                 help='writes compile_time.json here (default %(default)s)')
+  p.add_argument(
+      '--quick',
+      action='store_true',
+      help='a 20-leaf tree of 64K parameters: checks that it runs',
+  )
+  p.add_argument(
+      '--out',
+      default=C.OUT_DIR,
+      help='writes compile_time.json here (default %(default)s)',
+  )
   return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   info = C.machine()
-  print(f'## Optimizer step compile time\n\n{C.machine_line(info)}\n',
-        flush=True)
-  specs = C.transformer_specs(2**16 if args.quick else C.parse_size(args.size),
-                              layers=1 if args.quick else 9)
+  print(
+      f'## Optimizer step compile time\n\n{C.machine_line(info)}\n', flush=True
+  )
+  specs = C.transformer_specs(
+      2**16 if args.quick else C.parse_size(args.size),
+      layers=1 if args.quick else 9,
+  )
   result = run(specs, args.rounds)
   print(markdown(result), flush=True)
   result['machine'] = info
-  print(f'wrote {C.write_json(args.out, "compile_time", result)}',
-        file=sys.stderr)
+  print(
+      f'wrote {C.write_json(args.out, "compile_time", result)}', file=sys.stderr
+  )
   return result
 
 

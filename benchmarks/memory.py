@@ -31,10 +31,15 @@ def measure(key: str, specs: Any) -> dict[str, Any]:
   compiled = C.make_step(tx, f'step_{key}').lower(specs, state, specs).compile()
   m = compiled.memory_analysis()
   n = C.count_params(specs)
-  peak = (m.argument_size_in_bytes + m.output_size_in_bytes
-          - m.alias_size_in_bytes + m.temp_size_in_bytes)
+  peak = (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      - m.alias_size_in_bytes
+      + m.temp_size_in_bytes
+  )
   return {
-      'key': key, 'label': C.label(key),
+      'key': key,
+      'label': C.label(key),
       'state_bytes_per_param': C.state_bytes(state) / n,
       'argument_bytes_per_param': m.argument_size_in_bytes / n,
       'alias_bytes_per_param': m.alias_size_in_bytes / n,
@@ -44,34 +49,68 @@ def measure(key: str, specs: Any) -> dict[str, Any]:
 
 
 def markdown(case: dict[str, Any]) -> str:
-  rows = [[r['label'], f'{r["state_bytes_per_param"]:g}',
-           f'{r["argument_bytes_per_param"]:.2f}',
-           f'{r["alias_bytes_per_param"]:.2f}',
-           f'{r["temp_bytes_per_param"]:.2f}',
-           f'{r["peak_bytes_per_param"]:.2f}'] for r in case['rows']]
-  return '\n'.join([
-      f'### {case["n_params"]:,} parameters, ' +
-      ('1 leaf' if case['n_leaves'] == 1 else f'{case["n_leaves"]} leaves'),
-      '',
-      C.markdown_table(['optimizer', 'state', 'step arguments',
-                        'aliased (donated)', 'temporaries', 'step peak'],
-                       rows)])
+  rows = [
+      [
+          r['label'],
+          f'{r["state_bytes_per_param"]:g}',
+          f'{r["argument_bytes_per_param"]:.2f}',
+          f'{r["alias_bytes_per_param"]:.2f}',
+          f'{r["temp_bytes_per_param"]:.2f}',
+          f'{r["peak_bytes_per_param"]:.2f}',
+      ]
+      for r in case['rows']
+  ]
+  return '\n'.join(
+      [
+          f'### {case["n_params"]:,} parameters, '
+          + (
+              '1 leaf'
+              if case['n_leaves'] == 1
+              else f'{case["n_leaves"]} leaves'
+          ),
+          '',
+          C.markdown_table(
+              [
+                  'optimizer',
+                  'state',
+                  'step arguments',
+                  'aliased (donated)',
+                  'temporaries',
+                  'step peak',
+              ],
+              rows,
+          ),
+      ]
+  )
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      prog='python -m benchmarks.memory', description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--size', default='1M',
-                 help='parameter count, K/M/G = 2**10/20/30 (default '
-                      '%(default)s)')
-  p.add_argument('--layouts', default='one,many',
-                 help='one: a single leaf; many: a 148-leaf transformer '
-                      'tree (default %(default)s)')
-  p.add_argument('--quick', action='store_true',
-                 help='64K parameters, a 20-leaf tree: checks that it runs')
-  p.add_argument('--out', default=C.OUT_DIR,
-                 help='writes memory.json here (default %(default)s)')
+      prog='python -m benchmarks.memory',
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+      '--size',
+      default='1M',
+      help='parameter count, K/M/G = 2**10/20/30 (default ' '%(default)s)',
+  )
+  p.add_argument(
+      '--layouts',
+      default='one,many',
+      help='one: a single leaf; many: a 148-leaf transformer '
+      'tree (default %(default)s)',
+  )
+  p.add_argument(
+      '--quick',
+      action='store_true',
+      help='64K parameters, a 20-leaf tree: checks that it runs',
+  )
+  p.add_argument(
+      '--out',
+      default=C.OUT_DIR,
+      help='writes memory.json here (default %(default)s)',
+  )
   return p.parse_args(argv)
 
 
@@ -79,14 +118,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   n = 2**16 if args.quick else C.parse_size(args.size)
   info = C.machine()
-  print(f'## Optimizer memory, bytes per parameter\n\n'
-        f'{C.machine_line(info)}\n', flush=True)
+  print(
+      f'## Optimizer memory, bytes per parameter\n\n'
+      f'{C.machine_line(info)}\n',
+      flush=True,
+  )
   cases = []
   for layout in args.layouts.split(','):
     specs = C.make_specs(layout, n, layers=1 if args.quick else 9)
-    cases.append({'layout': layout, 'n_params': C.count_params(specs),
-                  'n_leaves': len(jax.tree.leaves(specs)),
-                  'rows': [measure(k, specs) for k in C.OPTIMIZERS]})
+    cases.append(
+        {
+            'layout': layout,
+            'n_params': C.count_params(specs),
+            'n_leaves': len(jax.tree.leaves(specs)),
+            'rows': [measure(k, specs) for k in C.OPTIMIZERS],
+        }
+    )
     print(markdown(cases[-1]) + '\n', flush=True)
   results = {'machine': info, 'cases': cases}
   print(f'wrote {C.write_json(args.out, "memory", results)}', file=sys.stderr)

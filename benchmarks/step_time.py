@@ -40,8 +40,11 @@ from benchmarks import _common as C
 AXPY = 'axpy'
 CONTROL = 'adamw_again'
 KEYS = (*C.OPTIMIZERS, CONTROL)
-LABELS = {AXPY: 'axpy (bandwidth probe)', CONTROL: 'optax.adamw, again',
-          **{k: C.label(k) for k in C.OPTIMIZERS}}
+LABELS = {
+    AXPY: 'axpy (bandwidth probe)',
+    CONTROL: 'optax.adamw, again',
+    **{k: C.label(k) for k in C.OPTIMIZERS},
+}
 # Up to this size, each step is compiled twice, in opposite orders: XLA:CPU
 # runs a step compiled earlier in the process 2-4% faster than one compiled
 # later, which shows where the step is short.
@@ -76,10 +79,20 @@ def make_entries(specs: Any, replicas: int) -> list[Entry]:
   params = C.random_tree(specs, seed=0, scale=0.02)
   grads = C.random_tree(specs, seed=1, scale=1e-3)
   n = C.count_params(specs)
-  axpys = [jax.jit(_named(_axpy, f'axpy_{c}'), donate_argnums=0)
-           for c in range(replicas)]
-  entries = [Entry(AXPY, axpys, [(jnp.zeros(n),) for _ in range(replicas)],
-                   (jnp.ones(n),), ideal_bytes=12 * n, state_bytes=0)]
+  axpys = [
+      jax.jit(_named(_axpy, f'axpy_{c}'), donate_argnums=0)
+      for c in range(replicas)
+  ]
+  entries = [
+      Entry(
+          AXPY,
+          axpys,
+          [(jnp.zeros(n),) for _ in range(replicas)],
+          (jnp.ones(n),),
+          ideal_bytes=12 * n,
+          state_bytes=0,
+      )
+  ]
   for key in KEYS:
     tx = C.make_tx('adamw' if key == CONTROL else key)
     carries = []
@@ -87,22 +100,30 @@ def make_entries(specs: Any, replicas: int) -> list[Entry]:
       own = jax.tree.map(jnp.copy, params)
       carries.append(jax.block_until_ready((own, tx.init(own))))
     state = carries[0][1]
-    entries.append(Entry(
-        key, [C.make_step(tx, f'step_{key}_{c}') for c in range(replicas)],
-        carries, (grads,), ideal_bytes=C.ideal_bytes(params, state),
-        state_bytes=C.state_bytes(state)))
+    entries.append(
+        Entry(
+            key,
+            [C.make_step(tx, f'step_{key}_{c}') for c in range(replicas)],
+            carries,
+            (grads,),
+            ideal_bytes=C.ideal_bytes(params, state),
+            state_bytes=C.state_bytes(state),
+        )
+    )
   return entries
 
 
 def _named(fn: Any, name: str) -> Any:
   def wrapped(*args):
     return fn(*args)
+
   wrapped.__name__ = wrapped.__qualname__ = name
   return wrapped
 
 
-def time_entries(entries: list[Entry], rounds: int, warmup: int,
-                 min_sample_s: float) -> dict[str, Any]:
+def time_entries(
+    entries: list[Entry], rounds: int, warmup: int, min_sample_s: float
+) -> dict[str, Any]:
   """Compiles, warms up and times ``entries``, interleaved; fills ``times``.
 
   Copy 0 of each entry compiles (at its first call) in the entries' order,
@@ -110,8 +131,11 @@ def time_entries(entries: list[Entry], rounds: int, warmup: int,
   position. An entry's time in a round is the mean over its copies.
   """
   replicas = len(entries[0].fns)
-  runs = [(e, c) for c in range(replicas)
-          for e in (entries if c % 2 == 0 else entries[::-1])]
+  runs = [
+      (e, c)
+      for c in range(replicas)
+      for e in (entries if c % 2 == 0 else entries[::-1])
+  ]
   with C.count_compiles() as first:
     for e, c in runs:
       e.call(c, 1)
@@ -122,8 +146,10 @@ def time_entries(entries: list[Entry], rounds: int, warmup: int,
       e.call(c, 1)
       fastest[e.key] = min(fastest[e.key], time.perf_counter() - start)
   # Calls per timed sample, per entry: enough for min_sample_s.
-  inner = {k: max(1, min(1000, math.ceil(min_sample_s / t)))
-           for k, t in fastest.items()}
+  inner = {
+      k: max(1, min(1000, math.ceil(min_sample_s / t)))
+      for k, t in fastest.items()
+  }
   gc.collect()
   gc.disable()
   try:
@@ -139,13 +165,17 @@ def time_entries(entries: list[Entry], rounds: int, warmup: int,
           e.times.append(statistics.fmean(sample[e.key]))
   finally:
     gc.enable()
-  return {'replicas': replicas, 'inner': inner,
-          'compiles_at_first_call': len(first),
-          'compiles_while_timing': len(later)}
+  return {
+      'replicas': replicas,
+      'inner': inner,
+      'compiles_at_first_call': len(first),
+      'compiles_while_timing': len(later),
+  }
 
 
-def run_case(name: str, specs: Any, rounds: int, warmup: int,
-             min_sample_s: float) -> dict[str, Any]:
+def run_case(
+    name: str, specs: Any, rounds: int, warmup: int, min_sample_s: float
+) -> dict[str, Any]:
   """Times every optimizer on ``specs``; the JSON record of the case."""
   n = C.count_params(specs)
   log(f'[{name}] {n:,} parameters, {len(jax.tree.leaves(specs))} leaves')
@@ -161,52 +191,89 @@ def run_case(name: str, specs: Any, rounds: int, warmup: int,
   rows = []
   for e in entries:
     median = statistics.median(e.times)
-    rows.append({
-        'key': e.key, 'label': LABELS[e.key], 'median_s': median,
-        'times_s': e.times, 'gbs': e.ideal_bytes / median / 1e9,
-        'ideal_bytes_per_param': e.ideal_bytes / n,
-        'state_bytes_per_param': e.state_bytes / n,
-        'x_adamw': ratios(e.key, 'adamw'),
-        'x_contrib': ratios(e.key, 'contrib'),
-    })
+    rows.append(
+        {
+            'key': e.key,
+            'label': LABELS[e.key],
+            'median_s': median,
+            'times_s': e.times,
+            'gbs': e.ideal_bytes / median / 1e9,
+            'ideal_bytes_per_param': e.ideal_bytes / n,
+            'state_bytes_per_param': e.state_bytes / n,
+            'x_adamw': ratios(e.key, 'adamw'),
+            'x_contrib': ratios(e.key, 'contrib'),
+        }
+    )
   for e in entries:
     e.carries.clear()
-  return {'name': name, 'n_params': n, 'n_leaves': len(jax.tree.leaves(specs)),
-          'rounds': rounds, 'load_average': load, 'axpy_gbs': axpy_gbs,
-          **info, 'rows': rows}
+  return {
+      'name': name,
+      'n_params': n,
+      'n_leaves': len(jax.tree.leaves(specs)),
+      'rounds': rounds,
+      'load_average': load,
+      'axpy_gbs': axpy_gbs,
+      **info,
+      'rows': rows,
+  }
 
 
 def case_markdown(case: dict[str, Any]) -> str:
   rows = []
   for r in case['rows']:
     probe = r['key'] == AXPY
-    rows.append([
-        r['label'], C.seconds(r['median_s']),
-        '-' if probe else C.ratio_cell(r['x_adamw']),
-        '-' if probe else C.ratio_cell(r['x_contrib']),
-        f'{r["gbs"]:.3g}', f'{100 * r["gbs"] / case["axpy_gbs"]:.0f}%',
-        '-' if probe else f'{r["state_bytes_per_param"]:g}'])
+    rows.append(
+        [
+            r['label'],
+            C.seconds(r['median_s']),
+            '-' if probe else C.ratio_cell(r['x_adamw']),
+            '-' if probe else C.ratio_cell(r['x_contrib']),
+            f'{r["gbs"]:.3g}',
+            f'{100 * r["gbs"] / case["axpy_gbs"]:.0f}%',
+            '-' if probe else f'{r["state_bytes_per_param"]:g}',
+        ]
+    )
   calls = sorted(set(case['inner'].values()))
   calls = '-'.join(str(c) for c in {calls[0]: 0, calls[-1]: 0})
-  about = (f'{case["rounds"]} rounds of {calls} call(s) per sample, '
-           f'{case["replicas"]} compiled copies of each step, '
-           f'{case["compiles_while_timing"]} compilations while timing, '
-           f'load average {case["load_average"]} at start.')
-  return '\n'.join([
-      f'### {case["name"]} ({case["n_params"]:,} parameters)', '', about,
-      '',
-      C.markdown_table(['optimizer', 'median step', 'x adamw [min-max]',
-                        'x contrib [min-max]', 'GB/s (ideal bytes)',
-                        '% of axpy', 'state B/param'], rows)])
+  about = (
+      f'{case["rounds"]} rounds of {calls} call(s) per sample, '
+      f'{case["replicas"]} compiled copies of each step, '
+      f'{case["compiles_while_timing"]} compilations while timing, '
+      f'load average {case["load_average"]} at start.'
+  )
+  return '\n'.join(
+      [
+          f'### {case["name"]} ({case["n_params"]:,} parameters)',
+          '',
+          about,
+          '',
+          C.markdown_table(
+              [
+                  'optimizer',
+                  'median step',
+                  'x adamw [min-max]',
+                  'x contrib [min-max]',
+                  'GB/s (ideal bytes)',
+                  '% of axpy',
+                  'state B/param',
+              ],
+              rows,
+          ),
+      ]
+  )
 
 
 def summary_markdown(cases: list[dict[str, Any]], field: str) -> str:
   """Median per-round ratios, one column per case."""
   rows = []
   for key in KEYS:
-    rows.append([LABELS[key]] + [
-        f'{np.median(next(r for r in c["rows"] if r["key"] == key)[field]):.2f}'
-        for c in cases])
+    rows.append(
+        [LABELS[key]]
+        + [
+            f'{np.median(next(r for r in c["rows"] if r["key"] == key)[field]):.2f}'
+            for c in cases
+        ]
+    )
   return C.markdown_table(['optimizer', *[c['name'] for c in cases]], rows)
 
 
@@ -216,28 +283,52 @@ def log(message: str) -> None:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      prog='python -m benchmarks.step_time', description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--sizes', default='1M,16M',
-                 help='parameter counts, K/M/G = 2**10/20/30 (default '
-                      '%(default)s)')
-  p.add_argument('--layouts', default='one,many',
-                 help='one: a single leaf; many: a 148-leaf transformer '
-                      'tree (default %(default)s)')
-  p.add_argument('--overhead', action=argparse.BooleanOptionalAction,
-                 default=True,
-                 help='also time 150 leaves of 64 floats: the fixed cost')
+      prog='python -m benchmarks.step_time',
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+      '--sizes',
+      default='1M,16M',
+      help='parameter counts, K/M/G = 2**10/20/30 (default ' '%(default)s)',
+  )
+  p.add_argument(
+      '--layouts',
+      default='one,many',
+      help='one: a single leaf; many: a 148-leaf transformer '
+      'tree (default %(default)s)',
+  )
+  p.add_argument(
+      '--overhead',
+      action=argparse.BooleanOptionalAction,
+      default=True,
+      help='also time 150 leaves of 64 floats: the fixed cost',
+  )
   p.add_argument('--rounds', type=int, default=30)
-  p.add_argument('--warmup', type=int, default=3,
-                 help='untimed calls of each step (default %(default)s)')
-  p.add_argument('--min-sample-ms', type=float, default=50.0,
-                 help='calls per timed sample: enough for this long '
-                      '(default %(default)s)')
-  p.add_argument('--quick', action='store_true',
-                 help='64K parameters, 20 and 8 leaves, 5 ms samples: '
-                      'checks that it runs')
-  p.add_argument('--out', default=C.OUT_DIR,
-                 help='writes step_time.json here (default %(default)s)')
+  p.add_argument(
+      '--warmup',
+      type=int,
+      default=3,
+      help='untimed calls of each step (default %(default)s)',
+  )
+  p.add_argument(
+      '--min-sample-ms',
+      type=float,
+      default=50.0,
+      help='calls per timed sample: enough for this long '
+      '(default %(default)s)',
+  )
+  p.add_argument(
+      '--quick',
+      action='store_true',
+      help='64K parameters, 20 and 8 leaves, 5 ms samples: '
+      'checks that it runs',
+  )
+  p.add_argument(
+      '--out',
+      default=C.OUT_DIR,
+      help='writes step_time.json here (default %(default)s)',
+  )
   args = p.parse_args(argv)
   args.sizes = [C.parse_size(s) for s in args.sizes.split(',')]
   args.layouts = args.layouts.split(',')
@@ -256,24 +347,37 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   print(f'## Optimizer step time\n\n{C.machine_line(info)}\n', flush=True)
   plan = []
   if args.overhead:
-    plan.append((f'{args.tiny_leaves} tiny leaves',
-                 C.tiny_specs(args.tiny_leaves)))
+    plan.append(
+        (f'{args.tiny_leaves} tiny leaves', C.tiny_specs(args.tiny_leaves))
+    )
   for n in args.sizes:
     for layout in args.layouts:
       specs = C.make_specs(layout, n, args.layers)
       leaves = len(jax.tree.leaves(specs))
-      plan.append((f'{C.size_label(n)}, ' + ('1 leaf' if leaves == 1 else
-                                              f'{leaves} leaves'), specs))
+      plan.append(
+          (
+              f'{C.size_label(n)}, '
+              + ('1 leaf' if leaves == 1 else f'{leaves} leaves'),
+              specs,
+          )
+      )
   cases = []
   for name, specs in plan:
-    cases.append(run_case(name, specs, args.rounds, args.warmup,
-                          args.min_sample_ms / 1e3))
+    cases.append(
+        run_case(
+            name, specs, args.rounds, args.warmup, args.min_sample_ms / 1e3
+        )
+    )
     print(case_markdown(cases[-1]) + '\n', flush=True)
-  print('### Step time / optax.adamw step time (median of per-round '
-        'ratios)\n\n' + summary_markdown(cases, 'x_adamw') + '\n')
-  print('### Step time / optax.contrib.ademamix step time (median of '
-        'per-round ratios)\n\n' + summary_markdown(cases, 'x_contrib'),
-        flush=True)
+  print(
+      '### Step time / optax.adamw step time (median of per-round '
+      'ratios)\n\n' + summary_markdown(cases, 'x_adamw') + '\n'
+  )
+  print(
+      '### Step time / optax.contrib.ademamix step time (median of '
+      'per-round ratios)\n\n' + summary_markdown(cases, 'x_contrib'),
+      flush=True,
+  )
   results = {'machine': info, 'cases': cases}
   log(f'wrote {C.write_json(args.out, "step_time", results)}')
   return results

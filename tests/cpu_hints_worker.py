@@ -17,17 +17,30 @@ import strict_xla
 import ademamix_optax as amx
 
 # Leaves above and below _cpu.ANCHOR_MIN_SIZE (16K elements).
-SHAPES = {'big': (200, 130), 'big2': (20000,), 'mid': (40, 33), 'vec': (7,),
-          'scalar': ()}
+SHAPES = {
+    'big': (200, 130),
+    'big2': (20000,),
+    'mid': (40, 33),
+    'vec': (7,),
+    'scalar': (),
+}
 CONFIGS = {
     'float32': dict(learning_rate=1e-2, b3=0.999, alpha=8.0),
-    'warmups': dict(learning_rate=1e-2, b3=0.999, alpha=8.0,
-                    t_alpha_beta3=10, weight_decay=0.1),
+    'warmups': dict(
+        learning_rate=1e-2,
+        b3=0.999,
+        alpha=8.0,
+        t_alpha_beta3=10,
+        weight_decay=0.1,
+    ),
     'b1_zero': dict(learning_rate=1e-2, b1=0.0, t_alpha_beta3=4),
-    'bf16_mu': dict(learning_rate=1e-2, mu_dtype=jnp.bfloat16,
-                    t_alpha_beta3=5),
-    'bf16_all': dict(learning_rate=1e-2, mu_dtype=jnp.bfloat16,
-                     nu_dtype=jnp.bfloat16, t_alpha_beta3=5),
+    'bf16_mu': dict(learning_rate=1e-2, mu_dtype=jnp.bfloat16, t_alpha_beta3=5),
+    'bf16_all': dict(
+        learning_rate=1e-2,
+        mu_dtype=jnp.bfloat16,
+        nu_dtype=jnp.bfloat16,
+        t_alpha_beta3=5,
+    ),
     'float16_mu': dict(learning_rate=1e-2, mu_dtype=jnp.float16),
 }
 STEPS = 6
@@ -48,19 +61,26 @@ def run(tx, params, grads):
 
 
 def bits(tree):
-  return [np.asarray(x).tobytes().hex()
-          for x in jax.tree.leaves(tree)]
+  return [np.asarray(x).tobytes().hex() for x in jax.tree.leaves(tree)]
 
 
 def main():
   strict_xla.apply_warning_filters()
   rng = np.random.default_rng(0)
-  params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
-            for k, s in SHAPES.items()}
-  grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32)
-            for k, s in SHAPES.items()} for _ in range(STEPS)]
+  params = {
+      k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+      for k, s in SHAPES.items()
+  }
+  grads = [
+      {
+          k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+          for k, s in SHAPES.items()
+      }
+      for _ in range(STEPS)
+  ]
   injected = optax.inject_hyperparams(amx.ademamix)(
-      learning_rate=1e-2, b1=0.9, b3=0.999, alpha=5.0, t_alpha_beta3=6)
+      learning_rate=1e-2, b1=0.9, b3=0.999, alpha=5.0, t_alpha_beta3=6
+  )
   txs = {name: amx.ademamix(**kw) for name, kw in CONFIGS.items()}
   txs['injected'] = injected
   out = {'strict': strict_xla.fma_contraction_off(), 'configs': {}}
@@ -73,8 +93,10 @@ def main():
     jax.lax.platform_dependent = platform_dependent
   for name in txs:
     a, b = hinted[name], plain[name]
-    out['configs'][name] = {'leaves': len(a),
-                            'differ': sum(x != y for x, y in zip(a, b))}
+    out['configs'][name] = {
+        'leaves': len(a),
+        'differ': sum(x != y for x, y in zip(a, b)),
+    }
   print(json.dumps(out))
 
 

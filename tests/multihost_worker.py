@@ -43,15 +43,23 @@ CONFIGS = {
     # Warmups of alpha and b3 mid-way (t_alpha_beta3 > STEPS), bf16 m1, m2.
     'warmups_bf16': dict(b1=0.9, t_alpha_beta3=8, mu_dtype=jnp.bfloat16),
     # No fast EMA; bf16 m2 and nu.
-    'b1_0_bf16': dict(b1=0.0, t_alpha_beta3=8, mu_dtype=jnp.bfloat16,
-                      nu_dtype=jnp.bfloat16, weight_decay=0.1),
+    'b1_0_bf16': dict(
+        b1=0.0,
+        t_alpha_beta3=8,
+        mu_dtype=jnp.bfloat16,
+        nu_dtype=jnp.bfloat16,
+        weight_decay=0.1,
+    ),
 }
 
 
 def loss_fn(params, x_BxD):
   h = jnp.tanh(x_BxD @ params['w'] + params['b'])
-  return (jnp.mean(h ** 2) + jnp.sum(jnp.sin(params['e'])) * params['s']
-          + params['s'] ** 2)
+  return (
+      jnp.mean(h**2)
+      + jnp.sum(jnp.sin(params['e'])) * params['s']
+      + params['s'] ** 2
+  )
 
 
 def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -60,8 +68,13 @@ def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def train(name: str, mesh: jax.sharding.Mesh) -> tuple[dict, bool]:
   rng = np.random.default_rng(0)
-  params = {k: put(rng.normal(size=SHAPES[k]).astype(np.float32),
-                   NamedSharding(mesh, SPECS[k])) for k in SHAPES}
+  params = {
+      k: put(
+          rng.normal(size=SHAPES[k]).astype(np.float32),
+          NamedSharding(mesh, SPECS[k]),
+      )
+      for k in SHAPES
+  }
   tx = amx.ademamix(1e-2, alpha=4.0, b3=0.99, **CONFIGS[name])
   state = jax.jit(tx.init)(params)
 
@@ -78,9 +91,12 @@ def train(name: str, mesh: jax.sharding.Mesh) -> tuple[dict, bool]:
   local = all(x.is_fully_addressable for x in jax.tree.leaves(params))
   leaves = jax.tree_util.tree_leaves_with_path((params, state))
   gathered = multihost_utils.process_allgather(
-      [x for _, x in leaves], tiled=True)
-  return {jax.tree_util.keystr(path): np.asarray(x)
-          for (path, _), x in zip(leaves, gathered)}, local
+      [x for _, x in leaves], tiled=True
+  )
+  return {
+      jax.tree_util.keystr(path): np.asarray(x)
+      for (path, _), x in zip(leaves, gathered)
+  }, local
 
 
 def main() -> None:
@@ -94,20 +110,27 @@ def main() -> None:
     jax.distributed.initialize(
         coordinator_address=args.coordinator,
         coordinator_bind_address=args.coordinator,
-        num_processes=args.num_processes, process_id=args.process_id,
-        initialization_timeout=60)
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=60,
+    )
   assert jax.process_count() == args.num_processes
   assert jax.device_count() == 4, jax.devices()
-  mesh = jax.make_mesh((2, 2), ('data', 'model'),
-                       axis_types=(AxisType.Auto, AxisType.Auto))
+  mesh = jax.make_mesh(
+      (2, 2), ('data', 'model'), axis_types=(AxisType.Auto, AxisType.Auto)
+  )
   meta = {}
   for name in CONFIGS:
     arrays, local = train(name, mesh)
-    meta[name] = {'dtypes': {k: str(x.dtype) for k, x in arrays.items()},
-                  'fully_addressable': local}
+    meta[name] = {
+        'dtypes': {k: str(x.dtype) for k, x in arrays.items()},
+        'fully_addressable': local,
+    }
     if jax.process_index() == 0:
-      np.savez(args.out / f'{name}.npz', **{
-          k: x.view(f'u{x.dtype.itemsize}') for k, x in arrays.items()})
+      np.savez(
+          args.out / f'{name}.npz',
+          **{k: x.view(f'u{x.dtype.itemsize}') for k, x in arrays.items()},
+      )
   if jax.process_index() == 0:
     (args.out / 'meta.json').write_text(json.dumps(meta))
 

@@ -28,19 +28,27 @@ def free_port() -> int:
 
 def environment(num_cpu_devices: int) -> dict[str, str]:
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(num_cpu_devices),
-             PYTHONPATH=os.pathsep.join(
-                 filter(None, [str(REPO), env.get('PYTHONPATH')])))
+  env.update(
+      JAX_PLATFORMS='cpu',
+      JAX_NUM_CPU_DEVICES=str(num_cpu_devices),
+      PYTHONPATH=os.pathsep.join(
+          filter(None, [str(REPO), env.get('PYTHONPATH')])
+      ),
+  )
   # A device count forced through XLA_FLAGS would override ours.
   env['XLA_FLAGS'] = ' '.join(
-      f for f in env.get('XLA_FLAGS', '').split()
-      if 'xla_force_host_platform_device_count' not in f)
+      f
+      for f in env.get('XLA_FLAGS', '').split()
+      if 'xla_force_host_platform_device_count' not in f
+  )
   return env
 
 
-def run_group(commands: Sequence[Sequence[str]],
-              num_cpu_devices: int | Sequence[int],
-              timeout: float) -> list[str]:
+def run_group(
+    commands: Sequence[Sequence[str]],
+    num_cpu_devices: int | Sequence[int],
+    timeout: float,
+) -> list[str]:
   """Runs ``commands`` at once; returns their outputs if all exit with 0.
 
   Args:
@@ -60,10 +68,17 @@ def run_group(commands: Sequence[Sequence[str]],
   if isinstance(num_cpu_devices, int):
     num_cpu_devices = [num_cpu_devices] * len(commands)
   logs = [tempfile.TemporaryFile(mode='w+') for _ in commands]
-  procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO,
-                            env=environment(n), stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
-           for cmd, n, log in zip(commands, num_cpu_devices, logs)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, *cmd],
+          cwd=REPO,
+          env=environment(n),
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for cmd, n, log in zip(commands, num_cpu_devices, logs)
+  ]
   deadline = time.monotonic() + timeout
   failure = None
   try:
@@ -90,6 +105,7 @@ def run_group(commands: Sequence[Sequence[str]],
   if failure:
     details = '\n'.join(
         f'--- process {i} (exit code {p.returncode}):\n{out}'
-        for i, (p, out) in enumerate(zip(procs, outputs)))
+        for i, (p, out) in enumerate(zip(procs, outputs))
+    )
     raise AssertionError(f'{failure}:\n{details}')
   return outputs

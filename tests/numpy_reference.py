@@ -128,8 +128,11 @@ def stochastic_round_np(x, dtype, bits):
 def _leaf_order(tree, prefix=()):
   """The paths of the leaves of nested dicts, in ``jax.tree`` order."""
   if isinstance(tree, dict):
-    return [path for key in sorted(tree)
-            for path in _leaf_order(tree[key], prefix + (key,))]
+    return [
+        path
+        for key in sorted(tree)
+        for path in _leaf_order(tree[key], prefix + (key,))
+    ]
   return [prefix]
 
 
@@ -186,12 +189,16 @@ class AdEMAMixReference:
     """
     if t_alpha_beta3 and not callable(alpha):
       alpha_const = float(alpha)
+
       def alpha(t):
         return alpha_warmup_np(t, alpha_const, t_alpha_beta3)
+
     if t_alpha_beta3 and not callable(b3):
       b3_const = float(b3)
+
       def b3(t):
         return beta3_warmup_np(t, b3_const, t_alpha_beta3, b1)
+
     self.b1 = float(b1)
     self.b2 = float(b2)
     self.b3 = _as_schedule(b3)
@@ -208,8 +215,10 @@ class AdEMAMixReference:
     if mask is None:
       mask = _map(lambda p: True, params)
     self.mask = mask
+
     def zeros(p):
       return np.zeros(np.shape(p), dtype=np.float64)
+
     self.m1 = None if self.b1 == 0.0 else _map(zeros, params)
     self.m2 = _map(zeros, params)
     self.nu = _map(zeros, params)
@@ -258,8 +267,8 @@ class AdEMAMixReference:
       else:
         stream = 1 if buffer == 'nu' else 0
         bits = np.asarray(
-            self.rounding_bits(self.t, leaf, stream, np.shape(value)),
-            np.uint32)
+            self.rounding_bits(self.t, leaf, stream, np.shape(value)), np.uint32
+        )
         if buffer == 'm2':
           bits = bits << np.uint32(16)
         rounded = stochastic_round_np(value, dtype, bits)

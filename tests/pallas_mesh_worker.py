@@ -37,10 +37,20 @@ SPECS = {
 }
 SHAPES = {'w': (8, 6), 'v': (5, 4), 'b': (4,), 'scale': (3,)}
 CONFIGS = {
-    'f32': dict(learning_rate=1e-2, b3=0.999, alpha=8.0, weight_decay=0.1,
-                t_alpha_beta3=3),
-    'b1_zero_bf16': dict(learning_rate=1e-2, b1=0.0, b3=0.99,
-                         mu_dtype=jnp.bfloat16, t_alpha_beta3=4),
+    'f32': dict(
+        learning_rate=1e-2,
+        b3=0.999,
+        alpha=8.0,
+        weight_decay=0.1,
+        t_alpha_beta3=3,
+    ),
+    'b1_zero_bf16': dict(
+        learning_rate=1e-2,
+        b1=0.0,
+        b3=0.99,
+        mu_dtype=jnp.bfloat16,
+        t_alpha_beta3=4,
+    ),
 }
 STEPS = 2
 
@@ -54,7 +64,8 @@ def _normal(spec, ndim):
 def _loss(params):
   return sum(
       jnp.sum(jnp.sin(3.0 * p) + 0.5 * jnp.square(p - 0.25))
-      for p in jax.tree.leaves(params))
+      for p in jax.tree.leaves(params)
+  )
 
 
 def _run(tx, params):
@@ -70,44 +81,64 @@ def _run(tx, params):
   for _ in range(STEPS):
     params, state = step(params, state)
   inner = state[0]
-  buffers = {name: getattr(inner, name) for name in ('m1', 'm2', 'nu')
-             if getattr(inner, name) is not None}
+  buffers = {
+      name: getattr(inner, name)
+      for name in ('m1', 'm2', 'nu')
+      if getattr(inner, name) is not None
+  }
   return params, buffers
 
 
 def _auto(kwargs, host):
   """Shardings and errors against amx.ademamix on a mesh of Auto axes."""
-  mesh = jax.make_mesh((4, 2), ('data', 'model'),
-                       axis_types=(AxisType.Auto,) * 2)
+  mesh = jax.make_mesh(
+      (4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2
+  )
   shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
   params = jax.device_put(host, shardings)
-  res = {'param_specs': {k: _normal(p.sharding.spec, p.ndim)
-                         for k, p in params.items()}}
+  res = {
+      'param_specs': {
+          k: _normal(p.sharding.spec, p.ndim) for k, p in params.items()
+      }
+  }
   pallas = _run(experimental.ademamix_pallas(**kwargs), params)
   xla = _run(amx.ademamix(**kwargs), params)
   trees = {'params': pallas[0], **pallas[1]}
   res['specs'] = {
       name: {k: _normal(x.sharding.spec, x.ndim) for k, x in tree.items()}
-      for name, tree in trees.items()}
+      for name, tree in trees.items()
+  }
   res['equivalent'] = {
-      name: {k: x.sharding.is_equivalent_to(shardings[k], x.ndim)
-             for k, x in tree.items()}
-      for name, tree in trees.items()}
-  res['dtypes'] = {name: sorted({str(x.dtype) for x in tree.values()})
-                   for name, tree in trees.items()}
+      name: {
+          k: x.sharding.is_equivalent_to(shardings[k], x.ndim)
+          for k, x in tree.items()
+      }
+      for name, tree in trees.items()
+  }
+  res['dtypes'] = {
+      name: sorted({str(x.dtype) for x in tree.values()})
+      for name, tree in trees.items()
+  }
   # Per tree: max |pallas - xla| / max |xla| over the leaves.
   res['errors'] = {}
-  for name, (a, b) in {'params': (pallas[0], xla[0]),
-                       **{k: (pallas[1][k], xla[1][k]) for k in pallas[1]},
-                       }.items():
+  for name, (a, b) in {
+      'params': (pallas[0], xla[0]),
+      **{k: (pallas[1][k], xla[1][k]) for k in pallas[1]},
+  }.items():
     res['errors'][name] = max(
-        float(np.max(np.abs(np.asarray(a[k], np.float64)
-                            - np.asarray(b[k], np.float64)))
-              / max(float(np.max(np.abs(np.asarray(b[k], np.float64)))),
-                    1e-30))
-        for k in a)
-  res['moved'] = float(max(np.max(np.abs(np.asarray(pallas[0][k]) - host[k]))
-                           for k in host))
+        float(
+            np.max(
+                np.abs(
+                    np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)
+                )
+            )
+            / max(float(np.max(np.abs(np.asarray(b[k], np.float64)))), 1e-30)
+        )
+        for k in a
+    )
+  res['moved'] = float(
+      max(np.max(np.abs(np.asarray(pallas[0][k]) - host[k])) for k in host)
+  )
   return res
 
 
@@ -126,19 +157,25 @@ def _refusals(host):
   w = host['w']
   out = {}
 
-  auto = jax.make_mesh((4, 2), ('data', 'model'),
-                       axis_types=(AxisType.Auto,) * 2)
+  auto = jax.make_mesh(
+      (4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2
+  )
 
   def local(g):
     u, _ = tx.update(g, tx.init(g))
     return u
 
-  per_shard = jax.shard_map(local, mesh=auto, in_specs=P('data', 'model'),
-                            out_specs=P('data', 'model'))
+  per_shard = jax.shard_map(
+      local,
+      mesh=auto,
+      in_specs=P('data', 'model'),
+      out_specs=P('data', 'model'),
+  )
   out['shard_map'] = _error(lambda: jax.jit(per_shard)(w))
 
-  explicit = jax.make_mesh((4, 2), ('data', 'model'),
-                           axis_types=(AxisType.Explicit,) * 2)
+  explicit = jax.make_mesh(
+      (4, 2), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2
+  )
   with jax.set_mesh(explicit):
     sharded = jax.device_put(w, NamedSharding(explicit, P('data', 'model')))
     state = tx.init(sharded)
@@ -151,11 +188,11 @@ def main():
   strict_xla.apply_warning_filters()
   warnings.filterwarnings('ignore', '.*Pallas interpret mode', RuntimeWarning)
   rng = np.random.default_rng(0)
-  host = {k: rng.standard_normal(s).astype(np.float32)
-          for k, s in SHAPES.items()}
+  host = {
+      k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()
+  }
   out = {'num_devices': jax.device_count()}
-  out['auto'] = {name: _auto(kwargs, host)
-                 for name, kwargs in CONFIGS.items()}
+  out['auto'] = {name: _auto(kwargs, host) for name, kwargs in CONFIGS.items()}
   out['refusals'] = _refusals(host)
   print('RESULT ' + json.dumps(out))
 

@@ -34,26 +34,106 @@ INTERPRET_WARNING = '.*Pallas interpret mode'
 # into several blocks with a ragged tail, the leaf id, and whether the
 # hyperparameters are traced arrays (as optax.inject_hyperparams does).
 CASES = {
-    'f32_2d': ((37, 29), 'float32', 'float32', 'float32', 0.9, True, 20,
-               dict(block_size=256)),
-    'bf16_stochastic_3d': ((3, 5, 67), 'float32', 'bfloat16', 'bfloat16',
-                           0.9, True, 20, dict(block_size=256, leaf=7)),
-    'b1_zero_bf16_mu': ((1000,), 'float32', 'bfloat16', 'float32', 0.0, True,
-                        5, dict(block_size=128, leaf=3)),
-    'bf16_nearest': ((300,), 'float32', 'bfloat16', 'bfloat16', 0.9, False,
-                     5, dict(block_size=128)),
-    'f16_stochastic': ((300,), 'float32', 'float16', 'float16', 0.9, True, 5,
-                       dict(block_size=128, leaf=2)),
-    'bf16_grads': ((64, 33), 'bfloat16', 'bfloat16', 'float32', 0.9, True, 5,
-                   dict(block_size=512)),
-    'scalar_leaf': ((), 'float32', 'bfloat16', 'bfloat16', 0.9, True, 5,
-                    dict()),
-    'traced_hparams': ((257,), 'float32', 'bfloat16', 'bfloat16', 0.9, True,
-                       5, dict(block_size=64, traced=True)),
-    'tpu_2d': ((24, 128), 'float32', 'bfloat16', 'bfloat16', 0.9, True, 5,
-               dict(variant='tpu', block_size=1024, leaf=4)),
-    'tpu_1d_ragged': ((300,), 'float32', 'bfloat16', 'float32', 0.9, True, 5,
-                      dict(variant='tpu', block_size=128)),
+    'f32_2d': (
+        (37, 29),
+        'float32',
+        'float32',
+        'float32',
+        0.9,
+        True,
+        20,
+        dict(block_size=256),
+    ),
+    'bf16_stochastic_3d': (
+        (3, 5, 67),
+        'float32',
+        'bfloat16',
+        'bfloat16',
+        0.9,
+        True,
+        20,
+        dict(block_size=256, leaf=7),
+    ),
+    'b1_zero_bf16_mu': (
+        (1000,),
+        'float32',
+        'bfloat16',
+        'float32',
+        0.0,
+        True,
+        5,
+        dict(block_size=128, leaf=3),
+    ),
+    'bf16_nearest': (
+        (300,),
+        'float32',
+        'bfloat16',
+        'bfloat16',
+        0.9,
+        False,
+        5,
+        dict(block_size=128),
+    ),
+    'f16_stochastic': (
+        (300,),
+        'float32',
+        'float16',
+        'float16',
+        0.9,
+        True,
+        5,
+        dict(block_size=128, leaf=2),
+    ),
+    'bf16_grads': (
+        (64, 33),
+        'bfloat16',
+        'bfloat16',
+        'float32',
+        0.9,
+        True,
+        5,
+        dict(block_size=512),
+    ),
+    'scalar_leaf': (
+        (),
+        'float32',
+        'bfloat16',
+        'bfloat16',
+        0.9,
+        True,
+        5,
+        dict(),
+    ),
+    'traced_hparams': (
+        (257,),
+        'float32',
+        'bfloat16',
+        'bfloat16',
+        0.9,
+        True,
+        5,
+        dict(block_size=64, traced=True),
+    ),
+    'tpu_2d': (
+        (24, 128),
+        'float32',
+        'bfloat16',
+        'bfloat16',
+        0.9,
+        True,
+        5,
+        dict(variant='tpu', block_size=1024, leaf=4),
+    ),
+    'tpu_1d_ragged': (
+        (300,),
+        'float32',
+        'bfloat16',
+        'float32',
+        0.9,
+        True,
+        5,
+        dict(variant='tpu', block_size=128),
+    ),
 }
 # Cases also run with jax_enable_x64.
 X64_CASES = ('traced_hparams', 'f32_2d')
@@ -61,8 +141,9 @@ X64_CASES = ('traced_hparams', 'f32_2d')
 
 def _bits(x):
   x = np.asarray(x)
-  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[
-      x.dtype.itemsize])
+  return x.view(
+      {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+  )
 
 
 def mismatches(a, b):
@@ -85,8 +166,7 @@ def reference_update(g, m1, m2, nu, s, *, leaf, stochastic):
     key = _rounding.stream_key(s.count, leaf, stream)
     return _rounding.mix_index(_rounding.flat_index(g.shape), key)
 
-  return _update.leaf_update(g, m1, m2, nu, s, stochastic=stochastic,
-                             bits=bits)
+  return _update.leaf_update(g, m1, m2, nu, s, stochastic=stochastic, bits=bits)
 
 
 def step_fns(b1, stochastic, options):
@@ -101,38 +181,63 @@ def step_fns(b1, stochastic, options):
   def scalars(count, hparams):
     b1_, b2_, eps_, eps_root_ = hparams if traced else (b1, b2, eps, eps_root)
     return _update.StepScalars(
-        count=count, m1=_update.ema_decay(b1_),
-        m2=_update.ema_decay(b3_fn(count)), nu=_update.ema_decay(b2_),
-        alpha=alpha_fn(count), bc1=1 - b1_**count, bc2=1 - b2_**count,
-        eps=eps_, eps_root=eps_root_)
+        count=count,
+        m1=_update.ema_decay(b1_),
+        m2=_update.ema_decay(b3_fn(count)),
+        nu=_update.ema_decay(b2_),
+        alpha=alpha_fn(count),
+        bc1=1 - b1_**count,
+        bc2=1 - b2_**count,
+        eps=eps_,
+        eps_root=eps_root_,
+    )
 
   def ref(g, m1, m2, nu, count, hparams):
-    return reference_update(g, m1, m2, nu, scalars(count, hparams),
-                            leaf=leaf, stochastic=stochastic)
+    return reference_update(
+        g, m1, m2, nu, scalars(count, hparams), leaf=leaf, stochastic=stochastic
+    )
 
   def fused(g, m1, m2, nu, count, hparams):
     return experimental.fused_leaf_update(
-        g, m1, m2, nu, scalars(count, hparams), leaf=leaf,
-        stochastic=stochastic, interpret=True, **options)
+        g,
+        m1,
+        m2,
+        nu,
+        scalars(count, hparams),
+        leaf=leaf,
+        stochastic=stochastic,
+        interpret=True,
+        **options,
+    )
 
-  hparams = (jnp.float32(b1), jnp.asarray(b2), jnp.float32(eps),
-             jnp.float32(eps_root))  # jnp.asarray(0.999) is weakly typed.
-  return (jax.jit(functools.partial(ref, hparams=hparams)),
-          jax.jit(functools.partial(fused, hparams=hparams)))
+  hparams = (
+      jnp.float32(b1),
+      jnp.asarray(b2),
+      jnp.float32(eps),
+      jnp.float32(eps_root),
+  )  # jnp.asarray(0.999) is weakly typed.
+  return (
+      jax.jit(functools.partial(ref, hparams=hparams)),
+      jax.jit(functools.partial(fused, hparams=hparams)),
+  )
 
 
 def run_case(name):
   """Runs a case on both paths, each fed its own outputs; mismatch counts."""
-  shape, g_dtype, mu_dtype, nu_dtype, b1, stochastic, steps, options = (
-      CASES[name])
+  shape, g_dtype, mu_dtype, nu_dtype, b1, stochastic, steps, options = CASES[
+      name
+  ]
   ref, fused = step_fns(b1, stochastic, options)
   rng = np.random.default_rng(zlib.crc32(name.encode()))
 
   def init(dtype, scale):
     return jnp.asarray(scale * rng.standard_normal(shape), dtype)
 
-  state = (None if b1 == 0 else init(mu_dtype, 0.1), init(mu_dtype, 0.1),
-           jnp.abs(init(nu_dtype, 0.01)))
+  state = (
+      None if b1 == 0 else init(mu_dtype, 0.1),
+      init(mu_dtype, 0.1),
+      jnp.abs(init(nu_dtype, 0.01)),
+  )
   ref_state = fused_state = state
   total = [0, 0, 0, 0]
   for t in range(1, steps + 1):

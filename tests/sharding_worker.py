@@ -29,15 +29,28 @@ SPECS = {
 SHAPES = {'w': (8, 6), 'b': (4,), 'scale': (3,), 'v': (5, 4), 'r': (12, 2)}
 CONFIGS = {
     'warmup_decay': dict(
-        learning_rate=1e-2, b3=0.999, alpha=8.0, weight_decay=0.1,
+        learning_rate=1e-2,
+        b3=0.999,
+        alpha=8.0,
+        weight_decay=0.1,
         t_alpha_beta3=3,
-        mask={'w': True, 'b': False, 'scale': False, 'v': True, 'r': True}),
+        mask={'w': True, 'b': False, 'scale': False, 'v': True, 'r': True},
+    ),
     'b1_zero_bf16': dict(
-        learning_rate=1e-2, b1=0.0, b3=0.99, mu_dtype=jnp.bfloat16,
-        weight_decay=0.01, t_alpha_beta3=4),
+        learning_rate=1e-2,
+        b1=0.0,
+        b3=0.99,
+        mu_dtype=jnp.bfloat16,
+        weight_decay=0.01,
+        t_alpha_beta3=4,
+    ),
     'bf16_all': dict(
-        learning_rate=1e-2, b3=0.99, mu_dtype=jnp.bfloat16,
-        nu_dtype=jnp.bfloat16, t_alpha_beta3=4),
+        learning_rate=1e-2,
+        b3=0.99,
+        mu_dtype=jnp.bfloat16,
+        nu_dtype=jnp.bfloat16,
+        t_alpha_beta3=4,
+    ),
 }
 STEPS = 5
 
@@ -50,20 +63,28 @@ def spec_list(spec, ndim):
 
 def specs_of(tree):
   """Each leaf's partition spec as a list; 'single' on one device."""
-  return {k: spec_list(x.sharding.spec, len(x.shape))
-          if hasattr(x.sharding, 'spec') else 'single'
-          for k, x in tree.items()}
+  return {
+      k: spec_list(x.sharding.spec, len(x.shape))
+      if hasattr(x.sharding, 'spec')
+      else 'single'
+      for k, x in tree.items()
+  }
 
 
 def loss(params):
-  return sum(jnp.sum(jnp.sin(3.0 * p) + 0.5 * jnp.square(p - 0.25))
-             for p in jax.tree.leaves(params))
+  return sum(
+      jnp.sum(jnp.sin(3.0 * p) + 0.5 * jnp.square(p - 0.25))
+      for p in jax.tree.leaves(params)
+  )
 
 
 def buffers(state):
   inner = state[0]
-  return {k: getattr(inner, k) for k in ('m', 'm1', 'm2', 'nu')
-          if getattr(inner, k, None) is not None}
+  return {
+      k: getattr(inner, k)
+      for k in ('m', 'm1', 'm2', 'nu')
+      if getattr(inner, k, None) is not None
+  }
 
 
 def host(tree):
@@ -92,11 +113,16 @@ def run_shard_map(tx, params, mesh, specs):
 
   state = jax.jit(tx.init)(params)
   state_specs = jax.tree.map(
-      lambda x: x.sharding.spec, state,
-      is_leaf=lambda x: isinstance(x, jax.Array))
+      lambda x: x.sharding.spec,
+      state,
+      is_leaf=lambda x: isinstance(x, jax.Array),
+  )
   update = jax.shard_map(
-      local_update, mesh=mesh, in_specs=(specs, state_specs, specs),
-      out_specs=(specs, state_specs))
+      local_update,
+      mesh=mesh,
+      in_specs=(specs, state_specs, specs),
+      out_specs=(specs, state_specs),
+  )
   step = jax.jit(lambda p, s: update(jax.grad(loss)(p), s, p))
   for _ in range(STEPS):
     params, state = step(params, state)
@@ -104,14 +130,22 @@ def run_shard_map(tx, params, mesh, specs):
 
 
 def max_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64)
-                                 - np.asarray(y, np.float64)), initial=0.0))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+      float(
+          np.max(
+              np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)),
+              initial=0.0,
+          )
+      )
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def equal(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(
+      np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def nnx_specs(mesh, kwargs):
@@ -122,29 +156,39 @@ def nnx_specs(mesh, kwargs):
 
     def __init__(self, rngs):
       self.dense = nnx.Linear(
-          8, 6, rngs=rngs,
+          8,
+          6,
+          rngs=rngs,
           kernel_init=nnx.with_partitioning(
-              nnx.initializers.lecun_normal(), ('data', 'model')),
+              nnx.initializers.lecun_normal(), ('data', 'model')
+          ),
           bias_init=nnx.with_partitioning(
-              nnx.initializers.zeros_init(), ('model',)))
+              nnx.initializers.zeros_init(), ('model',)
+          ),
+      )
 
   @nnx.jit
   def create():
     model = Model(nnx.Rngs(0))
     state = nnx.state(model)
-    nnx.update(model, jax.lax.with_sharding_constraint(
-        state, nnx.get_partition_spec(state)))
+    nnx.update(
+        model,
+        jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)),
+    )
     return model
 
   def by_path(tree):
     leaves = jax.tree_util.tree_leaves_with_path(
-        tree, is_leaf=lambda x: isinstance(x, P))
+        tree, is_leaf=lambda x: isinstance(x, P)
+    )
     return {jax.tree_util.keystr(k): spec_list(v, 2) for k, v in leaves}
 
   def arrays_by_path(tree):
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {jax.tree_util.keystr(k): spec_list(v.sharding.spec, v.ndim)
-            for k, v in leaves}
+    return {
+        jax.tree_util.keystr(k): spec_list(v.sharding.spec, v.ndim)
+        for k, v in leaves
+    }
 
   with jax.set_mesh(mesh):
     model = create()
@@ -157,24 +201,31 @@ def nnx_specs(mesh, kwargs):
     for path, spec in params.items():
       keys = [k for k in opt_specs if f"'{field}'" in k and k.endswith(path)]
       if keys:
-        out[f'{field}{path}'] = [spec, opt_specs[keys[0]],
-                                 opt_arrays[keys[0]]]
+        out[f'{field}{path}'] = [spec, opt_specs[keys[0]], opt_arrays[keys[0]]]
   return out
 
 
 def element_indices(mesh):
   """The rounding indices that shard_map hands each element of (8, 6)."""
   from ademamix_optax import _leaves  # pylint: disable=g-import-not-at-top
+
   x = jax.device_put(jnp.zeros((8, 6)), NamedSharding(mesh, P('data', 'model')))
   out = {}
   for name, spec in (('default', None), ('with_spec', P('data', 'model'))):
-    fn = jax.shard_map(lambda g, spec=spec: _leaves.element_index(g, spec),
-                       mesh=mesh, in_specs=P('data', 'model'),
-                       out_specs=P('data', 'model'))
+    fn = jax.shard_map(
+        lambda g, spec=spec: _leaves.element_index(g, spec),
+        mesh=mesh,
+        in_specs=P('data', 'model'),
+        out_specs=P('data', 'model'),
+    )
     out[name] = np.asarray(jax.jit(fn)(x)).tolist()
   replicated = jax.shard_map(
-      lambda g: _leaves.element_index(g, None)[None], mesh=mesh,
-      in_specs=P(), out_specs=P(('data', 'model')), check_vma=False)
+      lambda g: _leaves.element_index(g, None)[None],
+      mesh=mesh,
+      in_specs=P(),
+      out_specs=P(('data', 'model')),
+      check_vma=False,
+  )
   out['replicated'] = np.asarray(jax.jit(replicated)(x)).tolist()
   return out
 
@@ -182,18 +233,22 @@ def element_indices(mesh):
 def main():
   strict_xla.apply_warning_filters()
   rng = np.random.default_rng(0)
-  data = {k: rng.standard_normal(s).astype(np.float32)
-          for k, s in SHAPES.items()}
+  data = {
+      k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()
+  }
   out = {'num_devices': jax.device_count(), 'configs': {}}
-  auto = jax.make_mesh((4, 2), ('data', 'model'),
-                       axis_types=(AxisType.Auto,) * 2)
-  explicit = jax.make_mesh((4, 2), ('data', 'model'),
-                           axis_types=(AxisType.Explicit,) * 2)
+  auto = jax.make_mesh(
+      (4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2
+  )
+  explicit = jax.make_mesh(
+      (4, 2), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2
+  )
   for name, kwargs in CONFIGS.items():
     res = out['configs'][name] = {}
     tx = amx.ademamix(**kwargs)
-    ref_params, ref_state, _ = run_jit(tx, jax.device_put(data,
-                                                          jax.devices()[0]))
+    ref_params, ref_state, _ = run_jit(
+        tx, jax.device_put(data, jax.devices()[0])
+    )
     reference = (ref_params, buffers(ref_state))
 
     for mesh_name, mesh in (('auto', auto), ('explicit', explicit)):
@@ -210,16 +265,18 @@ def main():
       r['step_param_specs'] = specs_of(final)
       r['count'] = int(state[0].count)
       r['equal_to_single_device'] = equal((final, buffers(state)), reference)
-      r['diff_to_single_device'] = max_diff((final, buffers(state)),
-                                            reference)
-      abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32,
-                                          sharding=shardings[k])
-                  for k, s in SHAPES.items()}
+      r['diff_to_single_device'] = max_diff((final, buffers(state)), reference)
+      abstract = {
+          k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=shardings[k])
+          for k, s in SHAPES.items()
+      }
       r['abstract_init_specs'] = {
-          f: specs_of(t) for f, t in buffers(tx.init(abstract)).items()}
+          f: specs_of(t) for f, t in buffers(tx.init(abstract)).items()
+      }
       r['eval_shape_specs'] = {
           f: specs_of(t)
-          for f, t in buffers(jax.eval_shape(tx.init, abstract)).items()}
+          for f, t in buffers(jax.eval_shape(tx.init, abstract)).items()
+      }
       if ctx is not None:
         ctx.__exit__(None, None, None)
 
@@ -231,35 +288,52 @@ def main():
     res['shard_map_specs_equal'] = equal((final, buffers(state)), reference)
     final, state = run_shard_map(tx, params, auto, SPECS)
     res['shard_map_default_diff'] = {
-        k: max_diff((final[k], {f: t[k] for f, t in buffers(state).items()}),
-                    (reference[0][k],
-                     {f: t[k] for f, t in reference[1].items()}))
-        for k in SHAPES}
+        k: max_diff(
+            (final[k], {f: t[k] for f, t in buffers(state).items()}),
+            (reference[0][k], {f: t[k] for f, t in reference[1].items()}),
+        )
+        for k in SHAPES
+    }
     # Within each sharded leaf, do two shards hold bitwise-equal blocks of m2?
     # They would where all shards drew the same bits.
     res['nnx'] = nnx_specs(
-        auto, {k: v for k, v in kwargs.items() if k != 'mask'})
-    abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=shardings[k])
-                for k, s in SHAPES.items()}
+        auto, {k: v for k, v in kwargs.items() if k != 'mask'}
+    )
+    abstract = {
+        k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=shardings[k])
+        for k, s in SHAPES.items()
+    }
     compiled = jax.jit(tx.init).lower(abstract).compile()
     res['lowered_init_specs'] = {
         f: {k: spec_list(x.spec, len(SHAPES[k])) for k, x in t.items()}
-        for f, t in buffers(compiled.output_shardings).items()}
+        for f, t in buffers(compiled.output_shardings).items()
+    }
     m2 = buffers(state)['m2']
     res['shard_map_m2'] = host(m2)
     res['reference_m2'] = host(reference[1]['m2'])
   out['indices'] = element_indices(auto)
   # Simplified AdEMAMix shares the machinery: the same guarantee in shard_map.
-  kwargs = dict(learning_rate=1e-2, b1=0.99, alpha=2.0, t_b1=4,
-                mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
-  ref_params, ref_state, _ = run_jit(amx.simplified_ademamix(**kwargs),
-                                     jax.device_put(data, jax.devices()[0]))
+  kwargs = dict(
+      learning_rate=1e-2,
+      b1=0.99,
+      alpha=2.0,
+      t_b1=4,
+      mu_dtype=jnp.bfloat16,
+      nu_dtype=jnp.bfloat16,
+  )
+  ref_params, ref_state, _ = run_jit(
+      amx.simplified_ademamix(**kwargs), jax.device_put(data, jax.devices()[0])
+  )
   shardings = {k: NamedSharding(auto, s) for k, s in SPECS.items()}
   final, state = run_shard_map(
       amx.simplified_ademamix(**kwargs, partition_specs=SPECS),
-      jax.device_put(data, shardings), auto, SPECS)
-  out['simplified_shard_map_equal'] = equal((final, state[0]),
-                                            (ref_params, ref_state[0]))
+      jax.device_put(data, shardings),
+      auto,
+      SPECS,
+  )
+  out['simplified_shard_map_equal'] = equal(
+      (final, state[0]), (ref_params, ref_state[0])
+  )
   print(json.dumps(out))
 
 

@@ -82,8 +82,10 @@ class SimplifiedAdEMAMixReference:
     (round-to-nearest: the exact value, up to the storage precision)."""
     if t_b1 and not callable(b1):
       b1_const = float(b1)
+
       def b1(t):
         return beta3_warmup_np(t, b1_const, t_b1, b1_start)
+
     self.b1 = _as_schedule(b1)
     self.b2 = float(b2)
     self.alpha = _as_schedule(alpha)
@@ -98,8 +100,10 @@ class SimplifiedAdEMAMixReference:
     if mask is None:
       mask = _map(lambda p: True, params)
     self.mask = mask
+
     def zeros(p):
       return np.zeros(np.shape(p), dtype=np.float64)
+
     self.m = _map(zeros, params)
     self.nu = _map(zeros, params)
     self.s = 0.0

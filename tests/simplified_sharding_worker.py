@@ -35,21 +35,42 @@ SPECS = {
 SHAPES = {'w': (8, 6), 'b': (4,), 'scale': (3,), 'v': (5, 4), 'r': (12, 2)}
 CONFIGS = {
     'warmup_bc_decay': dict(
-        learning_rate=1e-2, b1=0.999, alpha=4.0, t_b1=3,
-        bias_correction1=True, weight_decay=0.1,
-        mask={'w': True, 'b': False, 'scale': False, 'v': True, 'r': True}),
+        learning_rate=1e-2,
+        b1=0.999,
+        alpha=4.0,
+        t_b1=3,
+        bias_correction1=True,
+        weight_decay=0.1,
+        mask={'w': True, 'b': False, 'scale': False, 'v': True, 'r': True},
+    ),
     'bf16': dict(
-        learning_rate=1e-2, b1=0.99, alpha=2.0, t_b1=4,
-        mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+        learning_rate=1e-2,
+        b1=0.99,
+        alpha=2.0,
+        t_b1=4,
+        mu_dtype=jnp.bfloat16,
+        nu_dtype=jnp.bfloat16,
+    ),
 }
 STEPS = 5
 HINT_SHAPES = {'big': (200, 130), 'mid': (40, 33), 'vec': (7,), 'scalar': ()}
 HINT_CONFIGS = {
     'constant': dict(learning_rate=1e-3, alpha=2.0),
-    'warmup_bc': dict(learning_rate=1e-3, b1=0.999, alpha=4.0, t_b1=10,
-                      bias_correction1=True, weight_decay=0.1),
-    'bf16_all': dict(learning_rate=1e-3, b1=0.999, t_b1=5,
-                     mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+    'warmup_bc': dict(
+        learning_rate=1e-3,
+        b1=0.999,
+        alpha=4.0,
+        t_b1=10,
+        bias_correction1=True,
+        weight_decay=0.1,
+    ),
+    'bf16_all': dict(
+        learning_rate=1e-3,
+        b1=0.999,
+        t_b1=5,
+        mu_dtype=jnp.bfloat16,
+        nu_dtype=jnp.bfloat16,
+    ),
 }
 
 
@@ -60,14 +81,19 @@ def spec_list(spec, ndim):
 
 
 def specs_of(tree):
-  return {k: spec_list(x.sharding.spec, x.ndim)
-          if hasattr(x.sharding, 'spec') else 'single'
-          for k, x in tree.items()}
+  return {
+      k: spec_list(x.sharding.spec, x.ndim)
+      if hasattr(x.sharding, 'spec')
+      else 'single'
+      for k, x in tree.items()
+  }
 
 
 def loss(params):
-  return sum(jnp.sum(jnp.sin(3.0 * p) + 0.5 * jnp.square(p - 0.25))
-             for p in jax.tree.leaves(params))
+  return sum(
+      jnp.sum(jnp.sin(3.0 * p) + 0.5 * jnp.square(p - 0.25))
+      for p in jax.tree.leaves(params)
+  )
 
 
 def buffers(state):
@@ -103,14 +129,27 @@ def cpu_hints():
   """Per config: how many leaves (over all steps) differ with the hints."""
   rng = np.random.default_rng(1)
   device = jax.devices()[0]
-  params = jax.device_put({k: rng.standard_normal(s).astype(np.float32)
-                           for k, s in HINT_SHAPES.items()}, device)
-  grads = [jax.device_put({k: rng.standard_normal(s).astype(np.float32)
-                           for k, s in HINT_SHAPES.items()}, device)
-           for _ in range(STEPS)]
+  params = jax.device_put(
+      {
+          k: rng.standard_normal(s).astype(np.float32)
+          for k, s in HINT_SHAPES.items()
+      },
+      device,
+  )
+  grads = [
+      jax.device_put(
+          {
+              k: rng.standard_normal(s).astype(np.float32)
+              for k, s in HINT_SHAPES.items()
+          },
+          device,
+      )
+      for _ in range(STEPS)
+  ]
   txs = {k: amx.simplified_ademamix(**kw) for k, kw in HINT_CONFIGS.items()}
   txs['injected'] = optax.inject_hyperparams(amx.simplified_ademamix)(
-      learning_rate=1e-3, b1=0.99, alpha=2.0, t_b1=4)
+      learning_rate=1e-3, b1=0.99, alpha=2.0, t_b1=4
+  )
   hinted = {k: hint_bits(tx, params, grads) for k, tx in txs.items()}
   platform_dependent = jax.lax.platform_dependent
   jax.lax.platform_dependent = lambda *a, default, **kw: default(*a)
@@ -118,24 +157,31 @@ def cpu_hints():
     plain = {k: hint_bits(tx, params, grads) for k, tx in txs.items()}
   finally:
     jax.lax.platform_dependent = platform_dependent
-  return {k: {'leaves': len(hinted[k]),
-              'differ': sum(a != b for a, b in zip(hinted[k], plain[k]))}
-          for k in txs}
+  return {
+      k: {
+          'leaves': len(hinted[k]),
+          'differ': sum(a != b for a, b in zip(hinted[k], plain[k])),
+      }
+      for k in txs
+  }
 
 
 def main():
   strict_xla.apply_warning_filters()
   rng = np.random.default_rng(0)
-  data = {k: rng.standard_normal(s).astype(np.float32)
-          for k, s in SHAPES.items()}
-  mesh = jax.make_mesh((4, 2), ('data', 'model'),
-                       axis_types=(AxisType.Auto,) * 2)
+  data = {
+      k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()
+  }
+  mesh = jax.make_mesh(
+      (4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2
+  )
   out = {'num_devices': jax.device_count(), 'configs': {}}
   for name, kwargs in CONFIGS.items():
     tx = amx.simplified_ademamix(**kwargs)
     ref_params, ref_state, _ = run(tx, jax.device_put(data, jax.devices()[0]))
     params = jax.device_put(
-        data, {k: NamedSharding(mesh, s) for k, s in SPECS.items()})
+        data, {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+    )
     final, state, init_specs = run(tx, params)
     got = jax.tree.leaves((final, buffers(state), state[0].s))
     want = jax.tree.leaves((ref_params, buffers(ref_state), ref_state[0].s))
@@ -147,10 +193,18 @@ def main():
         'count': int(state[0].count),
         'equal_to_single_device': all(
             np.array_equal(np.asarray(a), np.asarray(b))
-            for a, b in zip(got, want)),
-        'diff': max(float(np.max(np.abs(np.asarray(a, np.float64)
-                                        - np.asarray(b, np.float64))))
-                    for a, b in zip(got, want)),
+            for a, b in zip(got, want)
+        ),
+        'diff': max(
+            float(
+                np.max(
+                    np.abs(
+                        np.asarray(a, np.float64) - np.asarray(b, np.float64)
+                    )
+                )
+            )
+            for a, b in zip(got, want)
+        ),
     }
   out['cpu_hints'] = cpu_hints()
   print(json.dumps(out))

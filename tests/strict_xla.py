@@ -27,8 +27,10 @@ def fma_contraction_off() -> bool:
   """Whether a contractible expression gives the same bits eagerly (one op
   at a time) and jitted (fused): true under the flags on x86."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal(4096), jnp.float32)
+
   def probe(x):
     return (1 - 0.9) * x + 0.9 * (x * x)
+
   return bool((np.asarray(probe(x)) == np.asarray(jax.jit(probe)(x))).all())
 
 
@@ -41,14 +43,15 @@ def apply_warning_filters() -> None:
   """
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, 'pyproject.toml'), 'rb') as f:
-    entries = tomllib.load(f)['tool']['pytest']['ini_options'][
-        'filterwarnings']
+    entries = tomllib.load(f)['tool']['pytest']['ini_options']['filterwarnings']
   for entry in entries:
     action, _, category, module = (entry.split(':') + ['', '', ''])[:4]
     if action == 'ignore':
       warnings.filterwarnings(
-          'ignore', category=getattr(builtins, category or 'Warning'),
-          module=module)
+          'ignore',
+          category=getattr(builtins, category or 'Warning'),
+          module=module,
+      )
 
 
 def run_worker(module_file: str, devices: int = 1) -> dict:
@@ -62,11 +65,16 @@ def run_worker(module_file: str, devices: int = 1) -> dict:
     flags += f' --xla_force_host_platform_device_count={devices}'
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(
-      [root, env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+  env['PYTHONPATH'] = os.pathsep.join([root, env.get('PYTHONPATH', '')]).rstrip(
+      os.pathsep
+  )
   out = subprocess.run(
-      [sys.executable, '-W', 'error', os.path.abspath(module_file),
-       '--worker'], env=env,
-      capture_output=True, text=True, timeout=600, check=False)
+      [sys.executable, '-W', 'error', os.path.abspath(module_file), '--worker'],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert out.returncode == 0, out.stderr[-5000:]
   return json.loads(out.stdout.strip().splitlines()[-1])

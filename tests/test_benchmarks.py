@@ -17,8 +17,14 @@ pytestmark = pytest.mark.slow
 # Bytes per parameter of the parameter-sized state buffers: float32 m1, m2,
 # nu (12); no m1 (8); bfloat16 m1, m2 (4 + 2 + 2); all three bfloat16 (6).
 STATE_BYTES = {
-    'contrib': 12, 'ours': 12, 'ours_warmup': 12, 'ours_b1_0': 8,
-    'ours_bf16': 8, 'ours_bf16_nu': 6, 'adamw': 8, step_time.CONTROL: 8,
+    'contrib': 12,
+    'ours': 12,
+    'ours_warmup': 12,
+    'ours_b1_0': 8,
+    'ours_bf16': 8,
+    'ours_bf16_nu': 6,
+    'adamw': 8,
+    step_time.CONTROL: 8,
 }
 
 
@@ -48,8 +54,7 @@ def test_step_time_cases_and_json(step_results):
   names = [c['name'] for c in results['cases']]
   assert names == ['8 tiny leaves', '64K, 1 leaf', '64K, 20 leaves']
   for case in results['cases']:
-    assert [r['key'] for r in case['rows']] == [step_time.AXPY,
-                                                *step_time.KEYS]
+    assert [r['key'] for r in case['rows']] == [step_time.AXPY, *step_time.KEYS]
     assert case['rounds'] == 7
     assert all(len(r['times_s']) == 7 for r in case['rows'])
   assert saved == json.loads(json.dumps(results))
@@ -65,8 +70,7 @@ def test_step_time_state_and_ideal_bytes(step_results):
     assert rows[step_time.AXPY]['ideal_bytes_per_param'] == 12
 
 
-def test_step_time_compiles_each_copy_once_and_never_while_timing(
-    step_results):
+def test_step_time_compiles_each_copy_once_and_never_while_timing(step_results):
   for case in step_results[0]['cases']:
     # Small cases: two copies of each step, each compiled at its first call
     # (a copy that shared the first's jitted function would hit its cache).
@@ -80,8 +84,7 @@ def test_step_time_ratios_are_per_round(step_results):
     rows = _rows(case)
     for ref, field in (('adamw', 'x_adamw'), ('contrib', 'x_contrib')):
       for r in case['rows']:
-        expected = [a / b for a, b in zip(r['times_s'],
-                                          rows[ref]['times_s'])]
+        expected = [a / b for a, b in zip(r['times_s'], rows[ref]['times_s'])]
         assert r[field] == pytest.approx(expected, rel=1e-12)
 
 
@@ -140,8 +143,9 @@ def test_memory_quick(tmp_path):
 
 
 def test_compile_time_quick(tmp_path):
-  result = compile_time.main(['--quick', '--rounds', '2',
-                              '--out', str(tmp_path)])
+  result = compile_time.main(
+      ['--quick', '--rounds', '2', '--out', str(tmp_path)]
+  )
   assert json.loads((tmp_path / 'compile_time.json').read_text()) == result
   assert result['n_leaves'] == 20
   # Every round compiled every step afresh: nothing came from a cache.
@@ -151,7 +155,8 @@ def test_compile_time_quick(tmp_path):
     assert min(r['lower_s']) > 0
     contrib = result['rows'][0]
     assert r['x_contrib_compile'] == [
-        a / b for a, b in zip(r['compile_s'], contrib['compile_s'])]
+        a / b for a, b in zip(r['compile_s'], contrib['compile_s'])
+    ]
   table = compile_time.markdown(result)
   for key in C.OPTIMIZERS:
     assert f'\n| {C.label(key)} | ' in table

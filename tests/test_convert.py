@@ -51,11 +51,15 @@ _PAIRS = {
     ),
     'adamw_mask_schedule': (
         lambda: optax.adamw(
-            optax.cosine_decay_schedule(1e-2, 100), weight_decay=0.1,
-            mask=_mask),
+            optax.cosine_decay_schedule(1e-2, 100), weight_decay=0.1, mask=_mask
+        ),
         lambda: amx.ademamix(
-            optax.cosine_decay_schedule(1e-2, 100), b3=0.999, alpha=2.0,
-            weight_decay=0.1, mask=_mask),
+            optax.cosine_decay_schedule(1e-2, 100),
+            b3=0.999,
+            alpha=2.0,
+            weight_decay=0.1,
+            mask=_mask,
+        ),
     ),
     'adam_to_no_decay': (
         lambda: optax.adam(1e-2),
@@ -64,8 +68,11 @@ _PAIRS = {
     'adam_to_masked_decay': (
         lambda: optax.adam(optax.linear_schedule(1e-2, 1e-3, 50)),
         lambda: amx.ademamix(
-            optax.linear_schedule(1e-2, 1e-3, 50), alpha=1.0,
-            weight_decay=0.1, mask=_mask),
+            optax.linear_schedule(1e-2, 1e-3, 50),
+            alpha=1.0,
+            weight_decay=0.1,
+            mask=_mask,
+        ),
     ),
     'b1_zero_target': (
         lambda: optax.adamw(1e-2, weight_decay=0.1),
@@ -73,8 +80,9 @@ _PAIRS = {
     ),
     'bf16_target': (
         lambda: optax.adamw(1e-2, weight_decay=0.1),
-        lambda: amx.ademamix(1e-2, alpha=2.0, mu_dtype=jnp.bfloat16,
-                             weight_decay=0.1),
+        lambda: amx.ademamix(
+            1e-2, alpha=2.0, mu_dtype=jnp.bfloat16, weight_decay=0.1
+        ),
     ),
 }
 
@@ -110,8 +118,10 @@ def test_values(name):
     assert core.m1 is None
   else:
     jax.tree.map(
-        lambda a, b: np.testing.assert_array_equal(
-            a, b.astype(a.dtype)), core.m1, adam.mu)
+        lambda a, b: np.testing.assert_array_equal(a, b.astype(a.dtype)),
+        core.m1,
+        adam.mu,
+    )
   jax.tree.map(np.testing.assert_array_equal, core.nu, adam.nu)
   for leaf in jax.tree.leaves(core.m2):
     assert not np.any(np.asarray(leaf, np.float32))
@@ -125,8 +135,9 @@ def test_values(name):
 def test_first_update_matches_hand_computation(b1):
   lr, b2, b3, alpha, eps, wd = 1e-2, 0.999, 0.999, 2.0, 1e-8, 0.1
   params, adam_state = _adam_run(optax.adamw(lr, weight_decay=wd))
-  tx = amx.ademamix(lr, b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps,
-                    weight_decay=wd)
+  tx = amx.ademamix(
+      lr, b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=wd
+  )
   state = amx.adam_state_to_ademamix(adam_state, tx, params)
   grads = jax.grad(_loss)(params, 7)
   updates, _ = tx.update(grads, state, params)
@@ -147,7 +158,9 @@ def test_first_update_matches_hand_computation(b1):
   # float32 rounding of 1 - b2**t (about 0.008 here) limits the agreement.
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8),
-      updates, want)
+      updates,
+      want,
+  )
 
 
 def test_alpha_zero_continues_adamw_exactly():
@@ -161,7 +174,9 @@ def test_alpha_zero_continues_adamw_exactly():
   got, _ = _train(tx, params, state, 10, start=10)
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-      got, want)
+      got,
+      want,
+  )
 
 
 def test_under_jit():
@@ -179,7 +194,8 @@ def test_abstract_params_are_enough():
   params, adam_state = _adam_run(optax.adamw(1e-2))
   tx = amx.ademamix(1e-2)
   abstract = jax.tree.map(
-      lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+      lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params
+  )
   got = amx.adam_state_to_ademamix(adam_state, tx, abstract)
   assert jax.tree.structure(got) == jax.tree.structure(tx.init(params))
 
@@ -211,7 +227,8 @@ def test_error_on_mismatched_params():
     amx.adam_state_to_ademamix(adam_state, amx.ademamix(1e-2), other)
   with pytest.raises(ValueError, match='tree structure'):
     amx.adam_state_to_ademamix(
-        adam_state, amx.ademamix(1e-2), {'w': params['w']})
+        adam_state, amx.ademamix(1e-2), {'w': params['w']}
+    )
 
 
 def test_error_on_schedule_on_one_side_only():
@@ -220,7 +237,8 @@ def test_error_on_schedule_on_one_side_only():
   with pytest.raises(ValueError, match='learning-rate schedule'):
     amx.adam_state_to_ademamix(adam_state, tx, params)
   params, adam_state = _adam_run(
-      optax.adamw(optax.cosine_decay_schedule(1e-2, 100)))
+      optax.adamw(optax.cosine_decay_schedule(1e-2, 100))
+  )
   with pytest.raises(ValueError, match='learning-rate schedule'):
     amx.adam_state_to_ademamix(adam_state, amx.ademamix(1e-2), params)
 

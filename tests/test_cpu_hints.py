@@ -23,11 +23,19 @@ import ademamix_optax as amx
 @pytest.fixture(scope='module')
 def result():
   return strict_xla.run_worker(
-      os.path.join(os.path.dirname(__file__), 'cpu_hints_worker.py'))
+      os.path.join(os.path.dirname(__file__), 'cpu_hints_worker.py')
+  )
 
 
-CONFIGS = ('float32', 'warmups', 'b1_zero', 'bf16_mu', 'bf16_all',
-           'float16_mu', 'injected')
+CONFIGS = (
+    'float32',
+    'warmups',
+    'b1_zero',
+    'bf16_mu',
+    'bf16_all',
+    'float16_mu',
+    'injected',
+)
 
 
 @pytest.mark.parametrize('config', CONFIGS)

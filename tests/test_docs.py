@@ -42,7 +42,7 @@ def public_names():
 
 
 def _api_page(module_name, name):
-  prefix = module_name[len('ademamix_optax'):].lstrip('.')
+  prefix = module_name[len('ademamix_optax') :].lstrip('.')
   return f'api/{prefix}.{name}.html' if prefix else f'api/{name}.html'
 
 
@@ -56,8 +56,10 @@ def docs_html(tmp_path_factory):
     return path
   missing = [p for p in _DOCS_PACKAGES if importlib.util.find_spec(p) is None]
   if missing:
-    pytest.skip(f'the docs extra is not installed ({", ".join(missing)} '
-                "missing): pip install -e '.[docs]'")
+    pytest.skip(
+        f'the docs extra is not installed ({", ".join(missing)} '
+        "missing): pip install -e '.[docs]'"
+    )
   if os.environ.get('PYTEST_XDIST_WORKER'):
     # The workers of one run share the parent of their temporary folders:
     # the first to get there builds, the others wait for it and read it.
@@ -73,9 +75,27 @@ def _build(folder):
   if done.exists():
     return out
   proc = subprocess.run(
-      [sys.executable, '-m', 'sphinx', '-E', '-W', '--keep-going', '-q',
-       '-b', 'html', '-d', str(folder / 'doctrees'), str(DOCS), str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+      [
+          sys.executable,
+          '-m',
+          'sphinx',
+          '-E',
+          '-W',
+          '--keep-going',
+          '-q',
+          '-b',
+          'html',
+          '-d',
+          str(folder / 'doctrees'),
+          str(DOCS),
+          str(out),
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   done.touch()
   return out
@@ -103,13 +123,16 @@ def test_every_public_name_has_an_api_page(docs_html):
   assert ('ademamix_optax', 'scale_by_ademamix') in names
   index_links = {
       attrs.get('href', '').split('#')[0]
-      for tag, attrs in _tags(docs_html / 'api' / 'index.html') if tag == 'a'}
+      for tag, attrs in _tags(docs_html / 'api' / 'index.html')
+      if tag == 'a'
+  }
   for module_name, name in names:
     page = docs_html / _api_page(module_name, name)
     assert page.is_file(), f'{module_name}.{name}: no page {page}'
     ids = {attrs.get('id') for _, attrs in _tags(page)}
-    assert f'{module_name}.{name}' in ids, (
-        f'{page} does not document {module_name}.{name}')
+    assert (
+        f'{module_name}.{name}' in ids
+    ), f'{page} does not document {module_name}.{name}'
     assert page.name in index_links, f'the API index does not link {page}'
 
 
@@ -131,8 +154,9 @@ def test_pages_load_nothing_from_the_network(docs_html):
         url = attrs.get(attr) or ''
         if tag == 'a' or not url:
           continue  # A link is followed by the reader, not loaded.
-        assert not url.startswith(('http:', 'https:', '//')), (
-            f'{page.relative_to(docs_html)}: <{tag} {attr}="{url}">')
+        assert not url.startswith(
+            ('http:', 'https:', '//')
+        ), f'{page.relative_to(docs_html)}: <{tag} {attr}="{url}">'
         if tag == 'script' and 'mathjax' in url.lower():
           mathjax.append((page, url))
   # MathJax is there, as a local file, on the pages with math.
@@ -147,15 +171,17 @@ def test_pages_load_nothing_from_the_network(docs_html):
 
 def _load_extension():
   spec = importlib.util.spec_from_file_location(
-      'amx_docs', DOCS / '_ext' / 'amx_docs.py')
+      'amx_docs', DOCS / '_ext' / 'amx_docs.py'
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
 def test_docstring_checks_catch_what_is_missing():
-  pytest.importorskip('sphinx', reason="needs the docs extra: pip install "
-                      "-e '.[docs]'")
+  pytest.importorskip(
+      'sphinx', reason='needs the docs extra: pip install ' "-e '.[docs]'"
+  )
   amx_docs = _load_extension()
 
   def documented(a, b=1):
@@ -181,9 +207,11 @@ def test_docstring_checks_catch_what_is_missing():
 
   assert not amx_docs.docstring_problems('documented', documented)
   assert amx_docs.docstring_problems('half', half_documented) == [
-      'The docstring of half does not document b, c in its Args: section.']
+      'The docstring of half does not document b, c in its Args: section.'
+  ]
   assert amx_docs.docstring_problems('none', undocumented) == [
-      'none is public (in __all__) but has no docstring.']
+      'none is public (in __all__) but has no docstring.'
+  ]
   for module_name, name in public_names():
     obj = getattr(importlib.import_module(module_name), name)
     assert not amx_docs.docstring_problems(name, obj), name
@@ -197,14 +225,19 @@ def test_docstring_checks_catch_what_is_missing():
     Attributes:
       x: Documented.
     """
+
     x: int
     y: int
 
   assert amx_docs.docstring_problems('Bare', Bare) == [
-      'Bare is public (in __all__) but has no docstring.']
-  assert amx_docs.docstring_problems('Partial', Partial) == [(
-      'The docstring of Partial does not document y in its Attributes: '
-      'section.')]
+      'Bare is public (in __all__) but has no docstring.'
+  ]
+  assert amx_docs.docstring_problems('Partial', Partial) == [
+      (
+          'The docstring of Partial does not document y in its Attributes: '
+          'section.'
+      )
+  ]
 
 
 def test_readme_says_how_to_build_the_site():

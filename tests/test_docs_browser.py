@@ -26,20 +26,26 @@ import pytest
 from test_docs import docs_html  # noqa: F401  # pylint: disable=unused-import
 
 _FLAGS = (
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
-    '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage', '--remote-debugging-pipe',
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    '--disable-dev-shm-usage',
+    '--remote-debugging-pipe',
     # Hermetic: no name resolves and every http(s) request goes to a closed
     # loopback port, so a page that wants the network fails instead.
-    '--host-resolver-rules=MAP * ~NOTFOUND', '--proxy-server=127.0.0.1:9',
+    '--host-resolver-rules=MAP * ~NOTFOUND',
+    '--proxy-server=127.0.0.1:9',
 )
 _PAGES = ('index.html', 'api/scale_by_ademamix.html')
 
 
 def _chromium():
-  for name in (os.environ.get('AMX_CHROMIUM'), 'chromium',
-               'chromium-browser'):
+  for name in (os.environ.get('AMX_CHROMIUM'), 'chromium', 'chromium-browser'):
     if name and shutil.which(name):
       return shutil.which(name)
   return None
@@ -56,12 +62,22 @@ class _Browser:
     # through Python's fork hooks, whose JAX warning is an error here.
     plumb = f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}'
     self._proc = subprocess.Popen(
-        [shutil.which('bash') or '/bin/bash', '-c', plumb, 'bash',
-         executable, *_FLAGS, f'--user-data-dir={user_data_dir}',
-         'about:blank'],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, pass_fds=(to_browser_r, from_browser_w),
-        start_new_session=True)
+        [
+            shutil.which('bash') or '/bin/bash',
+            '-c',
+            plumb,
+            'bash',
+            executable,
+            *_FLAGS,
+            f'--user-data-dir={user_data_dir}',
+            'about:blank',
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(to_browser_r, from_browser_w),
+        start_new_session=True,
+    )
     os.close(to_browser_r)
     os.close(from_browser_w)
     self._buffer = b''
@@ -122,7 +138,7 @@ class _Browser:
 
 
 # Waits for MathJax's first typesetting, then reports on the page.
-_INSPECT = r'''
+_INSPECT = r"""
 (async () => {
   const deadline = Date.now() + 30000;
   while (!(window.MathJax && MathJax.startup && MathJax.startup.promise)) {
@@ -140,35 +156,49 @@ _INSPECT = r'''
     text: document.body.innerText,
   };
 })()
-'''
+"""
 
 
 def _open(browser, url):
   target = browser.call('Target.createTarget', url='about:blank')['targetId']
   session = browser.call(
-      'Target.attachToTarget', targetId=target, flatten=True)['sessionId']
+      'Target.attachToTarget', targetId=target, flatten=True
+  )['sessionId']
   for domain in ('Page', 'Runtime', 'Log', 'Network'):
     browser.call(f'{domain}.enable', session=session)
   browser.call('Page.navigate', session=session, url=url)
   browser.wait_for('Page.loadEventFired', session)
   report = browser.call(
-      'Runtime.evaluate', session=session, expression=_INSPECT,
-      awaitPromise=True, returnByValue=True, timeout=45.0)
+      'Runtime.evaluate',
+      session=session,
+      expression=_INSPECT,
+      awaitPromise=True,
+      returnByValue=True,
+      timeout=45.0,
+  )
   if 'exceptionDetails' in report:
     raise AssertionError(report['exceptionDetails'])
   # Let late console messages arrive.
-  browser.call('Runtime.evaluate', session=session,
-               expression='new Promise(r => setTimeout(r, 300))',
-               awaitPromise=True)
+  browser.call(
+      'Runtime.evaluate',
+      session=session,
+      expression='new Promise(r => setTimeout(r, 300))',
+      awaitPromise=True,
+  )
   problems, requests = [], []
   for event in browser.events:
     if event.get('sessionId') != session:
       continue
     method, params = event.get('method'), event.get('params', {})
     if method == 'Runtime.consoleAPICalled' and params['type'] in (
-        'error', 'assert'):
-      problems.append(' '.join(
-          str(a.get('value', a.get('description'))) for a in params['args']))
+        'error',
+        'assert',
+    ):
+      problems.append(
+          ' '.join(
+              str(a.get('value', a.get('description'))) for a in params['args']
+          )
+      )
     elif method == 'Runtime.exceptionThrown':
       problems.append(json.dumps(params['exceptionDetails'])[:500])
     elif method == 'Log.entryAdded' and params['entry']['level'] == 'error':
@@ -182,8 +212,10 @@ def _open(browser, url):
 def pages(docs_html):  # noqa: F811
   executable = _chromium()
   if executable is None:
-    pytest.skip('Chromium is not installed (apt-get install chromium; '
-                '.ci/run installs it where it can)')
+    pytest.skip(
+        'Chromium is not installed (apt-get install chromium; '
+        '.ci/run installs it where it can)'
+    )
   results = {}
   with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
     browser = _Browser(executable, profile)
@@ -218,6 +250,9 @@ def test_no_console_errors(pages, page):
 def test_only_local_files_are_loaded(pages, page):
   _, _, requests = pages[page]
   assert any('/_static/mathjax/tex-svg.js' in url for url in requests)
-  remote = [url for url in requests
-            if not url.startswith(('file://', 'data:', 'about:'))]
+  remote = [
+      url
+      for url in requests
+      if not url.startswith(('file://', 'data:', 'about:'))
+  ]
   assert not remote

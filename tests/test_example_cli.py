@@ -58,8 +58,12 @@ class _Config:
   hidden_field: int = 0
 
   def __post_init__(self):
-    cli.check_fields(self, integers=('steps', 'sizes'), positive=('steps',),
-                     fractions=('rate',))
+    cli.check_fields(
+        self,
+        integers=('steps', 'sizes'),
+        positive=('steps',),
+        fractions=('rate',),
+    )
 
 
 def _parse(argv: list[str]) -> _Config:
@@ -70,15 +74,42 @@ def _parse(argv: list[str]) -> _Config:
 
 def test_flags_follow_the_field_types():
   assert _parse([]) == _Config()
-  assert _parse(['--steps', '7', '--rate', '0.25', '--name', 'b',
-                 '--no-on', '--sizes', '4', '5', '6', '--pair', '2', '3',
-                 '--cap', '9', '--inner-width', '8']) == _Config(
-                     steps=7, rate=0.25, name='b', on=False, sizes=(4, 5, 6),
-                     pair=(2.0, 3.0), cap=9, inner=_Inner(width=8))
+  assert _parse(
+      [
+          '--steps',
+          '7',
+          '--rate',
+          '0.25',
+          '--name',
+          'b',
+          '--no-on',
+          '--sizes',
+          '4',
+          '5',
+          '6',
+          '--pair',
+          '2',
+          '3',
+          '--cap',
+          '9',
+          '--inner-width',
+          '8',
+      ]
+  ) == _Config(
+      steps=7,
+      rate=0.25,
+      name='b',
+      on=False,
+      sizes=(4, 5, 6),
+      pair=(2.0, 3.0),
+      cap=9,
+      inner=_Inner(width=8),
+  )
   assert _parse(['--on']).on is True
   # The underscore spelling of a flag still works.
-  assert _parse(['--top_k', '5']) == _parse(['--top-k', '5']) == _Config(
-      top_k=5)
+  assert (
+      _parse(['--top_k', '5']) == _parse(['--top-k', '5']) == _Config(top_k=5)
+  )
 
 
 def test_help_comes_from_the_docstring():
@@ -95,16 +126,19 @@ def test_help_comes_from_the_docstring():
   assert cli.field_docs(_Config)['cap'] == 'Optional.'
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--steps', 'x'], "argument --steps: invalid int value: 'x'"),
-    (['--steps', '0'], 'steps must be positive, got 0.'),
-    (['--rate', '1'], 'rate must be in (0, 1), got 1.0.'),
-    (['--rate', 'nan'], 'rate must be in (0, 1), got nan.'),
-    (['--name', 'c'], "argument --name: invalid choice: 'c'"),
-    (['--sizes'], 'argument --sizes: expected at least one argument'),
-    (['--pair', '1'], 'argument --pair: expected 2 arguments'),
-    (['--hidden-field', '1'], 'unrecognized arguments: --hidden-field'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--steps', 'x'], "argument --steps: invalid int value: 'x'"),
+        (['--steps', '0'], 'steps must be positive, got 0.'),
+        (['--rate', '1'], 'rate must be in (0, 1), got 1.0.'),
+        (['--rate', 'nan'], 'rate must be in (0, 1), got nan.'),
+        (['--name', 'c'], "argument --name: invalid choice: 'c'"),
+        (['--sizes'], 'argument --sizes: expected at least one argument'),
+        (['--pair', '1'], 'argument --pair: expected 2 arguments'),
+        (['--hidden-field', '1'], 'unrecognized arguments: --hidden-field'),
+    ],
+)
 def test_bad_values_are_usage_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
     _parse(argv)
@@ -114,23 +148,42 @@ def test_bad_values_are_usage_errors(argv, message, capsys):
   assert f'prog: error: {message}' in err
 
 
-_EXAMPLES = {'digits': digits, 'forgetting': forgetting,
-             'rosenbrock': rosenbrock, 'switching': switching}
+_EXAMPLES = {
+    'digits': digits,
+    'forgetting': forgetting,
+    'rosenbrock': rosenbrock,
+    'switching': switching,
+}
 
 
-@pytest.mark.parametrize('name, argv, message', [
-    ('digits', ['--steps', '-5'], 'steps must be positive, got -5.'),
-    ('digits', ['--eval-every', '7'], 'must be a multiple of eval_every=7'),
-    ('digits', ['--seeds', '0', '-1'], 'seeds must be >= 0, got (0, -1).'),
-    ('digits', ['--b3', '1'], 'b3 must be in [0, 1), got 1.0.'),
-    ('forgetting', ['--inject-at', '6000'], 'inject_at must be in'),
-    ('forgetting', ['--model-depth', '0'], 'depth must be positive, got 0.'),
-    ('forgetting', ['--val-fraction', '0'], 'val_fraction must be in (0, 1)'),
-    ('rosenbrock', ['--learning_rate', '-1'], 'learning_rate must be positive'),
-    ('rosenbrock', ['--start', '1'], 'argument --start: expected 2'),
-    ('switching', ['--switch-at', '123'], 'switch_at must be multiples'),
-    ('switching', ['--scratch', 'yes'], 'unrecognized arguments: yes'),
-])
+@pytest.mark.parametrize(
+    'name, argv, message',
+    [
+        ('digits', ['--steps', '-5'], 'steps must be positive, got -5.'),
+        ('digits', ['--eval-every', '7'], 'must be a multiple of eval_every=7'),
+        ('digits', ['--seeds', '0', '-1'], 'seeds must be >= 0, got (0, -1).'),
+        ('digits', ['--b3', '1'], 'b3 must be in [0, 1), got 1.0.'),
+        ('forgetting', ['--inject-at', '6000'], 'inject_at must be in'),
+        (
+            'forgetting',
+            ['--model-depth', '0'],
+            'depth must be positive, got 0.',
+        ),
+        (
+            'forgetting',
+            ['--val-fraction', '0'],
+            'val_fraction must be in (0, 1)',
+        ),
+        (
+            'rosenbrock',
+            ['--learning_rate', '-1'],
+            'learning_rate must be positive',
+        ),
+        ('rosenbrock', ['--start', '1'], 'argument --start: expected 2'),
+        ('switching', ['--switch-at', '123'], 'switch_at must be multiples'),
+        ('switching', ['--scratch', 'yes'], 'unrecognized arguments: yes'),
+    ],
+)
 def test_bad_example_flags_are_usage_errors(name, argv, message, capsys):
   module = _EXAMPLES[name]
 
@@ -145,30 +198,47 @@ def test_bad_example_flags_are_usage_errors(name, argv, message, capsys):
   assert message in err
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--steps', '-3'], 'steps must be positive, got -3.'),
-    (['--mesh', 'data=x'], "argument --mesh: wants data=N,model=M"),
-    (['--mesh', 'model=0'], 'mesh_model must be positive, got 0.'),
-    (['--mesh', 'data=3,model=1'], 'does not cover the'),
-    (['--optimizers', 'sgd'], "argument --optimizers: invalid choice: 'sgd'"),
-    (['--optimizers'], 'expected at least one argument'),
-    (['--state-dtype', 'float8'], "invalid choice: 'float8'"),
-    (['--b3', '1.5'], 'b3 must be in [0, 1), got 1.5.'),
-    (['--lr', 'nan'], 'lr must be positive, got nan.'),
-    (['--heads', '3'], 'heads=3 must divide d_model=32.'),
-    (['--batch', '0'], 'batch must be positive, got 0.'),
-    (['--stop-after', '0'], "--stop-after: expected a positive integer"),
-    (['--data', '/nonexistent/corpus.txt'], 'Cannot read the data file'),
-    (['--config', 'huge'], "argument --config: invalid choice: 'huge'"),
-    (['--process-id', '1'], '--process-id needs --distributed.'),
-    (['--distributed', '--num-processes', '2'], 'give all three or none'),
-    (['--distributed', '--coordinator-address', 'localhost'],
-     'wants HOST:PORT'),
-    (['--distributed', '--coordinator-address', '127.0.0.1:1234',
-      '--num-processes', '2', '--process-id', '2'],
-     '--process-id 2 must be below --num-processes 2.'),
-    (['--process-id', '-1'], 'expected an integer >= 0'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--steps', '-3'], 'steps must be positive, got -3.'),
+        (['--mesh', 'data=x'], 'argument --mesh: wants data=N,model=M'),
+        (['--mesh', 'model=0'], 'mesh_model must be positive, got 0.'),
+        (['--mesh', 'data=3,model=1'], 'does not cover the'),
+        (
+            ['--optimizers', 'sgd'],
+            "argument --optimizers: invalid choice: 'sgd'",
+        ),
+        (['--optimizers'], 'expected at least one argument'),
+        (['--state-dtype', 'float8'], "invalid choice: 'float8'"),
+        (['--b3', '1.5'], 'b3 must be in [0, 1), got 1.5.'),
+        (['--lr', 'nan'], 'lr must be positive, got nan.'),
+        (['--heads', '3'], 'heads=3 must divide d_model=32.'),
+        (['--batch', '0'], 'batch must be positive, got 0.'),
+        (['--stop-after', '0'], '--stop-after: expected a positive integer'),
+        (['--data', '/nonexistent/corpus.txt'], 'Cannot read the data file'),
+        (['--config', 'huge'], "argument --config: invalid choice: 'huge'"),
+        (['--process-id', '1'], '--process-id needs --distributed.'),
+        (['--distributed', '--num-processes', '2'], 'give all three or none'),
+        (
+            ['--distributed', '--coordinator-address', 'localhost'],
+            'wants HOST:PORT',
+        ),
+        (
+            [
+                '--distributed',
+                '--coordinator-address',
+                '127.0.0.1:1234',
+                '--num-processes',
+                '2',
+                '--process-id',
+                '2',
+            ],
+            '--process-id 2 must be below --num-processes 2.',
+        ),
+        (['--process-id', '-1'], 'expected an integer >= 0'),
+    ],
+)
 def test_bad_lm_flags_are_usage_errors(argv, message, capsys, tmp_path):
   with pytest.raises(SystemExit) as exit_info:
     lm_main.main(['--config', 'tiny', '--workdir', str(tmp_path)] + argv)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 @pytest.mark.slow
 def test_tiny_run(tmp_path):
   config = digits.Config(
-      steps=30, eval_every=10, warmup_steps=2, width=8, seeds=(0,))
+      steps=30, eval_every=10, warmup_steps=2, width=8, seeds=(0,)
+  )
   results = digits.train_and_evaluate(config, tmp_path)
   for name in ('digits.json', 'digits.png', 'digits.md'):
     assert (tmp_path / name).stat().st_size > 0

@@ -15,8 +15,14 @@ pytestmark = pytest.mark.slow
 def test_tiny_run(tmp_path):
   config = forgetting.Config(
       model=byte_mlp.ModelConfig(context=8, embed=4, hidden=32, depth=1),
-      steps=40, inject_at=20, batch_size=32, learning_rate=1e-2,
-      warmup_steps=5, chunk=10, max_bytes=2**20)
+      steps=40,
+      inject_at=20,
+      batch_size=32,
+      learning_rate=1e-2,
+      warmup_steps=5,
+      chunk=10,
+      max_bytes=2**20,
+  )
   results = forgetting.train_and_evaluate(config, tmp_path)
   for name in ('forgetting.json', 'forgetting.png', 'forgetting.md'):
     assert (tmp_path / name).stat().st_size > 0

@@ -53,8 +53,10 @@ def _run_cli(argv: list[str]) -> tuple[dict, str]:
 
 
 def _flat(tree: Any) -> dict[str, np.ndarray]:
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      jax.tree_util.keystr(path): np.asarray(leaf)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 @pytest.fixture(scope='module')
@@ -66,12 +68,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 
 def test_tiny_config_is_derived_from_default():
-  changed = {f.name for f in dataclasses.fields(configs.Config)
-             if getattr(configs.TINY, f.name) != getattr(configs.DEFAULT,
-                                                         f.name)}
-  assert changed <= {'max_bytes', 'd_model', 'layers', 'heads', 'context',
-                     'steps', 'batch', 'eval_every', 'eval_batches',
-                     'log_every', 'checkpoint_every'}
+  changed = {
+      f.name
+      for f in dataclasses.fields(configs.Config)
+      if getattr(configs.TINY, f.name) != getattr(configs.DEFAULT, f.name)
+  }
+  assert changed <= {
+      'max_bytes',
+      'd_model',
+      'layers',
+      'heads',
+      'context',
+      'steps',
+      'batch',
+      'eval_every',
+      'eval_batches',
+      'log_every',
+      'checkpoint_every',
+  }
   assert configs.DEFAULT.resolved_b3 == 0.999
   long_run = dataclasses.replace(configs.DEFAULT, steps=100_000)
   assert long_run.resolved_b3 == 0.9999
@@ -86,32 +100,64 @@ def _config(argv: list[str]) -> configs.Config:
   parser = cli.make_parser()
   args = parser.parse_args(argv)
   return shared_cli.config_from_args(
-      parser, args, configs.CONFIGS[args.config],
-      **dict(zip(('mesh_data', 'mesh_model'), args.mesh or ())))
+      parser,
+      args,
+      configs.CONFIGS[args.config],
+      **dict(zip(('mesh_data', 'mesh_model'), args.mesh or ())),
+  )
 
 
 def test_cli_flags_override_config():
-  config = _config(['--steps', '7', '--d-model', '64', '--b3', '0.99',
-                    '--optimizers', 'ademamix', '--mesh', 'data=2,model=4',
-                    '--state-dtype', 'bfloat16', '--clip_norm', '2'])
+  config = _config(
+      [
+          '--steps',
+          '7',
+          '--d-model',
+          '64',
+          '--b3',
+          '0.99',
+          '--optimizers',
+          'ademamix',
+          '--mesh',
+          'data=2,model=4',
+          '--state-dtype',
+          'bfloat16',
+          '--clip_norm',
+          '2',
+      ]
+  )
   assert config == dataclasses.replace(
-      configs.DEFAULT, steps=7, d_model=64, b3=0.99,
-      optimizers=('ademamix',), mesh_data=2, mesh_model=4,
-      state_dtype='bfloat16', clip_norm=2.0)
-  assert _config(['--config', 'tiny', '--optimizers', 'ademamix', 'adamw',
-                  '--lr', '0.01']) == dataclasses.replace(
-                      configs.TINY, optimizers=('ademamix', 'adamw'),
-                      lr=0.01)
+      configs.DEFAULT,
+      steps=7,
+      d_model=64,
+      b3=0.99,
+      optimizers=('ademamix',),
+      mesh_data=2,
+      mesh_model=4,
+      state_dtype='bfloat16',
+      clip_norm=2.0,
+  )
+  assert _config(
+      ['--config', 'tiny', '--optimizers', 'ademamix', 'adamw', '--lr', '0.01']
+  ) == dataclasses.replace(
+      configs.TINY, optimizers=('ademamix', 'adamw'), lr=0.01
+  )
   # Every field but the mesh's (set by --mesh) has a flag.
   usage = cli.make_parser().format_usage()
-  missing = {f.name for f in dataclasses.fields(configs.Config)
-             if f'--{f.name.replace("_", "-")} ' not in usage}
+  missing = {
+      f.name
+      for f in dataclasses.fields(configs.Config)
+      if f'--{f.name.replace("_", "-")} ' not in usage
+  }
   assert missing == {'mesh_data', 'mesh_model'}
 
 
 def test_stdlib_split_is_by_file_and_deterministic(tmp_path):
-  for name, text in [('a.py', 'x = 1\n'), ('b/c.py', 'y = 2'),
-                     ('site-packages/d.py', 'z = 3\n')]:
+  for name, text in [
+      ('a.py', 'x = 1\n'),
+      ('b/c.py', 'y = 2'),
+      ('site-packages/d.py', 'z = 3\n'),
+  ]:
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text(text)
   assert corpus.list_python_files(tmp_path) == ['a.py', 'b/c.py']
@@ -123,8 +169,9 @@ def test_stdlib_split_is_by_file_and_deterministic(tmp_path):
   else:
     pytest.skip('no fraction separates the two files')
   text = corpus.load_stdlib(10**6, fraction, root=tmp_path)
-  val_text, train_text = ((b'x = 1\n', b'y = 2\n') if held[0]
-                          else (b'y = 2\n', b'x = 1\n'))
+  val_text, train_text = (
+      (b'x = 1\n', b'y = 2\n') if held[0] else (b'y = 2\n', b'x = 1\n')
+  )
   assert text.val_U8.tobytes() == val_text
   assert text.train_U8.tobytes() == train_text
 
@@ -134,30 +181,45 @@ def test_batches_are_a_pure_function_of_seed_and_index():
   a = corpus.train_batch(text_U8, seed=3, index=5, batch=4, context=8)
   assert a.shape == (4, 9) and a.dtype == np.uint8
   np.testing.assert_array_equal(
-      a, corpus.train_batch(text_U8, seed=3, index=5, batch=4, context=8))
+      a, corpus.train_batch(text_U8, seed=3, index=5, batch=4, context=8)
+  )
   assert not np.array_equal(
-      a, corpus.train_batch(text_U8, seed=3, index=6, batch=4, context=8))
+      a, corpus.train_batch(text_U8, seed=3, index=6, batch=4, context=8)
+  )
   assert not np.array_equal(
-      a, corpus.train_batch(text_U8, seed=4, index=5, batch=4, context=8))
+      a, corpus.train_batch(text_U8, seed=4, index=5, batch=4, context=8)
+  )
   # Windows are contiguous text.
   np.testing.assert_array_equal(np.diff(a.astype(np.int64), axis=1) % 256, 1)
 
 
 def test_fsdp_spec_and_decay_mask():
   assert train.fsdp_spec((256, 32), 2) == jax.sharding.PartitionSpec(
-      'model', None)
+      'model', None
+  )
   assert train.fsdp_spec((32, 128), 2) == jax.sharding.PartitionSpec(
-      None, 'model')
+      None, 'model'
+  )
   assert train.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
   assert train.fsdp_spec((), 2) == jax.sharding.PartitionSpec()
   assert train.fsdp_spec((64, 64), 1) == jax.sharding.PartitionSpec()
-  params = {'blocks': [{'mlp': {'up': {'kernel': 1, 'bias': 2}},
-                        'ln_mlp': {'scale': 3}}],
-            'embed': {'embedding': 4}, 'pos_embed': 5}
+  params = {
+      'blocks': [
+          {'mlp': {'up': {'kernel': 1, 'bias': 2}}, 'ln_mlp': {'scale': 3}}
+      ],
+      'embed': {'embedding': 4},
+      'pos_embed': 5,
+  }
   assert train.decay_mask(params) == {
-      'blocks': [{'mlp': {'up': {'kernel': True, 'bias': False}},
-                  'ln_mlp': {'scale': False}}],
-      'embed': {'embedding': False}, 'pos_embed': False}
+      'blocks': [
+          {
+              'mlp': {'up': {'kernel': True, 'bias': False}},
+              'ln_mlp': {'scale': False},
+          }
+      ],
+      'embed': {'embedding': False},
+      'pos_embed': False,
+  }
 
 
 def test_steps_to_reach():
@@ -192,16 +254,14 @@ def test_tiny_run_writes_table_json_and_plot(tiny_run):
     # The loss starts near ln(256) and goes down.
     assert abs(curves['train_loss'][0] - np.log(256)) < 0.2
     assert curves['val_loss'][-1] < curves['train_loss'][0]
-    assert curves['train_loss'] == result['runs'][name]['history'][
-        'train_loss']
+    assert curves['train_loss'] == result['runs'][name]['history']['train_loss']
   amx = payload['curves']['ademamix']
   assert amx['alpha'][-1] == 8.0 and amx['b3'][-1] == 0.999
   assert amx['alpha'][0] == pytest.approx(8.0 / steps)
   assert amx['b3'][0] < amx['b3'][-1]
   assert 'alpha' not in payload['curves']['adamw']
   # Same init and data: the first step's loss is the same for both.
-  assert (payload['curves']['adamw']['train_loss'][0]
-          == amx['train_loss'][0])
+  assert payload['curves']['adamw']['train_loss'][0] == amx['train_loss'][0]
 
 
 @pytest.mark.slow
@@ -209,8 +269,14 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, capsys):
   # In one process the compiled step is shared (train.make_program caches
   # it); across processes XLA compiles the same program to the same code.
   _, reference, _ = tiny_run
-  argv = ['--config', 'tiny', '--optimizers', 'ademamix',
-          '--workdir', str(tmp_path)]
+  argv = [
+      '--config',
+      'tiny',
+      '--optimizers',
+      'ademamix',
+      '--workdir',
+      str(tmp_path),
+  ]
   stopped, text = _run_cli(argv + ['--stop-after', '4'])
   assert 'continue with --resume' in text
   assert stopped['runs']['ademamix']['step'] == 4
@@ -219,7 +285,8 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, capsys):
     _run_cli(argv + ['--resume', '--lr', '0.1'])
   assert exit_info.value.code == 2
   assert 'Cannot resume: the config changed (lr: 0.001 -> 0.1)' in (
-      capsys.readouterr().err)
+      capsys.readouterr().err
+  )
   resumed, _ = _run_cli(argv + ['--resume'])
   run, ref = resumed['runs']['ademamix'], reference['runs']['ademamix']
   assert run['step'] == configs.TINY.steps
@@ -232,7 +299,7 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, capsys):
   assert (tmp_path / 'curves.json').exists()
 
 
-_MESH_SCRIPT = textwrap.dedent('''
+_MESH_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     import numpy as np
@@ -246,18 +313,29 @@ _MESH_SCRIPT = textwrap.dedent('''
     np.savez(sys.argv[2], **flat)
     with open(sys.argv[3], 'w') as f:
       json.dump({'history': run['history'], 'specs': run['specs']}, f)
-''')
+""")
 
 
 @pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_from_step_0(tiny_run, tmp_path):
   # A preemptible job passes --resume every time, the first one included.
   _, reference, _ = tiny_run
-  result, text = _run_cli(['--config', 'tiny', '--optimizers', 'ademamix',
-                           '--workdir', str(tmp_path), '--resume'])
+  result, text = _run_cli(
+      [
+          '--config',
+          'tiny',
+          '--optimizers',
+          'ademamix',
+          '--workdir',
+          str(tmp_path),
+          '--resume',
+      ]
+  )
   ckpt_dir = tmp_path / 'checkpoints' / 'ademamix'
-  assert (f'--resume: no checkpoint found in {ckpt_dir}; training starts '
-          'from step 0.') in text
+  assert (
+      f'--resume: no checkpoint found in {ckpt_dir}; training starts '
+      'from step 0.'
+  ) in text
   run, ref = result['runs']['ademamix'], reference['runs']['ademamix']
   assert run['history']['train_loss'] == ref['history']['train_loss']
   assert (tmp_path / 'curves.json').exists()
@@ -267,32 +345,52 @@ def test_resume_without_a_checkpoint_starts_from_step_0(tiny_run, tmp_path):
 def test_mesh_run_matches_single_device(tiny_run, tmp_path):
   _, reference, _ = tiny_run
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_force_host_platform_device_count=8').strip()
+  env['XLA_FLAGS'] = (
+      env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  ).strip()
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = os.pathsep.join(
-      filter(None, [str(_REPO), env.get('PYTHONPATH')]))
+      filter(None, [str(_REPO), env.get('PYTHONPATH')])
+  )
   npz, meta = tmp_path / 'params.npz', tmp_path / 'meta.json'
   proc = subprocess.run(
-      [sys.executable, '-c', _MESH_SCRIPT, str(tmp_path / 'work'), str(npz),
-       str(meta)],
-      cwd=_REPO, env=env, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          '-c',
+          _MESH_SCRIPT,
+          str(tmp_path / 'work'),
+          str(npz),
+          str(meta),
+      ],
+      cwd=_REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "'data': 4, 'model': 2" in proc.stdout
   got = json.loads(meta.read_text())
   ref = reference['runs']['ademamix']
   np.testing.assert_allclose(
-      got['history']['train_loss'], ref['history']['train_loss'], rtol=0,
-      atol=_MESH_LOSS_ATOL)
+      got['history']['train_loss'],
+      ref['history']['train_loss'],
+      rtol=0,
+      atol=_MESH_LOSS_ATOL,
+  )
   np.testing.assert_allclose(
-      got['history']['val_loss'], ref['history']['val_loss'], rtol=0,
-      atol=_MESH_LOSS_ATOL)
+      got['history']['val_loss'],
+      ref['history']['val_loss'],
+      rtol=0,
+      atol=_MESH_LOSS_ATOL,
+  )
   want = _flat(ref['params'])
   with np.load(npz) as params:
     assert set(params.files) == set(want)
     for key in want:
-      np.testing.assert_allclose(params[key], want[key], rtol=0,
-                                 atol=_MESH_PARAM_ATOL, err_msg=key)
+      np.testing.assert_allclose(
+          params[key], want[key], rtol=0, atol=_MESH_PARAM_ATOL, err_msg=key
+      )
   # Every moment of the optimizer is sharded like its parameter, and the
   # parameters follow the largest-divisible-dimension rule.
   specs = got['specs']
@@ -300,26 +398,41 @@ def test_mesh_run_matches_single_device(tiny_run, tmp_path):
   for path, spec in specs.items():
     if not path.startswith('model'):
       continue
-    param = path[len('model'):]
+    param = path[len('model') :]
     shape = want[param.removesuffix('.value')].shape
     assert spec == train.spec_entries(train.fsdp_spec(shape, 2), len(shape))
     sharded += 'model' in spec
-    moments = [p for p in specs if p.startswith('optimizer')
-               and p.endswith(param)]
+    moments = [
+        p for p in specs if p.startswith('optimizer') and p.endswith(param)
+    ]
     assert len(moments) == 3, (path, moments)  # m1, m2, nu.
     for moment in moments:
       assert specs[moment] == spec, moment
   assert sharded > 0
 
 
-@pytest.mark.parametrize('state_dtype, expected', [
-    ('float32', {}),
-    ('bfloat16', {'mu_dtype': jnp.bfloat16, 'nu_dtype': jnp.bfloat16,
-                  'stochastic_rounding': True}),
-    ('bfloat16-nearest', {'mu_dtype': jnp.bfloat16,
-                          'nu_dtype': jnp.bfloat16,
-                          'stochastic_rounding': False}),
-])
+@pytest.mark.parametrize(
+    'state_dtype, expected',
+    [
+        ('float32', {}),
+        (
+            'bfloat16',
+            {
+                'mu_dtype': jnp.bfloat16,
+                'nu_dtype': jnp.bfloat16,
+                'stochastic_rounding': True,
+            },
+        ),
+        (
+            'bfloat16-nearest',
+            {
+                'mu_dtype': jnp.bfloat16,
+                'nu_dtype': jnp.bfloat16,
+                'stochastic_rounding': False,
+            },
+        ),
+    ],
+)
 def test_state_dtype_reaches_the_optimizers(state_dtype, expected):
   config = dataclasses.replace(configs.TINY, state_dtype=state_dtype)
   assert train._state_dtype_kwargs(config, amx.ademamix) == expected
@@ -328,6 +441,7 @@ def test_state_dtype_reaches_the_optimizers(state_dtype, expected):
   # The optimizer state really is stored that way.
   tx = train.make_optimizer('ademamix', config)
   state = tx.init({'w': jnp.ones((4, 4))})
-  dtypes = {x.dtype for x in jax.tree.leaves(state)
-            if getattr(x, 'ndim', 0) == 2}
+  dtypes = {
+      x.dtype for x in jax.tree.leaves(state) if getattr(x, 'ndim', 0) == 2
+  }
   assert dtypes == {jnp.dtype(expected.get('mu_dtype', jnp.float32))}

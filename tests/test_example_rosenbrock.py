@@ -15,8 +15,12 @@ pytestmark = pytest.mark.slow
 @pytest.mark.slow
 def test_tiny_run(tmp_path):
   config = rosenbrock.Config(
-      steps=1000, learning_rate=1e-2, sweep_learning_rates=(1e-2,),
-      checkpoints=(100, 1000), tolerances=(1.0,))
+      steps=1000,
+      learning_rate=1e-2,
+      sweep_learning_rates=(1e-2,),
+      checkpoints=(100, 1000),
+      tolerances=(1.0,),
+  )
   results = rosenbrock.train_and_evaluate(config, tmp_path)
   for name in ('rosenbrock.json', 'rosenbrock.png', 'rosenbrock.md'):
     assert (tmp_path / name).stat().st_size > 0

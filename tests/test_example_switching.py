@@ -14,9 +14,15 @@ pytestmark = pytest.mark.slow
 
 _TINY = switching.Config(
     model=byte_mlp.ModelConfig(context=8, embed=4, hidden=16, depth=1),
-    steps=40, batch_size=32, learning_rate=1e-2, warmup_steps=5,
-    switch_at=(20,), eval_every=10, eval_windows=256,
-    max_bytes=2**20)
+    steps=40,
+    batch_size=32,
+    learning_rate=1e-2,
+    warmup_steps=5,
+    switch_at=(20,),
+    eval_every=10,
+    eval_windows=256,
+    max_bytes=2**20,
+)
 
 
 @pytest.mark.slow
@@ -32,8 +38,9 @@ def test_tiny_run(tmp_path):
     assert np.all(np.isfinite(val))
   assert runs['AdamW -> AdEMAMix @ 20']['step'] == [30, 40]
   # Training helps: below the uniform 8 bits = ln(256) nats, and improving.
-  assert runs['AdamW']['val_loss'][-1] < min(np.log(256.0),
-                                             runs['AdamW']['val_loss'][0])
+  assert runs['AdamW']['val_loss'][-1] < min(
+      np.log(256.0), runs['AdamW']['val_loss'][0]
+  )
 
 
 @pytest.mark.slow
@@ -44,4 +51,6 @@ def test_switching_with_alpha_zero_continues_adamw(tmp_path):
   runs = switching.train_and_evaluate(config, tmp_path)['runs']
   np.testing.assert_allclose(
       runs['AdamW -> AdEMAMix @ 20']['val_loss'],
-      runs['AdamW']['val_loss'][2:], rtol=1e-4)
+      runs['AdamW']['val_loss'][2:],
+      rtol=1e-4,
+  )

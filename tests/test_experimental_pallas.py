@@ -49,14 +49,22 @@ X64_CASES = pallas_worker.X64_CASES
 INTERPRET_WARNING = pallas_worker.INTERPRET_WARNING
 
 pytestmark = pytest.mark.filterwarnings(
-    f'ignore:{INTERPRET_WARNING}:RuntimeWarning')
+    f'ignore:{INTERPRET_WARNING}:RuntimeWarning'
+)
 
 
 def _scalars(t, b1=0.9, b3=0.999, alpha=5.0):
   return _update.StepScalars(
-      count=t, m1=_update.ema_decay(b1), m2=_update.ema_decay(b3),
-      nu=_update.ema_decay(0.999), alpha=alpha, bc1=1 - b1**t,
-      bc2=1 - 0.999**t, eps=1e-8, eps_root=0.0)
+      count=t,
+      m1=_update.ema_decay(b1),
+      m2=_update.ema_decay(b3),
+      nu=_update.ema_decay(0.999),
+      alpha=alpha,
+      bc1=1 - b1**t,
+      bc2=1 - 0.999**t,
+      eps=1e-8,
+      eps_root=0.0,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -65,11 +73,13 @@ def strict_results():
 
 
 @pytest.mark.parametrize(
-    'name', [*CASES, *(name + '_x64' for name in X64_CASES)])
+    'name', [*CASES, *(name + '_x64' for name in X64_CASES)]
+)
 def test_bit_identical_to_reference(strict_results, name):
   if not strict_results['strict']:
-    pytest.skip('cannot turn FMA contraction off on this CPU '
-                f'({platform.machine()})')
+    pytest.skip(
+        'cannot turn FMA contraction off on this CPU ' f'({platform.machine()})'
+    )
   # Mismatching elements over all steps, per output (update, m1, m2, nu).
   assert strict_results[name] == [0, 0, 0, 0]
 
@@ -81,8 +91,9 @@ def test_default_flags_within_an_ulp():
   shape = (37, 29)
   ref, fused = pallas_worker.step_fns(0.9, True, dict(block_size=256))
   rng = np.random.default_rng(1)
-  g, m1, m2, nu = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                   for _ in range(4))
+  g, m1, m2, nu = (
+      jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4)
+  )
   nu = jnp.abs(nu)
   a = ref(g, m1, m2, nu, jnp.int32(3))
   b = fused(g, m1, m2, nu, jnp.int32(3))
@@ -98,22 +109,44 @@ def test_dtypes_and_shapes_like_reference():
   nu = jnp.zeros(shape, jnp.float32)
   s = _scalars(jnp.int32(1))
   out = experimental.fused_leaf_update(
-      g, m, m, nu, s, leaf=0, stochastic=True, interpret=True, block_size=16)
+      g, m, m, nu, s, leaf=0, stochastic=True, interpret=True, block_size=16
+  )
   assert [(x.shape, x.dtype) for x in out] == [
-      (shape, BF16), (shape, BF16), (shape, BF16), (shape, jnp.float32)]
+      (shape, BF16),
+      (shape, BF16),
+      (shape, BF16),
+      (shape, jnp.float32),
+  ]
   out = experimental.fused_leaf_update(
-      g, None, m, nu, _scalars(jnp.int32(1), b1=0.0), leaf=0,
-      stochastic=True, interpret=True)
+      g,
+      None,
+      m,
+      nu,
+      _scalars(jnp.int32(1), b1=0.0),
+      leaf=0,
+      stochastic=True,
+      interpret=True,
+  )
   assert out[1] is None
   assert [(x.shape, x.dtype) for x in (out[0], out[2], out[3])] == [
-      (shape, BF16), (shape, BF16), (shape, jnp.float32)]
+      (shape, BF16),
+      (shape, BF16),
+      (shape, jnp.float32),
+  ]
 
 
 def test_empty_leaf_uses_reference():
   z = jnp.zeros((0, 3), jnp.float32)
   out = experimental.fused_leaf_update(
-      z, z, z, z, _scalars(jnp.int32(1)), leaf=0, stochastic=True,
-      interpret=True)
+      z,
+      z,
+      z,
+      z,
+      _scalars(jnp.int32(1)),
+      leaf=0,
+      stochastic=True,
+      interpret=True,
+  )
   assert all(x.shape == (0, 3) for x in out)
 
 
@@ -121,9 +154,18 @@ def test_donated_state_is_updated_in_place():
   shape = (300,)
   step = jax.jit(
       lambda g, m1, m2, nu, t: experimental.fused_leaf_update(
-          g, m1, m2, nu, _scalars(t), leaf=0, stochastic=True,
-          interpret=True, block_size=128),
-      donate_argnums=(1, 2, 3))
+          g,
+          m1,
+          m2,
+          nu,
+          _scalars(t),
+          leaf=0,
+          stochastic=True,
+          interpret=True,
+          block_size=128,
+      ),
+      donate_argnums=(1, 2, 3),
+  )
   g = jnp.ones(shape)
   m1, m2, nu = (jnp.zeros(shape, BF16) for _ in range(3))
   with warnings.catch_warnings():
@@ -146,9 +188,18 @@ def test_kernel_supports():
 
 def _lower(platform_, shape, **kwargs):
   """The step lowered for ``platform_``, with the default interpret=None."""
-  fn = jax.jit(lambda g, m1, m2, nu, t, alpha: experimental.fused_leaf_update(
-      g, m1, m2, nu, _scalars(t, b3=0.9999, alpha=alpha), leaf=1,
-      stochastic=True, **kwargs))
+  fn = jax.jit(
+      lambda g, m1, m2, nu, t, alpha: experimental.fused_leaf_update(
+          g,
+          m1,
+          m2,
+          nu,
+          _scalars(t, b3=0.9999, alpha=alpha),
+          leaf=1,
+          stochastic=True,
+          **kwargs,
+      )
+  )
   g = jnp.ones(shape, jnp.float32)
   m = jnp.ones(shape, BF16)
   # A weakly typed traced alpha, as a schedule may return.
@@ -193,13 +244,19 @@ def test_lowers_to_mosaic(shape, monkeypatch):
   assert text.count('output_operand_alias<') == 3  # m1, m2, nu in place.
 
 
-@pytest.mark.parametrize('config', [
-    dict(),
-    dict(b1=0.0, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
-])
+@pytest.mark.parametrize(
+    'config',
+    [
+        dict(),
+        dict(b1=0.0, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+    ],
+)
 def test_alias_matches_xla(config):
-  params = {'a': jnp.linspace(-1.0, 1.0, 300).reshape(10, 30),
-            'b': jnp.ones((7,)), 'c': jnp.array(0.3)}
+  params = {
+      'a': jnp.linspace(-1.0, 1.0, 300).reshape(10, 30),
+      'b': jnp.ones((7,)),
+      'c': jnp.array(0.3),
+  }
   finals = []
   for make in (amx.ademamix, experimental.ademamix_pallas):
     tx = make(1e-2, t_alpha_beta3=10, weight_decay=0.1, **config)
@@ -213,8 +270,7 @@ def test_alias_matches_xla(config):
     p, state = params, tx.init(params)
     for k in range(15):
       p, state = step(p, state, jnp.float32(k))
-    finals.append(jax.tree.map(lambda x: np.asarray(x, np.float32),
-                               (p, state)))
+    finals.append(jax.tree.map(lambda x: np.asarray(x, np.float32), (p, state)))
   # Bit-exactness is checked above under strict XLA flags; with default
   # flags the two differ by FMA contraction only (observed <= 2e-7).
   for a, b in zip(*(jax.tree.leaves(f) for f in finals)):
@@ -227,17 +283,22 @@ def mesh_results():
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
   env['JAX_PLATFORMS'] = 'cpu'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(
-      [root, env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+  env['PYTHONPATH'] = os.pathsep.join([root, env.get('PYTHONPATH', '')]).rstrip(
+      os.pathsep
+  )
   # Warnings are errors, as in the tests themselves.
   proc = subprocess.run(
-      [sys.executable, '-W', 'error', pallas_mesh_worker.__file__,
-       '--worker'],
-      env=env, capture_output=True, text=True, timeout=600, check=False)
+      [sys.executable, '-W', 'error', pallas_mesh_worker.__file__, '--worker'],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-5000:]
   lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
   assert len(lines) == 1, proc.stdout[-5000:]
-  return json.loads(lines[0][len('RESULT '):])
+  return json.loads(lines[0][len('RESULT ') :])
 
 
 @pytest.mark.parametrize('config', ['f32', 'b1_zero_bf16'])
@@ -262,8 +323,9 @@ def test_auto_mesh_state_keeps_param_sharding(mesh_results, config):
     assert error <= (2.0**-7 if bf16 else 1e-6), (name, error)
 
 
-@pytest.mark.parametrize('where', ['shard_map', 'explicit_jit',
-                                   'explicit_eager'])
+@pytest.mark.parametrize(
+    'where', ['shard_map', 'explicit_jit', 'explicit_eager']
+)
 def test_refuses_shard_map_and_explicit_axes(mesh_results, where):
   res = mesh_results['refusals'][where]
   assert res['type'] == 'ValueError', res
@@ -276,21 +338,26 @@ def test_refuses_shard_map_and_explicit_axes(mesh_results, where):
 def test_grad_through_two_updates_matches_xla(b1):
   rng = np.random.default_rng(3)
   shape = (37, 29)  # Two blocks of 1024 with a ragged tail.
-  g1, g2, w1, w2 = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                    for _ in range(4))
+  g1, g2, w1, w2 = (
+      jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4)
+  )
 
   def loss(tx, g1, g2):
     u1, state = tx.update(g1, tx.init(g1))
     u2, state = tx.update(g2, state)
     moments = [x for x in (state.m1, state.m2, state.nu) if x is not None]
-    return (jnp.sum(w1 * u1) + jnp.sum(w2 * u2)
-            + sum(jnp.sum(jnp.sin(x)) for x in moments))
+    return (
+        jnp.sum(w1 * u1)
+        + jnp.sum(w2 * u2)
+        + sum(jnp.sum(jnp.sin(x)) for x in moments)
+    )
 
   results = []
   for make in (amx.scale_by_ademamix, experimental.scale_by_ademamix_pallas):
     tx = make(b1=b1, b3=0.999, t_alpha_beta3=10)
-    fn = jax.jit(jax.value_and_grad(lambda a, b, tx=tx: loss(tx, a, b),
-                                    argnums=(0, 1)))
+    fn = jax.jit(
+        jax.value_and_grad(lambda a, b, tx=tx: loss(tx, a, b), argnums=(0, 1))
+    )
     results.append(jax.tree.map(np.asarray, fn(g1, g2)))
   (value, grads), (value_p, grads_p) = results
   # The loss sums some 4000 terms of order 1, which partly cancel.
@@ -303,14 +370,18 @@ def test_grad_through_two_updates_matches_xla(b1):
   # largest derivative (observed: 2 ulps, 2.6e-7 of it).
   for x, y in zip(grads_p, grads):
     assert np.all(np.isfinite(x)) and np.abs(y).max() > 0
-    np.testing.assert_allclose(x, y, rtol=1e-6,
-                               atol=2e-6 * float(np.abs(y).max()))
+    np.testing.assert_allclose(
+        x, y, rtol=1e-6, atol=2e-6 * float(np.abs(y).max())
+    )
 
 
 def test_interpret_warning():
   _pallas._warned.clear()  # pylint: disable=protected-access
-  step = jax.jit(lambda g, t: experimental.fused_leaf_update(
-      g, g, g, g, _scalars(t), leaf=0, stochastic=True))
+  step = jax.jit(
+      lambda g, t: experimental.fused_leaf_update(
+          g, g, g, g, _scalars(t), leaf=0, stochastic=True
+      )
+  )
   g = jnp.ones((300,))
 
   def run(t):

@@ -23,11 +23,20 @@ TRAIN_KWARGS = dict(learning_rate=1e-2, b3=0.999, alpha=5.0, t_alpha_beta3=100)
 # rounded.
 CHECKPOINT_CONFIGS = {
     'default': dict(
-        learning_rate=1e-2, b3=0.999, alpha=5.0, weight_decay=1e-3,
-        t_alpha_beta3=40),
+        learning_rate=1e-2,
+        b3=0.999,
+        alpha=5.0,
+        weight_decay=1e-3,
+        t_alpha_beta3=40,
+    ),
     'b1_zero_bf16': dict(
-        learning_rate=3e-3, b1=0.0, b3=0.999, alpha=8.0,
-        mu_dtype=jnp.bfloat16, t_alpha_beta3=40),
+        learning_rate=3e-3,
+        b1=0.0,
+        b3=0.999,
+        alpha=8.0,
+        mu_dtype=jnp.bfloat16,
+        t_alpha_beta3=40,
+    ),
 }
 CHECKPOINT_PARAMS = ['default', 'b1_zero_bf16']
 
@@ -61,7 +70,8 @@ def _linen_state(kwargs, seed=0):
   x, _ = _data()
   params = model.init(jax.random.key(seed), x)['params']
   return train_state.TrainState.create(
-      apply_fn=model.apply, params=params, tx=amx.ademamix(**kwargs))
+      apply_fn=model.apply, params=params, tx=amx.ademamix(**kwargs)
+  )
 
 
 @jax.jit
@@ -188,7 +198,8 @@ def test_nnx_checkpoint_resume_is_bit_identical(tmp_path, config):
   model, optimizer = _nnx_setup(kwargs, seed=1)
   target = jax.tree.map(
       ocp.utils.to_shape_dtype_struct,
-      {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)})
+      {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)},
+  )
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(tmp_path / 'step_20', target)
   nnx.update(model, restored['model'])
@@ -199,7 +210,8 @@ def test_nnx_checkpoint_resume_is_bit_identical(tmp_path, config):
 
   for _ in range(20):
     _nnx_step(model, optimizer, x, y)
-  _assert_trees_equal(nnx.state(model, nnx.Param),
-                      nnx.state(model_ref, nnx.Param))
+  _assert_trees_equal(
+      nnx.state(model, nnx.Param), nnx.state(model_ref, nnx.Param)
+  )
   _assert_trees_equal(nnx.state(optimizer), nnx.state(optimizer_ref))
   assert int(optimizer.step[...]) == 40

@@ -31,8 +31,19 @@ class _Reference:
     self.t = 0
 
   def step(
-      self, grad, param, *, lr, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0,
-      eps=1e-8, eps_root=0.0, weight_decay=0.0):
+      self,
+      grad,
+      param,
+      *,
+      lr,
+      b1=0.9,
+      b2=0.999,
+      b3=0.9999,
+      alpha=5.0,
+      eps=1e-8,
+      eps_root=0.0,
+      weight_decay=0.0,
+  ):
     """Returns the update (to add to the parameters) of the next step."""
     g = np.asarray(grad, np.float64)
     self.t += 1
@@ -54,8 +65,11 @@ def _b3_at(t, b3, steps, b_start):
   if t >= steps:
     return b3
   s = t / steps
-  log_b = math.log(b_start) * math.log(b3) / (
-      (1 - s) * math.log(b3) + s * math.log(b_start))
+  log_b = (
+      math.log(b_start)
+      * math.log(b3)
+      / ((1 - s) * math.log(b3) + s * math.log(b_start))
+  )
   return min(math.exp(log_b), b3)
 
 
@@ -67,8 +81,7 @@ def _f32(x):
 def _gradients(shape, steps, seed=0):
   rng = np.random.default_rng(seed)
   return [
-      jnp.asarray(rng.standard_normal(shape), jnp.float32)
-      for _ in range(steps)
+      jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(steps)
   ]
 
 
@@ -79,11 +92,19 @@ def _nbytes(tree):
 REFERENCE_CONFIGS = {
     'defaults': dict(learning_rate=1e-2),
     'all_set': dict(
-        learning_rate=3e-3, b1=0.8, b2=0.99, b3=0.995, alpha=3.0, eps=1e-6,
-        eps_root=1e-8, weight_decay=0.1),
+        learning_rate=3e-3,
+        b1=0.8,
+        b2=0.99,
+        b3=0.995,
+        alpha=3.0,
+        eps=1e-6,
+        eps_root=1e-8,
+        weight_decay=0.1,
+    ),
     'b1_zero': dict(learning_rate=1e-2, b1=0.0, b3=0.99, alpha=2.0),
     'warmup': dict(
-        learning_rate=1e-2, b1=0.9, b3=0.999, alpha=8.0, t_alpha_beta3=6),
+        learning_rate=1e-2, b1=0.9, b3=0.999, alpha=8.0, t_alpha_beta3=6
+    ),
 }
 
 
@@ -101,8 +122,9 @@ def test_matches_reference_algorithm(name):
     if steps is not None:
       hparams['alpha'] = _alpha_at(t, kwargs['alpha'], steps)
       hparams['b3'] = _b3_at(t, kwargs['b3'], steps, kwargs['b1'])
-    expected = reference.step(grads, params, lr=hparams.pop('learning_rate'),
-                              **hparams)
+    expected = reference.step(
+        grads, params, lr=hparams.pop('learning_rate'), **hparams
+    )
     updates, state = update(grads, state, params)
     np.testing.assert_allclose(updates, expected, rtol=2e-5, atol=2e-8)
     params = optax.apply_updates(params, updates)
@@ -112,7 +134,8 @@ def test_inject_hyperparams_alpha_and_b3_changed_mid_run():
   lr, alpha, b3 = 1e-2, 5.0, 0.999
   new_alpha, new_b3 = 2.0, 0.99
   tx = optax.inject_hyperparams(amx.ademamix)(
-      learning_rate=lr, alpha=alpha, b3=b3)
+      learning_rate=lr, alpha=alpha, b3=b3
+  )
   update = jax.jit(tx.update)
   params = jnp.asarray([0.5, -0.25, 1.0, 2.0], jnp.float32)
   state = tx.init(params)
@@ -122,7 +145,8 @@ def test_inject_hyperparams_alpha_and_b3_changed_mid_run():
   for grads in grads_seq[:5]:
     updates, state = update(grads, state, params)
     expected = reference.step(
-        grads, params, lr=_f32(lr), alpha=_f32(alpha), b3=_f32(b3))
+        grads, params, lr=_f32(lr), alpha=_f32(alpha), b3=_f32(b3)
+    )
     np.testing.assert_allclose(updates, expected, rtol=2e-5)
     params = optax.apply_updates(params, updates)
 
@@ -137,7 +161,8 @@ def test_inject_hyperparams_alpha_and_b3_changed_mid_run():
   # from the same inner state; and not the one with the old values.
   grads = grads_seq[5]
   same = dict(
-      learning_rate=_f32(lr), b1=_f32(0.9), b2=_f32(0.999), eps=_f32(1e-8))
+      learning_rate=_f32(lr), b1=_f32(0.9), b2=_f32(0.999), eps=_f32(1e-8)
+  )
   fresh = amx.ademamix(alpha=new_alpha, b3=_f32(new_b3), **same)
   stale = amx.ademamix(alpha=alpha, b3=_f32(b3), **same)
   expected_fresh, _ = jax.jit(fresh.update)(grads, state.inner_state, params)
@@ -149,7 +174,8 @@ def test_inject_hyperparams_alpha_and_b3_changed_mid_run():
     if i == 0:
       np.testing.assert_allclose(updates, expected_fresh, rtol=1e-6)
     expected = reference.step(
-        grads, params, lr=_f32(lr), alpha=new_alpha, b3=_f32(new_b3))
+        grads, params, lr=_f32(lr), alpha=new_alpha, b3=_f32(new_b3)
+    )
     np.testing.assert_allclose(updates, expected, rtol=2e-5)
     params = optax.apply_updates(params, updates)
   assert float(state.hyperparams['alpha']) == new_alpha
@@ -160,8 +186,14 @@ def test_inject_hyperparams_integer_warmup_length():
   kwargs = dict(learning_rate=1e-2, b3=0.999, alpha=8.0, t_alpha_beta3=8)
   tx_injected = optax.inject_hyperparams(amx.ademamix)(**kwargs)
   tx = amx.ademamix(
-      learning_rate=_f32(1e-2), b1=_f32(0.9), b2=_f32(0.999), b3=_f32(0.999),
-      alpha=8.0, eps=_f32(1e-8), t_alpha_beta3=8)
+      learning_rate=_f32(1e-2),
+      b1=_f32(0.9),
+      b2=_f32(0.999),
+      b3=_f32(0.999),
+      alpha=8.0,
+      eps=_f32(1e-8),
+      t_alpha_beta3=8,
+  )
   params = jnp.asarray([1.0, -2.0, 0.5], jnp.float32)
   state_injected = jax.jit(tx_injected.init)(params)
   steps = state_injected.hyperparams['t_alpha_beta3']
@@ -174,21 +206,31 @@ def test_inject_hyperparams_integer_warmup_length():
   for t, grads in enumerate(_gradients(params.shape, 12, seed=2), start=1):
     updates, state = update(grads, state, params)
     updates_injected, state_injected = update_injected(
-        grads, state_injected, params)
+        grads, state_injected, params
+    )
     np.testing.assert_allclose(updates_injected, updates, rtol=1e-5)
     expected = reference.step(
-        grads, params, lr=_f32(1e-2), b1=_f32(0.9), b2=_f32(0.999),
-        alpha=_alpha_at(t, 8.0, 8), b3=_b3_at(t, _f32(0.999), 8, _f32(0.9)))
+        grads,
+        params,
+        lr=_f32(1e-2),
+        b1=_f32(0.9),
+        b2=_f32(0.999),
+        alpha=_alpha_at(t, 8.0, 8),
+        b3=_b3_at(t, _f32(0.999), 8, _f32(0.9)),
+    )
     np.testing.assert_allclose(updates_injected, expected, rtol=2e-5)
     params = optax.apply_updates(params, updates)
   assert jnp.issubdtype(
-      state_injected.hyperparams['t_alpha_beta3'].dtype, jnp.integer)
+      state_injected.hyperparams['t_alpha_beta3'].dtype, jnp.integer
+  )
 
 
 def test_chain_with_clip_by_global_norm_matches_manual_clipping():
   max_norm = 1.0
+
   def make():
     return amx.ademamix(learning_rate=1e-2, b3=0.99, alpha=4.0)
+
   chained = optax.chain(optax.clip_by_global_norm(max_norm), make())
   tx = make()
   params = {'a': jnp.zeros((3,)), 'b': jnp.zeros((2, 2))}
@@ -200,8 +242,10 @@ def test_chain_with_clip_by_global_norm_matches_manual_clipping():
 
   grads_seq = []
   for scale in scales:
-    g = {k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32)
-         for k, p in params.items()}
+    g = {
+        k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32)
+        for k, p in params.items()
+    }
     grads_seq.append(scaled(g, scale / float(optax.tree.norm(g))))
 
   def run(tx, clip):
@@ -224,7 +268,8 @@ def test_chain_with_clip_by_global_norm_matches_manual_clipping():
   # Clipping matters: the result differs from the run without it.
   assert not all(
       np.allclose(a, b, rtol=1e-3)
-      for a, b in zip(jax.tree.leaves(by_chain), jax.tree.leaves(unclipped)))
+      for a, b in zip(jax.tree.leaves(by_chain), jax.tree.leaves(unclipped))
+  )
 
 
 def test_apply_if_finite_skips_nan_step_and_continues():
@@ -257,8 +302,10 @@ def test_apply_if_finite_skips_nan_step_and_continues():
   p_after, state_after = step(state, p, bad)
   for a, b in zip(jax.tree.leaves(p_after), jax.tree.leaves(p)):
     np.testing.assert_array_equal(a, b)
-  for a, b in zip(jax.tree.leaves(state_after.inner_state),
-                  jax.tree.leaves(state.inner_state)):
+  for a, b in zip(
+      jax.tree.leaves(state_after.inner_state),
+      jax.tree.leaves(state.inner_state),
+  ):
     np.testing.assert_array_equal(a, b)
   assert int(state_after.notfinite_count) == 1
   assert int(state_after.total_notfinite) == 1
@@ -275,14 +322,17 @@ def test_apply_if_finite_skips_nan_step_and_continues():
   assert int(state.inner_state[0].count) == 6
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_plain)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(state.inner_state),
-                  jax.tree.leaves(plain_state)):
+  for a, b in zip(
+      jax.tree.leaves(state.inner_state), jax.tree.leaves(plain_state)
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
-    'b1', (0.0, 0, np.float32(0.0), np.array(0.0)),
-    ids=('float', 'int', 'np_float32', 'np_0d'))
+    'b1',
+    (0.0, 0, np.float32(0.0), np.array(0.0)),
+    ids=('float', 'int', 'np_float32', 'np_0d'),
+)
 def test_zero_b1_holds_two_buffers(b1):
   params = {
       'w': jnp.ones((64, 32), jnp.float32),
@@ -334,11 +384,12 @@ def test_zero_b1_as_jax_array_keeps_buffer_with_same_updates():
         (jnp.float32, None, 0.9, jnp.float32, jnp.float32),
     ),
 )
-def test_state_dtypes_fixed_in_scan(param_dtype, mu_dtype, b1, m_dtype,
-                                    nu_dtype):
+def test_state_dtypes_fixed_in_scan(
+    param_dtype, mu_dtype, b1, m_dtype, nu_dtype
+):
   tx = amx.ademamix(
-      learning_rate=1e-2, b1=b1, b3=0.999, mu_dtype=mu_dtype,
-      t_alpha_beta3=20)
+      learning_rate=1e-2, b1=b1, b3=0.999, mu_dtype=mu_dtype, t_alpha_beta3=20
+  )
   target = {
       'v': jnp.asarray([1.0, -2.0, 3.0], param_dtype),
       'm': jnp.asarray([[0.5, 1.5], [-1.0, 0.25]], param_dtype),
@@ -348,7 +399,8 @@ def test_state_dtypes_fixed_in_scan(param_dtype, mu_dtype, b1, m_dtype,
   def loss(p):
     return sum(
         jnp.sum(jnp.square(p[k].astype(jnp.float32) - target[k]))
-        for k in target)
+        for k in target
+    )
 
   def body(carry, _):
     params, state = carry
@@ -360,7 +412,8 @@ def test_state_dtypes_fixed_in_scan(param_dtype, mu_dtype, b1, m_dtype,
 
   state = tx.init(params)
   (params, state), losses = jax.jit(
-      lambda c: jax.lax.scan(body, c, length=200))((params, state))
+      lambda c: jax.lax.scan(body, c, length=200)
+  )((params, state))
   inner = state[0]
   assert inner.count.dtype == jnp.int32 and int(inner.count) == 200
   if b1 == 0:
@@ -381,7 +434,8 @@ def test_eval_shape_and_abstract_init(b1):
       'b': jnp.ones((3,), jnp.float16),
   }
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params
+  )
 
   def layout(tree):
     return jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), tree)

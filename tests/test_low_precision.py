@@ -21,13 +21,24 @@ BF16 = jnp.bfloat16
 # Every narrow dtype the moments may be stored in (mu_dtype). nu_dtype accepts
 # only bfloat16 of these (see test_validation.py).
 NARROW_MU_DTYPES = (
-    BF16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e4m3fnuz,
-    jnp.float8_e5m2, jnp.float8_e5m2fnuz, jnp.float8_e4m3b11fnuz,
-    jnp.float8_e4m3, jnp.float8_e3m4)
+    BF16,
+    jnp.float16,
+    jnp.float8_e4m3fn,
+    jnp.float8_e4m3fnuz,
+    jnp.float8_e5m2,
+    jnp.float8_e5m2fnuz,
+    jnp.float8_e4m3b11fnuz,
+    jnp.float8_e4m3,
+    jnp.float8_e3m4,
+)
 # Every floating dtype jnp offers, sorted by what stochastic rounding does
 # with it: the ones above, and the ones refused at construction.
-REFUSED_DTYPES = (jnp.float8_e8m0fnu, jnp.float4_e2m1fn, jnp.float6_e2m3fn,
-                  jnp.float6_e3m2fn)
+REFUSED_DTYPES = (
+    jnp.float8_e8m0fnu,
+    jnp.float4_e2m1fn,
+    jnp.float6_e2m3fn,
+    jnp.float6_e3m2fn,
+)
 
 
 def _dtype_id(dtype):
@@ -36,8 +47,11 @@ def _dtype_id(dtype):
 
 def test_every_jnp_float_dtype_is_sorted():
   """A new narrow dtype in jnp must be tested here, or refused."""
-  names = {name for name in dir(jnp)
-           if name.startswith(('float', 'bfloat')) and name != 'float_power'}
+  names = {
+      name
+      for name in dir(jnp)
+      if name.startswith(('float', 'bfloat')) and name != 'float_power'
+  }
   narrow = set()
   for name in names:
     try:
@@ -50,12 +64,18 @@ def test_every_jnp_float_dtype_is_sorted():
   assert narrow == known
 
 
-def _constant_gradient_state(dtype, stochastic, *, steps, n=10_000,
-                             nu_dtype='same'):
+def _constant_gradient_state(
+    dtype, stochastic, *, steps, n=10_000, nu_dtype='same'
+):
   tx = amx.scale_by_ademamix(
-      b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, mu_dtype=dtype,
+      b1=0.9,
+      b2=0.999,
+      b3=0.9999,
+      alpha=5.0,
+      mu_dtype=dtype,
       nu_dtype=dtype if nu_dtype == 'same' else nu_dtype,
-      stochastic_rounding=stochastic)
+      stochastic_rounding=stochastic,
+  )
   state = tx.init(jnp.zeros((n,), jnp.float32))
   g = jnp.ones((n,), jnp.float32)
 
@@ -84,8 +104,9 @@ def test_constant_gradient_does_not_stall_in_every_mu_dtype(dtype):
   # 20,000 steps: the slow EMA is at 0.865, 28 times what round-to-nearest
   # leaves; the mean of 4000 elements has a noise of about 0.1% (float8).
   steps = 20_000
-  state = _constant_gradient_state(dtype, True, steps=steps, n=4000,
-                                   nu_dtype=BF16)
+  state = _constant_gradient_state(
+      dtype, True, steps=steps, n=4000, nu_dtype=BF16
+  )
   exact_m2 = 1.0 - 0.9999**steps
   assert abs(state.m2.mean() / exact_m2 - 1.0) < 0.01
   assert abs(state.m1.mean() - 1.0) < 0.01
@@ -93,8 +114,9 @@ def test_constant_gradient_does_not_stall_in_every_mu_dtype(dtype):
 
 def _random_gradient_states(b3, stochastic, n=4096, steps=3000):
   def run(dtype):
-    tx = amx.scale_by_ademamix(b3=b3, mu_dtype=dtype, nu_dtype=dtype,
-                               stochastic_rounding=stochastic)
+    tx = amx.scale_by_ademamix(
+        b3=b3, mu_dtype=dtype, nu_dtype=dtype, stochastic_rounding=stochastic
+    )
     state = tx.init(jnp.zeros((n,), jnp.float32))
 
     def body(state, k):
@@ -103,8 +125,9 @@ def _random_gradient_states(b3, stochastic, n=4096, steps=3000):
       _, state = tx.update(g, state)
       return state, None
 
-    state, _ = jax.jit(
-        lambda s: jax.lax.scan(body, s, jnp.arange(steps)))(state)
+    state, _ = jax.jit(lambda s: jax.lax.scan(body, s, jnp.arange(steps)))(
+        state
+    )
     return jax.tree.map(lambda x: np.asarray(x, np.float64), state)
 
   return run(BF16), run(None)
@@ -156,7 +179,7 @@ def test_stochastic_round_keeps_exact_and_special_values(dtype):
     bits = jnp.full(x.shape, fill, jnp.uint32)
     y = np.asarray(_rounding.stochastic_round(x, dtype, bits), np.float32)
     np.testing.assert_array_equal(y, nearest)
-    np.testing.assert_array_equal(y[:len(finite)], np.asarray(finite))
+    np.testing.assert_array_equal(y[: len(finite)], np.asarray(finite))
 
 
 @pytest.mark.parametrize('dtype', NARROW_MU_DTYPES, ids=_dtype_id)
@@ -184,20 +207,31 @@ def test_stochastic_round_derivative_is_round_to_nearest_s(dtype):
   x_dot = jnp.array([1.0, -0.5, 3.0, 0.25], jnp.float32)
   bits = _rounding.random_bits(x.shape, _rounding.stream_key(5, 1, 0))
   _, sr_dot = jax.jvp(
-      lambda v: _rounding.stochastic_round(v, dtype, bits), (x,), (x_dot,))
+      lambda v: _rounding.stochastic_round(v, dtype, bits), (x,), (x_dot,)
+  )
   _, rtn_dot = jax.jvp(lambda v: v.astype(dtype), (x,), (x_dot,))
   assert sr_dot.dtype == rtn_dot.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(sr_dot, np.float32),
-                                np.asarray(rtn_dot, np.float32))
-  grad = jax.grad(lambda v: jnp.sum(
-      _rounding.stochastic_round(v, dtype, bits).astype(jnp.float32)))(x)
+  np.testing.assert_array_equal(
+      np.asarray(sr_dot, np.float32), np.asarray(rtn_dot, np.float32)
+  )
+  grad = jax.grad(
+      lambda v: jnp.sum(
+          _rounding.stochastic_round(v, dtype, bits).astype(jnp.float32)
+      )
+  )(x)
   np.testing.assert_array_equal(grad, np.ones(4, np.float32))
 
 
 def test_random_bits_look_uniform_and_differ_between_streams():
-  a = np.asarray(_rounding.random_bits((256, 256), _rounding.stream_key(1, 0, 0)))
-  b = np.asarray(_rounding.random_bits((256, 256), _rounding.stream_key(2, 0, 0)))
-  c = np.asarray(_rounding.random_bits((256, 256), _rounding.stream_key(1, 1, 0)))
+  a = np.asarray(
+      _rounding.random_bits((256, 256), _rounding.stream_key(1, 0, 0))
+  )
+  b = np.asarray(
+      _rounding.random_bits((256, 256), _rounding.stream_key(2, 0, 0))
+  )
+  c = np.asarray(
+      _rounding.random_bits((256, 256), _rounding.stream_key(1, 1, 0))
+  )
   for bits in (a, b, c):
     top = (bits >> 24).astype(np.int64)
     counts = np.bincount(top.ravel(), minlength=256)
@@ -209,15 +243,18 @@ def test_random_bits_look_uniform_and_differ_between_streams():
 
 def _train(tx, steps, state=None, params=None, start=0):
   if params is None:
-    params = {'w': jnp.linspace(-1.0, 1.0, 96).reshape(8, 12),
-              'b': jnp.zeros((12,))}
+    params = {
+        'w': jnp.linspace(-1.0, 1.0, 96).reshape(8, 12),
+        'b': jnp.zeros((12,)),
+    }
   if state is None:
     state = tx.init(params)
 
   @jax.jit
   def step(params, state, k):
     g = jax.tree.map(
-        lambda p: jnp.sin(p * 3.0 + k.astype(jnp.float32)) + 0.1, params)
+        lambda p: jnp.sin(p * 3.0 + k.astype(jnp.float32)) + 0.1, params
+    )
     u, state = tx.update(g, state, params)
     return jax.tree.map(lambda p, d: p - 1e-2 * d, params, u), state
 
@@ -228,8 +265,9 @@ def _train(tx, steps, state=None, params=None, start=0):
 
 @pytest.mark.parametrize('b1', [0.9, 0.0])
 def test_bf16_state_dtypes_fixed_and_resume_bit_identical(b1):
-  tx = amx.scale_by_ademamix(b1=b1, b3=0.999, mu_dtype=BF16, nu_dtype=BF16,
-                             t_alpha_beta3=30)
+  tx = amx.scale_by_ademamix(
+      b1=b1, b3=0.999, mu_dtype=BF16, nu_dtype=BF16, t_alpha_beta3=30
+  )
   params, state = _train(tx, 40)
   for buf in ([] if b1 == 0 else [state.m1]) + [state.m2, state.nu]:
     assert all(x.dtype == BF16 for x in jax.tree.leaves(buf))
@@ -240,8 +278,9 @@ def test_bf16_state_dtypes_fixed_and_resume_bit_identical(b1):
   mid_state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), mid_state)
   mid_params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), mid_params)
   params2, state2 = _train(tx, 25, mid_state, mid_params, start=15)
-  for a, b in zip(jax.tree.leaves((params, state)),
-                  jax.tree.leaves((params2, state2))):
+  for a, b in zip(
+      jax.tree.leaves((params, state)), jax.tree.leaves((params2, state2))
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -296,11 +335,19 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_stochastic_rounding_independent_of_device_count():
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=300, check=True)
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+      JAX_PLATFORMS='cpu',
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', _SHARDED_SCRIPT],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+  )
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result == {'devices': 8, 'equal': True}
 
@@ -323,8 +370,12 @@ STATE_DTYPES = {
 
 
 def _second_update_of_first_gradient(mu_dtype, nu_dtype, stochastic=True):
-  tx = amx.scale_by_ademamix(b3=0.999, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                             stochastic_rounding=stochastic)
+  tx = amx.scale_by_ademamix(
+      b3=0.999,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      stochastic_rounding=stochastic,
+  )
   g2 = jnp.array([0.3, -0.2, 0.5, 1.0])
 
   def second_update(g1):
@@ -341,7 +392,8 @@ def test_hypergradient_through_narrow_states(states):
   mu_dtype, nu_dtype = STATE_DTYPES[states]
   g1 = jnp.array([1.0, -0.5, 0.25, 1.0])
   narrow = _second_update_of_first_gradient(
-      mu_dtype, nu_dtype, stochastic=states != 'bf16_rtn')
+      mu_dtype, nu_dtype, stochastic=states != 'bf16_rtn'
+  )
   wide = _second_update_of_first_gradient(None, None)
   jac = np.asarray(jax.jacrev(narrow)(g1))
   jac_fwd = np.asarray(jax.jacfwd(narrow)(g1))
@@ -350,9 +402,17 @@ def test_hypergradient_through_narrow_states(states):
   # function of g1): h = 1e-3, truncation error O(h**2), float32 error
   # O(1e-7 / h) = 1e-4 of an O(1) entry.
   h = 1e-3
-  fd = np.stack([(np.asarray(wide(g1.at[i].add(h)))
-                  - np.asarray(wide(g1.at[i].add(-h)))) / (2 * h)
-                 for i in range(4)], axis=1)
+  fd = np.stack(
+      [
+          (
+              np.asarray(wide(g1.at[i].add(h)))
+              - np.asarray(wide(g1.at[i].add(-h)))
+          )
+          / (2 * h)
+          for i in range(4)
+      ],
+      axis=1,
+  )
   np.testing.assert_allclose(jac_wide, fd, atol=1e-3)
   # Measured diagonal: -0.14, -0.30, 0.43, -0.021 (float32 states).
   assert np.abs(np.diag(jac)).min() > 0.01
@@ -368,12 +428,19 @@ def test_hypergradient_through_narrow_states(states):
 def test_derivative_of_the_loss_after_training_by_learning_rate(states):
   mu_dtype, nu_dtype = STATE_DTYPES[states]
   weights = jnp.arange(1.0, 4.0)
+
   def loss(p):
     return jnp.sum(weights * (p - 0.5) ** 2)
 
   def final_loss(lr, mu_dtype, nu_dtype, stochastic=True):
-    tx = amx.ademamix(lr, b3=0.999, t_alpha_beta3=10, mu_dtype=mu_dtype,
-                      nu_dtype=nu_dtype, stochastic_rounding=stochastic)
+    tx = amx.ademamix(
+        lr,
+        b3=0.999,
+        t_alpha_beta3=10,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic,
+    )
     p = jnp.array([1.0, -2.0, 3.0])
 
     def body(carry, _):
@@ -385,11 +452,13 @@ def test_derivative_of_the_loss_after_training_by_learning_rate(states):
     return loss(p)
 
   lr, h = 0.05, 1e-3
-  got = jax.grad(final_loss)(lr, mu_dtype, nu_dtype,
-                             stochastic=states != 'bf16_rtn')
+  got = jax.grad(final_loss)(
+      lr, mu_dtype, nu_dtype, stochastic=states != 'bf16_rtn'
+  )
   want = jax.grad(final_loss)(lr, None, None)
   fd = (final_loss(lr + h, None, None) - final_loss(lr - h, None, None)) / (
-      2 * h)
+      2 * h
+  )
   # float32 states against central differences: measured 1.4e-5 apart.
   np.testing.assert_allclose(want, fd, rtol=1e-3)
   # Narrow states: measured within 3e-4 (relative) of float32 states'.
@@ -417,18 +486,22 @@ def _fraction_rounded_up(update_counts, steps, n):
       'm2': (0.1 * (g64 - 1.0)) / gap,
       'nu': (0.1 * (g64**2 - 1.0)) / gap,
   }
-  tx = amx.scale_by_ademamix(b1=0.9, b2=0.9, b3=0.9, mu_dtype=BF16,
-                             nu_dtype=BF16)
+  tx = amx.scale_by_ademamix(
+      b1=0.9, b2=0.9, b3=0.9, mu_dtype=BF16, nu_dtype=BF16
+  )
   ones = jnp.ones((n,), BF16)
 
   def one_step(count):
     state = amx.ScaleByAdEMAMixState(count=count, m1=ones, m2=ones, nu=ones)
     _, state = tx.update(g, state)
-    return {name: jnp.mean((getattr(state, name) > 1).astype(jnp.float32))
-            for name in exact}
+    return {
+        name: jnp.mean((getattr(state, name) > 1).astype(jnp.float32))
+        for name in exact
+    }
 
   fractions = jax.jit(lambda c: jax.lax.map(one_step, c))(
-      jnp.arange(steps, dtype=jnp.int32))
+      jnp.arange(steps, dtype=jnp.int32)
+  )
   return exact, {k: np.asarray(v, np.float64) for k, v in fractions.items()}
 
 
@@ -445,11 +518,12 @@ def test_rounding_is_independent_across_the_elements_of_a_step(n):
     # Unbiased: the mean within 4 standard errors of the exact fraction.
     assert abs(f.mean() - p) < 4 * np.sqrt(binomial_var / steps), name
     # No step rounds all or none of a large tensor the same way.
-    assert np.mean((f == 0) | (f == 1)) < 0.01 + p**n + (1 - p)**n, name
+    assert np.mean((f == 0) | (f == 1)) < 0.01 + p**n + (1 - p) ** n, name
 
 
-@pytest.mark.parametrize('dtype', [BF16, jnp.float16, jnp.float8_e4m3fn],
-                         ids=_dtype_id)
+@pytest.mark.parametrize(
+    'dtype', [BF16, jnp.float16, jnp.float8_e4m3fn], ids=_dtype_id
+)
 @pytest.mark.parametrize('half', ['high', 'low'])
 def test_rounding_bits_independent_across_elements(dtype, half):
   """The same property for the bits themselves, both halves of the hash
@@ -466,8 +540,9 @@ def test_rounding_bits_independent_across_elements(dtype, half):
     y = _rounding.stochastic_round(x, dtype, bits)
     return jnp.mean((y.astype(jnp.float32) > 1).astype(jnp.float32))
 
-  f = np.asarray(jax.jit(jax.vmap(fraction))(jnp.arange(1, steps + 1)),
-                 np.float64)
+  f = np.asarray(
+      jax.jit(jax.vmap(fraction))(jnp.arange(1, steps + 1)), np.float64
+  )
   binomial_var = p * (1 - p) / n
   assert 0.5 < f.var() / binomial_var < 2.0, f.var() / binomial_var
   assert abs(f.mean() - p) < 4 * np.sqrt(binomial_var / steps)

@@ -22,9 +22,19 @@ _TIMEOUT_S = 120  # Measured: about 25 s per group on 2 busy cores.
 def _worker_group(out, num_processes: int) -> None:
   port = multiproc.free_port()
   address = f'127.0.0.1:{port}'
-  commands = [['tests/multihost_worker.py', str(out), '--coordinator', address,
-               '--num-processes', str(num_processes), '--process-id', str(i)]
-              for i in range(num_processes)]
+  commands = [
+      [
+          'tests/multihost_worker.py',
+          str(out),
+          '--coordinator',
+          address,
+          '--num-processes',
+          str(num_processes),
+          '--process-id',
+          str(i),
+      ]
+      for i in range(num_processes)
+  ]
   multiproc.run_group(commands, 4 // num_processes, _TIMEOUT_S)
 
 
@@ -55,8 +65,14 @@ def test_two_processes_train_like_one(tmp_path):
 def test_a_failing_process_stops_the_group():
   start = time.monotonic()
   with pytest.raises(AssertionError, match='a process failed') as info:
-    multiproc.run_group([['-c', 'import time; time.sleep(60)'],
-                         ['-c', 'raise SystemExit("boom")']], 1, 30)
+    multiproc.run_group(
+        [
+            ['-c', 'import time; time.sleep(60)'],
+            ['-c', 'raise SystemExit("boom")'],
+        ],
+        1,
+        30,
+    )
   assert time.monotonic() - start < 20
   assert 'boom' in str(info.value)
   with pytest.raises(AssertionError, match='timed out after 1s'):
@@ -64,13 +80,31 @@ def test_a_failing_process_stops_the_group():
 
 
 def _lm(workdir, *flags: str) -> list[str]:
-  return ['-m', 'examples.lm', '--config', 'tiny', '--optimizers', 'ademamix',
-          '--mesh', 'data=2,model=2', '--workdir', str(workdir), *flags]
+  return [
+      '-m',
+      'examples.lm',
+      '--config',
+      'tiny',
+      '--optimizers',
+      'ademamix',
+      '--mesh',
+      'data=2,model=2',
+      '--workdir',
+      str(workdir),
+      *flags,
+  ]
 
 
 def _distributed(port: int, i: int) -> list[str]:
-  return ['--distributed', '--coordinator-address', f'127.0.0.1:{port}',
-          '--num-processes', '2', '--process-id', str(i)]
+  return [
+      '--distributed',
+      '--coordinator-address',
+      f'127.0.0.1:{port}',
+      '--num-processes',
+      '2',
+      '--process-id',
+      str(i),
+  ]
 
 
 def _restore_state(step_dir) -> dict[str, np.ndarray]:
@@ -81,11 +115,17 @@ def _restore_state(step_dir) -> dict[str, np.ndarray]:
   with ocp.PyTreeCheckpointer() as checkpointer:
     tree = checkpointer.metadata(step_dir / 'state').item_metadata.tree
     restored = checkpointer.restore(
-        step_dir / 'state', args=ocp.args.PyTreeRestore(
+        step_dir / 'state',
+        args=ocp.args.PyTreeRestore(
             restore_args=jax.tree.map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
-  return {jax.tree_util.keystr(path): x
-          for path, x in jax.tree_util.tree_leaves_with_path(restored)}
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree
+            )
+        ),
+    )
+  return {
+      jax.tree_util.keystr(path): x
+      for path, x in jax.tree_util.tree_leaves_with_path(restored)
+  }
 
 
 @pytest.mark.slow
@@ -95,16 +135,23 @@ def test_lm_example_on_two_processes_trains_like_one(tmp_path):
   # to one process with 4 devices that runs the 6 steps in one go ...
   port = multiproc.free_port()
   first = multiproc.run_group(
-      [_lm(two, '--stop-after', '3', *_distributed(port, 0)),
-       _lm(two, '--stop-after', '3', *_distributed(port, 1)),
-       _lm(one)], [2, 2, 4], _TIMEOUT_S)
+      [
+          _lm(two, '--stop-after', '3', *_distributed(port, 0)),
+          _lm(two, '--stop-after', '3', *_distributed(port, 1)),
+          _lm(one),
+      ],
+      [2, 2, 4],
+      _TIMEOUT_S,
+  )
   assert 'continue with --resume' in first[0]
   assert "Mesh: {'data': 2, 'model': 2} over 4 cpu" in first[0]
   # ... then both resume from the checkpoint in the shared workdir.
   port = multiproc.free_port()
   second = multiproc.run_group(
-      [_lm(two, '--resume', *_distributed(port, i)) for i in range(2)], 2,
-      _TIMEOUT_S)
+      [_lm(two, '--resume', *_distributed(port, i)) for i in range(2)],
+      2,
+      _TIMEOUT_S,
+  )
   assert 'no checkpoint found' not in second[0]
   # Only process 0 reports.
   assert '| AdEMAMix | 6 |' in second[0]

@@ -44,11 +44,16 @@ CONFIGS = {
     # gradients, so the learning rate is AdamW's times
     # sqrt((1 - b1_start) (1 - b1)) (the authors' recipe), unless the update
     # is bias-corrected.
-    'simplified': dict(
-        learning_rate=3e-5, b1=0.99, alpha=2.0, t_b1=2_000),
+    'simplified': dict(learning_rate=3e-5, b1=0.99, alpha=2.0, t_b1=2_000),
     'simplified_bc_decay': dict(
-        learning_rate=1e-3, b1=0.99, alpha=2.0, t_b1=2_000,
-        bias_correction1=True, weight_decay=1e-2, mask=_decay_matrices),
+        learning_rate=1e-3,
+        b1=0.99,
+        alpha=2.0,
+        t_b1=2_000,
+        bias_correction1=True,
+        weight_decay=1e-2,
+        mask=_decay_matrices,
+    ),
 }
 CONFIG_NAMES = tuple(CONFIGS)
 
@@ -158,8 +163,11 @@ def _assert_trees_close(actual, desired, rtol=1e-6, atol=0.0):
   assert jax.tree.structure(actual) == jax.tree.structure(desired)
   for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired)):
     np.testing.assert_allclose(
-        np.asarray(a, np.float64), np.asarray(d, np.float64),
-        rtol=rtol, atol=atol)
+        np.asarray(a, np.float64),
+        np.asarray(d, np.float64),
+        rtol=rtol,
+        atol=atol,
+    )
 
 
 def _shapes_and_dtypes(tree):
@@ -175,7 +183,8 @@ def test_update_accepts_unexpected_kwargs(name):
   tx = _make(name)
   params, _, objective = _rosenbrock()
   step = jax.jit(
-      _train_step(tx, objective, an_argument_nobody_expects=1, loss=2.0))
+      _train_step(tx, objective, an_argument_nobody_expects=1, loss=2.0)
+  )
   state = tx.init(params)
   for _ in range(2):
     params, state = step(params, state)
@@ -202,7 +211,8 @@ def test_no_recompilation_on_second_call(name):
 def test_injected_optimizer_no_recompilation():
   """Also with every hyperparameter injected (an int t_alpha_beta3 too)."""
   tx = optax.inject_hyperparams(amx.ademamix)(
-      learning_rate=1e-3, b3=0.999, t_alpha_beta3=100)
+      learning_rate=1e-3, b3=0.999, t_alpha_beta3=100
+  )
   params, _, objective = _mixed_tree()
   step = jax.jit(_train_step(tx, objective))
   state = tx.init(params)
@@ -257,8 +267,12 @@ def test_tree_map_params(name):
   # The per-parameter values can come from another tree like the params.
   labels = jax.tree.map(lambda x: x.ndim, params)
   spec = optax.tree.map_params(
-      tx, lambda _, label: label, state, labels,
-      transform_non_params=lambda _: None)
+      tx,
+      lambda _, label: label,
+      state,
+      labels,
+      transform_non_params=lambda _: None,
+  )
   assert spec[0].count is None
   assert spec[0].nu == labels
 
@@ -307,10 +321,10 @@ def test_inject_hyperparams_matches_plain(name):
     grads = jax.tree.map(jnp.cos, jax.tree.map(lambda p, i=i: p + i, params))
     updates, state = update(grads, state, params)
     updates_injected, state_injected = update_injected(
-        grads, state_injected, params)
+        grads, state_injected, params
+    )
     _assert_trees_close(updates_injected, updates, rtol=1e-5, atol=1e-8)
-    _assert_trees_close(
-        state_injected.inner_state, state, rtol=1e-5, atol=1e-8)
+    _assert_trees_close(state_injected.inner_state, state, rtol=1e-5, atol=1e-8)
     params = optax.apply_updates(params, updates)
 
 
@@ -328,7 +342,8 @@ def test_injected_zero_b1_keeps_buffer_and_matches():
     grads = jnp.sin(params * (i + 1))
     updates, state = update(grads, state, params)
     updates_injected, state_injected = update_injected(
-        grads, state_injected, params)
+        grads, state_injected, params
+    )
     _assert_trees_close(updates_injected, updates, rtol=1e-6)
     params = optax.apply_updates(params, updates)
 
@@ -397,8 +412,12 @@ def test_state_stable_under_cond(name, dtype):
       assert _shapes_and_dtypes(new_state) == layout
       # The states are interchangeable as the operands of another cond.
       state = jax.lax.cond(
-          jnp.asarray(take), lambda new, old: new, lambda new, old: old,
-          new_state, state)
+          jnp.asarray(take),
+          lambda new, old: new,
+          lambda new, old: old,
+          new_state,
+          state,
+      )
     assert int(state[0].count) == 2
 
 

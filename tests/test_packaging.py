@@ -21,8 +21,7 @@ import ademamix_optax
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NAME = 'ademamix_optax'
 # The dependencies whose oldest allowed versions CI installs.
-LOWER_BOUNDED = (
-    'chex', 'flax', 'jax', 'numpy', 'optax', 'orbax-checkpoint')
+LOWER_BOUNDED = ('chex', 'flax', 'jax', 'numpy', 'optax', 'orbax-checkpoint')
 
 
 def _installed_files():
@@ -34,12 +33,15 @@ def _installed_files():
   init = pathlib.Path(ademamix_optax.__file__).resolve()
   if dist is not None:
     files = {str(f): f for f in dist.files or ()}
-    if init in {pathlib.Path(dist.locate_file(f)).resolve()
-                for f in files.values()}:
+    if init in {
+        pathlib.Path(dist.locate_file(f)).resolve() for f in files.values()
+    }:
       return dist, files
-  reason = (f'{NAME} is imported from {init.parent}, not from files an '
-            'installed wheel put there (an editable install or the source '
-            "tree): .ci/run's wheel job checks the installed files")
+  reason = (
+      f'{NAME} is imported from {init.parent}, not from files an '
+      'installed wheel put there (an editable install or the source '
+      "tree): .ci/run's wheel job checks the installed files"
+  )
   if os.environ.get('ADEMAMIX_OPTAX_TEST_INSTALLED') == '1':
     pytest.fail(reason)
   pytest.skip(reason)
@@ -85,20 +87,26 @@ def test_wheel_has_the_license(installed):
 def test_wheel_has_no_tests_or_examples(installed):
   dist, files = installed
   dist_info = f'{NAME}-{dist.version}.dist-info'
-  outside = [f for f in files
-             if f.split('/')[0] not in (NAME, dist_info)]
+  outside = [f for f in files if f.split('/')[0] not in (NAME, dist_info)]
   assert not outside, outside
   package = [f for f in files if f.startswith(f'{NAME}/')]
-  strays = [f for f in package
-            if re.search(r'(^|/)(tests?|examples|benchmarks)/', f[len(NAME):])
-            or re.search(r'(^|/)(test_[^/]*|[^/]*_test|conftest)\.py$', f)]
+  strays = [
+      f
+      for f in package
+      if re.search(r'(^|/)(tests?|examples|benchmarks)/', f[len(NAME) :])
+      or re.search(r'(^|/)(test_[^/]*|[^/]*_test|conftest)\.py$', f)
+  ]
   assert not strays, strays
   # Nor on disk, listed or not.
   package_dir = pathlib.Path(ademamix_optax.__file__).resolve().parent
-  on_disk = [str(f.relative_to(package_dir)) for f in package_dir.rglob('*')
-             if f.is_file() and '__pycache__' not in f.parts]
+  on_disk = [
+      str(f.relative_to(package_dir))
+      for f in package_dir.rglob('*')
+      if f.is_file() and '__pycache__' not in f.parts
+  ]
   assert sorted(on_disk) == sorted(
-      f[len(NAME) + 1:] for f in package if '__pycache__' not in f)
+      f[len(NAME) + 1 :] for f in package if '__pycache__' not in f
+  )
   # The package itself is there.
   assert f'{NAME}/__init__.py' in files
   assert f'{NAME}/_transform.py' in files
@@ -169,5 +177,6 @@ def test_slow_marker_on_example_and_benchmark_tests():
   smoke.append(ROOT / 'tests' / 'test_benchmarks.py')
   assert len(smoke) >= 6
   for path in smoke:
-    assert re.search(r'^pytestmark = pytest\.mark\.slow$', path.read_text(),
-                     flags=re.M), path
+    assert re.search(
+        r'^pytestmark = pytest\.mark\.slow$', path.read_text(), flags=re.M
+    ), path

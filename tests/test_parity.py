@@ -147,8 +147,13 @@ def _compare_history(pkg, expected, keys, rtol, steps=CHECK_STEPS):
   Returns the worst :func:`_max_error` per key (for measuring tolerances).
   """
   params, updates, state = pkg
-  got = {'params': params, 'updates': updates, 'm1': state.m1,
-         'm2': state.m2, 'nu': state.nu}
+  got = {
+      'params': params,
+      'updates': updates,
+      'm1': state.m1,
+      'm2': state.m2,
+      'nu': state.nu,
+  }
   worst = {}
   for key in keys:
     floor = _SCALE_FLOOR.get(key, 0.0)
@@ -216,17 +221,24 @@ ALIAS_CASES = {
     ),
     # Observed: params 4e-6, updates 1e-5.
     'lr_schedule': (
-        {'learning_rate': optax.warmup_cosine_decay_schedule(
-            0.0, 1e-2, 20, N_STEPS, 1e-4)},
+        {
+            'learning_rate': optax.warmup_cosine_decay_schedule(
+                0.0, 1e-2, 20, N_STEPS, 1e-4
+            )
+        },
         {'learning_rate': _cosine_lr_np},
         RTOL,
     ),
     # Observed: params 1e-5, updates 1e-5.
     'package_schedules': (
-        {'alpha': amx.alpha_warmup(8.0, T_WARMUP),
-         'b3': amx.beta3_warmup(0.999, T_WARMUP, b_start=0.5)},
-        {'alpha': lambda t: ref.alpha_warmup_np(t, 8.0, T_WARMUP),
-         'b3': lambda t: ref.beta3_warmup_np(t, 0.999, T_WARMUP, 0.5)},
+        {
+            'alpha': amx.alpha_warmup(8.0, T_WARMUP),
+            'b3': amx.beta3_warmup(0.999, T_WARMUP, b_start=0.5),
+        },
+        {
+            'alpha': lambda t: ref.alpha_warmup_np(t, 8.0, T_WARMUP),
+            'b3': lambda t: ref.beta3_warmup_np(t, 0.999, T_WARMUP, 0.5),
+        },
         RTOL,
     ),
     # Observed: params 1.3e-5, updates 1e-5.
@@ -248,15 +260,32 @@ ALIAS_CASES = {
     'large_eps': ({'eps': 1e-2}, {'eps': 1e-2}, RTOL),
     # Everything at once. Observed: params 8e-7, updates 1.4e-6.
     'all_options': (
-        {'learning_rate': optax.warmup_cosine_decay_schedule(
-            0.0, 1e-2, 20, N_STEPS, 1e-4),
-         'b1': 0.8, 'b2': 0.99, 'b3': 0.995, 'alpha': 3.0, 'eps': 1e-6,
-         'eps_root': 1e-4, 'weight_decay': 0.1, 'mask': MASK,
-         't_alpha_beta3': T_WARMUP},
-        {'learning_rate': _cosine_lr_np,
-         'b1': 0.8, 'b2': 0.99, 'b3': 0.995, 'alpha': 3.0, 'eps': 1e-6,
-         'eps_root': 1e-4, 'weight_decay': 0.1, 'mask': MASK,
-         't_alpha_beta3': T_WARMUP},
+        {
+            'learning_rate': optax.warmup_cosine_decay_schedule(
+                0.0, 1e-2, 20, N_STEPS, 1e-4
+            ),
+            'b1': 0.8,
+            'b2': 0.99,
+            'b3': 0.995,
+            'alpha': 3.0,
+            'eps': 1e-6,
+            'eps_root': 1e-4,
+            'weight_decay': 0.1,
+            'mask': MASK,
+            't_alpha_beta3': T_WARMUP,
+        },
+        {
+            'learning_rate': _cosine_lr_np,
+            'b1': 0.8,
+            'b2': 0.99,
+            'b3': 0.995,
+            'alpha': 3.0,
+            'eps': 1e-6,
+            'eps_root': 1e-4,
+            'weight_decay': 0.1,
+            'mask': MASK,
+            't_alpha_beta3': T_WARMUP,
+        },
         RTOL,
     ),
 }
@@ -291,8 +320,7 @@ def test_transform_matches_reference(name):
   kwargs = TRANSFORM_CASES[name]
   params, grads = _make_params(), _make_grads()
   got = _run_package(amx.scale_by_ademamix(**kwargs), params, grads)
-  want = ref.run_reference_direction(
-      params, _unstack(grads, N_STEPS), **kwargs)
+  want = ref.run_reference_direction(params, _unstack(grads, N_STEPS), **kwargs)
   if kwargs.get('b1', 0.9) == 0.0:
     assert got[2].m1 is None
   _compare_history(got, want, ('updates', 'm1', 'm2', 'nu'), RTOL)
@@ -306,11 +334,13 @@ def test_b1_zero_stores_no_fast_ema():
   got = _run_package(tx, params, grads)
   assert got[2].m1 is None
   want = ref.run_reference_direction(
-      params, _unstack(grads, 150), b1=0.0, b3=0.999, t_alpha_beta3=50)
+      params, _unstack(grads, 150), b1=0.0, b3=0.999, t_alpha_beta3=50
+  )
   assert all(m1 is None for m1 in want['m1'])
   # Observed: updates 1e-5.
-  _compare_history(got, want, ('updates', 'm1', 'm2', 'nu'), RTOL,
-                   steps=(1, 2, 50, 51, 150))
+  _compare_history(
+      got, want, ('updates', 'm1', 'm2', 'nu'), RTOL, steps=(1, 2, 50, 51, 150)
+  )
 
 
 def _quadratic_loss(params):
@@ -334,8 +364,9 @@ def _quadratic_grad_np(params):
 
 def _rosenbrock_grad_np(p):
   x, y = p
-  return np.array([-2.0 * (1.0 - x) - 400.0 * x * (y - x**2),
-                   200.0 * (y - x**2)])
+  return np.array(
+      [-2.0 * (1.0 - x) - 400.0 * x * (y - x**2), 200.0 * (y - x**2)]
+  )
 
 
 def _loss(params):
@@ -345,8 +376,10 @@ def _loss(params):
 
 def _grad_np(params, t):
   del t
-  return {'quad': _quadratic_grad_np(params),
-          'rosen': _rosenbrock_grad_np(params['rosen'])}
+  return {
+      'quad': _quadratic_grad_np(params),
+      'rosen': _rosenbrock_grad_np(params['rosen']),
+  }
 
 
 def test_real_loss_trajectory_matches_reference():
@@ -354,12 +387,19 @@ def test_real_loss_trajectory_matches_reference():
   own parameters: float32 rounding now feeds back through the loss."""
   n_steps = 300
   params = {
-      'quad': {'a': np.full((3, 2), -1.0, np.float32),
-               'b': np.array([2.0, -3.0], np.float32)},
+      'quad': {
+          'a': np.full((3, 2), -1.0, np.float32),
+          'b': np.array([2.0, -3.0], np.float32),
+      },
       'rosen': np.array([-3.0, 5.0], np.float32),
   }
-  kwargs = {'learning_rate': 2e-2, 'b3': 0.999, 'alpha': 8.0,
-            't_alpha_beta3': 150, 'weight_decay': 1e-3}
+  kwargs = {
+      'learning_rate': 2e-2,
+      'b3': 0.999,
+      'alpha': 8.0,
+      't_alpha_beta3': 150,
+      'weight_decay': 1e-3,
+  }
   tx = amx.ademamix(**kwargs)
 
   def body(carry, _):
@@ -379,8 +419,13 @@ def test_real_loss_trajectory_matches_reference():
   last = jax.tree.map(lambda x: x[-1], got[0])
   assert float(_loss(last)) < 0.5 * float(_loss(params))
   # Observed: params 2e-5, m1 4e-5, m2 7e-5, nu 2e-5.
-  _compare_history(got, want, ('params', 'm1', 'm2', 'nu'), 3e-4,
-                   steps=(1, 2, 10, 50, 100, 150, 200, 300))
+  _compare_history(
+      got,
+      want,
+      ('params', 'm1', 'm2', 'nu'),
+      3e-4,
+      steps=(1, 2, 10, 50, 100, 150, 200, 300),
+  )
 
 
 def _package_bits(t, leaf, stream, shape):
@@ -419,24 +464,32 @@ NARROW_CASES = {
     'nu_bf16_nearest': (None, BF16, False, NARROW_RTOL),
     'mu_nu_bf16': (BF16, BF16, True, NARROW_RTOL),
     'mu_fp16': (np.float16, None, True, FLIP_RTOL),
-    'mu_fp8_e4m3fn_nu_bf16': (ml_dtypes.float8_e4m3fn, BF16, True,
-                              NARROW_RTOL),
+    'mu_fp8_e4m3fn_nu_bf16': (ml_dtypes.float8_e4m3fn, BF16, True, NARROW_RTOL),
 }
 
 
 def _narrow_run(mu_dtype, nu_dtype, stochastic, reference_stochastic=None):
   kwargs = {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP}
   params, grads = _make_params(), _make_grads()
-  tx = amx.ademamix(LR, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                    stochastic_rounding=stochastic, **kwargs)
+  tx = amx.ademamix(
+      LR,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      stochastic_rounding=stochastic,
+      **kwargs,
+  )
   got = _run_package(tx, params, grads)
   if reference_stochastic is None:
     reference_stochastic = stochastic
   want = ref.run_reference(
-      params, _unstack(grads, N_STEPS), learning_rate=LR, mu_dtype=mu_dtype,
+      params,
+      _unstack(grads, N_STEPS),
+      learning_rate=LR,
+      mu_dtype=mu_dtype,
       nu_dtype=nu_dtype,
       rounding_bits=_package_bits if reference_stochastic else None,
-      **kwargs)
+      **kwargs,
+  )
   return got, want
 
 
@@ -447,8 +500,11 @@ def test_narrow_moments_match_reference(name):
   nearest), with the update reading the moments as stored."""
   mu_dtype, nu_dtype, stochastic, rtol = NARROW_CASES[name]
   got, want = _narrow_run(mu_dtype, nu_dtype, stochastic)
-  for tree, dtype in ((got[2].m1, mu_dtype), (got[2].m2, mu_dtype),
-                      (got[2].nu, nu_dtype)):
+  for tree, dtype in (
+      (got[2].m1, mu_dtype),
+      (got[2].m2, mu_dtype),
+      (got[2].nu, nu_dtype),
+  ):
     want_dtype = np.float32 if dtype is None else dtype
     assert all(x.dtype == want_dtype for x in jax.tree.leaves(tree))
   _compare_history(got, want, ('params', 'updates', 'm1', 'm2', 'nu'), rtol)
@@ -461,8 +517,9 @@ def test_narrow_parity_tells_rounding_modes_apart(name):
   mu_dtype, nu_dtype, _, _ = NARROW_CASES[name]
   got, want = _narrow_run(mu_dtype, nu_dtype, False, reference_stochastic=True)
   with pytest.raises(AssertionError):
-    _compare_history(got, want, ('params', 'updates', 'm1', 'm2', 'nu'),
-                     FLIP_RTOL)
+    _compare_history(
+        got, want, ('params', 'updates', 'm1', 'm2', 'nu'), FLIP_RTOL
+    )
 
 
 def test_bfloat16_state_update_does_not_warn():
@@ -506,19 +563,32 @@ def test_transform_equals_optax_contrib():
   params, grads = _make_params(), _make_grads(n_steps=150)
   ours, theirs = _contrib_history(
       amx.scale_by_ademamix(**kwargs),
-      optax.contrib.scale_by_ademamix(**kwargs), params, grads)
+      optax.contrib.scale_by_ademamix(**kwargs),
+      params,
+      grads,
+  )
   _assert_trees_allclose(ours[1], theirs[1], 1e-6)
   for name in ('m1', 'm2', 'nu'):
-    _assert_trees_allclose(getattr(ours[2], name), getattr(theirs[2], name),
-                           1e-6)
+    _assert_trees_allclose(
+        getattr(ours[2], name), getattr(theirs[2], name), 1e-6
+    )
 
 
 def test_alias_equals_optax_contrib():
-  kwargs = {'learning_rate': LR, 'b1': 0.8, 'b2': 0.99, 'b3': 0.9999,
-            'alpha': 8.0, 'eps': 1e-8, 'eps_root': 1e-6,
-            'weight_decay': 0.1, 'mask': MASK}
+  kwargs = {
+      'learning_rate': LR,
+      'b1': 0.8,
+      'b2': 0.99,
+      'b3': 0.9999,
+      'alpha': 8.0,
+      'eps': 1e-8,
+      'eps_root': 1e-6,
+      'weight_decay': 0.1,
+      'mask': MASK,
+  }
   params, grads = _make_params(), _make_grads(n_steps=150)
   ours, theirs = _contrib_history(
-      amx.ademamix(**kwargs), optax.contrib.ademamix(**kwargs), params, grads)
+      amx.ademamix(**kwargs), optax.contrib.ademamix(**kwargs), params, grads
+  )
   _assert_trees_allclose(ours[1], theirs[1], 1e-6)
   _assert_trees_allclose(ours[0], theirs[0], 1e-6)

@@ -31,9 +31,14 @@ NAMES = ('a', 'b', 'c')
 def trees(draw):
   """A dict of 1 to 3 leaves: shapes, dtypes, and per-leaf gradient scales."""
   n = draw(st.integers(1, 3))
-  return {name: (draw(st.sampled_from(SHAPES)), draw(st.sampled_from(DTYPES)),
-                 draw(st.sampled_from((1e-3, 1.0, 30.0))))
-          for name in NAMES[:n]}
+  return {
+      name: (
+          draw(st.sampled_from(SHAPES)),
+          draw(st.sampled_from(DTYPES)),
+          draw(st.sampled_from((1e-3, 1.0, 30.0))),
+      )
+      for name in NAMES[:n]
+  }
 
 
 def _decay():
@@ -98,19 +103,27 @@ def _narrow_tolerance(dtype):
 
 
 @hypothesis.settings(max_examples=30)
-@hypothesis.given(trees(), hyperparameters(), st.integers(1, 3),
-                  st.integers(0, 2**31 - 1))
+@hypothesis.given(
+    trees(), hyperparameters(), st.integers(1, 3), st.integers(0, 2**31 - 1)
+)
 def test_updates_equal_the_reference(tree, hyper, steps, seed):
   kw, b3 = hyper
   rng = np.random.default_rng(seed)
-  params = {name: (rng.normal(size=shape)).astype(dtype)
-            for name, (shape, dtype, _) in tree.items()}
-  grads = [{name: (scale * (rng.normal(size=shape) + 0.5)).astype(dtype)
-            for name, (shape, dtype, scale) in tree.items()}
-           for _ in range(steps)]
+  params = {
+      name: (rng.normal(size=shape)).astype(dtype)
+      for name, (shape, dtype, _) in tree.items()
+  }
+  grads = [
+      {
+          name: (scale * (rng.normal(size=shape) + 0.5)).astype(dtype)
+          for name, (shape, dtype, scale) in tree.items()
+      }
+      for _ in range(steps)
+  ]
   dtypes = {name: dtype for name, (_, dtype, _) in tree.items()}
-  narrow = {name: (None if d == np.float32 else d)
-            for name, d in dtypes.items()}
+  narrow = {
+      name: (None if d == np.float32 else d) for name, d in dtypes.items()
+  }
   nu_narrow = narrow
   if np.float16 in dtypes.values():
     # nu follows the parameters' dtype by default, and float16 cannot hold
@@ -128,47 +141,73 @@ def test_updates_equal_the_reference(tree, hyper, steps, seed):
     p = optax.apply_updates(p, u)
     got.append(u)
   kw.pop('nu_dtype', None)
-  want = ref.run_reference(params, grads, mu_dtype=narrow,
-                           nu_dtype=nu_narrow, rounding_bits=_package_bits,
-                           **kw)['updates']
+  want = ref.run_reference(
+      params,
+      grads,
+      mu_dtype=narrow,
+      nu_dtype=nu_narrow,
+      rounding_bits=_package_bits,
+      **kw,
+  )['updates']
   for step, (u, w) in enumerate(zip(got, want)):
     for name, dtype in dtypes.items():
       a = np.asarray(u[name], np.float64)
       assert u[name].dtype == dtype and a.shape == w[name].shape
       if not a.size:
         continue
-      rtol = (_tolerance(kw, b3) if dtype == np.float32
-              else _narrow_tolerance(dtype))
+      rtol = (
+          _tolerance(kw, b3)
+          if dtype == np.float32
+          else _narrow_tolerance(dtype)
+      )
       # The reference's update is the change of its float64 parameters;
       # the package's is returned in the leaf's dtype.
       np.testing.assert_allclose(
-          a, w[name], rtol=rtol, atol=rtol * np.abs(w[name]).max(),
-          err_msg=f'{name} ({np.dtype(dtype).name}) at step {step + 1}')
+          a,
+          w[name],
+          rtol=rtol,
+          atol=rtol * np.abs(w[name]).max(),
+          err_msg=f'{name} ({np.dtype(dtype).name}) at step {step + 1}',
+      )
 
 
 _NOT_NUMBERS = st.one_of(
-    st.none(), st.text(max_size=3), st.lists(st.floats(0, 0.5), max_size=2),
-    st.complex_numbers(min_magnitude=1e-3, max_magnitude=1.0,
-                       allow_nan=False, allow_infinity=False).filter(
-                           lambda z: z.imag != 0),
-    st.booleans())
+    st.none(),
+    st.text(max_size=3),
+    st.lists(st.floats(0, 0.5), max_size=2),
+    st.complex_numbers(
+        min_magnitude=1e-3,
+        max_magnitude=1.0,
+        allow_nan=False,
+        allow_infinity=False,
+    ).filter(lambda z: z.imag != 0),
+    st.booleans(),
+)
 _NON_FINITE = st.sampled_from((math.nan, math.inf, -math.inf))
-_NEGATIVE = st.floats(max_value=-1e-12, allow_nan=False,
-                      allow_infinity=False)
+_NEGATIVE = st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False)
 
 
 def _invalid(name):
   """Values outside the argument's range, or not numbers at all."""
   if name in ('b1', 'b2', 'b3'):
     out_of_range = st.one_of(
-        _NEGATIVE, st.floats(min_value=1.0, allow_infinity=False))
+        _NEGATIVE, st.floats(min_value=1.0, allow_infinity=False)
+    )
   else:
     out_of_range = _NEGATIVE
   return st.one_of(out_of_range, _NON_FINITE, _NOT_NUMBERS)
 
 
-ARGUMENTS = ('learning_rate', 'b1', 'b2', 'b3', 'alpha', 'eps', 'eps_root',
-             'weight_decay')
+ARGUMENTS = (
+    'learning_rate',
+    'b1',
+    'b2',
+    'b3',
+    'alpha',
+    'eps',
+    'eps_root',
+    'weight_decay',
+)
 
 
 @st.composite
@@ -190,10 +229,21 @@ def test_invalid_values_raise_naming_the_argument(case):
 
 
 @hypothesis.settings(max_examples=60)
-@hypothesis.given(st.sampled_from(['mu_dtype', 'nu_dtype']),
-                  st.sampled_from(
-                      ['int8', 'int32', 'uint16', 'bool', 'float4_e2m1fn',
-                       'float8_e8m0fnu', 'not_a_dtype', 'float6_e3m2fn']))
+@hypothesis.given(
+    st.sampled_from(['mu_dtype', 'nu_dtype']),
+    st.sampled_from(
+        [
+            'int8',
+            'int32',
+            'uint16',
+            'bool',
+            'float4_e2m1fn',
+            'float8_e8m0fnu',
+            'not_a_dtype',
+            'float6_e3m2fn',
+        ]
+    ),
+)
 def test_invalid_dtypes_raise_naming_the_argument(name, dtype):
   with pytest.raises(ValueError, match=rf'\b{name}\b'):
     amx.scale_by_ademamix(**{name: dtype})

@@ -65,14 +65,16 @@ def test_beta3_warmup_closed_form_and_half_life(b_start, b3, T):
     want = ref.beta3_warmup_np(t, b3, T, b_start)  # Half-life definition.
     if b_start > 0:
       np.testing.assert_allclose(
-          want, _beta3_closed(t, b3, T, b_start), rtol=1e-12)
+          want, _beta3_closed(t, b3, T, b_start), rtol=1e-12
+      )
     # float32 values near 1 are 6e-8 apart: a few ulps.
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-7)
     # And in half-life space, where the interpolation is linear (looser:
     # half-lives near b = 1 amplify the float32 rounding of b).
     if 0 < want < b3:
       np.testing.assert_allclose(
-          ref.half_life(got), ref.half_life(want), rtol=1e-2)
+          ref.half_life(got), ref.half_life(want), rtol=1e-2
+      )
 
 
 def test_beta3_warmup_half_life_is_linear_in_t():
@@ -83,7 +85,8 @@ def test_beta3_warmup_half_life_is_linear_in_t():
   for t in (0, 10, 25, 50, 75, 99):
     want = h0 + (h1 - h0) * t / T
     assert abs(ref.half_life(ref.beta3_warmup_np(t, 0.999, T, 0.9)) - want) < (
-        1e-9 * want)
+        1e-9 * want
+    )
 
 
 def test_half_life_definition():
@@ -138,8 +141,9 @@ def test_jit_with_traced_step():
     a, b = jitted(jnp.int32(t))
     assert float(a) == float(alpha(t))
     assert float(b) == float(beta(t))
-    np.testing.assert_allclose(float(b), ref.beta3_warmup_np(
-        t, 0.9999, 100, 0.9), rtol=0, atol=2e-7)
+    np.testing.assert_allclose(
+        float(b), ref.beta3_warmup_np(t, 0.9999, 100, 0.9), rtol=0, atol=2e-7
+    )
 
 
 def test_warmup_steps_as_traced_array():
@@ -147,9 +151,11 @@ def test_warmup_steps_as_traced_array():
   # function from an int32 array, possibly 0.
   @jax.jit
   def values(T, t):
-    return (amx.alpha_warmup(8.0, T)(t),
-            amx.beta3_warmup(0.999, T, b_start=0.9)(t),
-            amx.beta3_warmup(0.999, T, b_start=0.0)(t))
+    return (
+        amx.alpha_warmup(8.0, T)(t),
+        amx.beta3_warmup(0.999, T, b_start=0.9)(t),
+        amx.beta3_warmup(0.999, T, b_start=0.0)(t),
+    )
 
   for T in (0, 1, 100):
     for t in (0, 1, 50, 100, 200):
@@ -161,39 +167,48 @@ def test_warmup_steps_as_traced_array():
         continue
       np.testing.assert_allclose(a, _alpha_closed(t, 8.0, T), rtol=1e-6)
       np.testing.assert_allclose(
-          b, ref.beta3_warmup_np(t, 0.999, T, 0.9), rtol=0, atol=2e-7)
+          b, ref.beta3_warmup_np(t, 0.999, T, 0.9), rtol=0, atol=2e-7
+      )
       np.testing.assert_allclose(
-          b0, ref.beta3_warmup_np(t, 0.999, T, 0.0), rtol=0, atol=2e-7)
+          b0, ref.beta3_warmup_np(t, 0.999, T, 0.0), rtol=0, atol=2e-7
+      )
 
 
 @pytest.mark.parametrize('T', [np.int32(100), jnp.asarray(100, jnp.int32)])
 def test_warmup_steps_as_concrete_array(T):
   np.testing.assert_allclose(
-      float(amx.alpha_warmup(8.0, T)(50)), 4.0, rtol=1e-6)
+      float(amx.alpha_warmup(8.0, T)(50)), 4.0, rtol=1e-6
+  )
   np.testing.assert_allclose(
       float(amx.beta3_warmup(0.999, T, b_start=0.9)(50)),
-      ref.beta3_warmup_np(50, 0.999, 100, 0.9), rtol=0, atol=2e-7)
+      ref.beta3_warmup_np(50, 0.999, 100, 0.9),
+      rtol=0,
+      atol=2e-7,
+  )
 
 
-@pytest.mark.parametrize('make,name', [
-    (lambda: amx.alpha_warmup(-1.0, 10), 'alpha'),
-    (lambda: amx.alpha_warmup(float('nan'), 10), 'alpha'),
-    (lambda: amx.beta3_warmup(1.0, 10), 'b3'),
-    (lambda: amx.beta3_warmup(1.5, 10), 'b3'),
-    (lambda: amx.beta3_warmup(-0.1, 10), 'b3'),
-    (lambda: amx.beta3_warmup(0.999, 10, b_start=-0.1), 'b_start'),
-    (lambda: amx.beta3_warmup(0.999, 10, b_start=1.0), 'b_start'),
-    (lambda: amx.alpha_warmup(8.0, -1), 'warmup_steps'),
-    (lambda: amx.alpha_warmup(8.0, 1.5), 'warmup_steps'),
-    (lambda: amx.alpha_warmup(8.0, True), 'warmup_steps'),
-    (lambda: amx.alpha_warmup(8.0, np.int32(-1)), 'warmup_steps'),
-    (lambda: amx.beta3_warmup(0.999, -1), 'warmup_steps'),
-    (lambda: amx.beta3_warmup(0.999, 1.5), 'warmup_steps'),
-    (lambda: amx.beta3_warmup(0.999, True), 'warmup_steps'),
-    (lambda: amx.scale_by_ademamix(t_alpha_beta3=-1), 't_alpha_beta3'),
-    (lambda: amx.scale_by_ademamix(t_alpha_beta3=1.5), 't_alpha_beta3'),
-    (lambda: amx.ademamix(1e-3, t_alpha_beta3=True), 't_alpha_beta3'),
-])
+@pytest.mark.parametrize(
+    'make,name',
+    [
+        (lambda: amx.alpha_warmup(-1.0, 10), 'alpha'),
+        (lambda: amx.alpha_warmup(float('nan'), 10), 'alpha'),
+        (lambda: amx.beta3_warmup(1.0, 10), 'b3'),
+        (lambda: amx.beta3_warmup(1.5, 10), 'b3'),
+        (lambda: amx.beta3_warmup(-0.1, 10), 'b3'),
+        (lambda: amx.beta3_warmup(0.999, 10, b_start=-0.1), 'b_start'),
+        (lambda: amx.beta3_warmup(0.999, 10, b_start=1.0), 'b_start'),
+        (lambda: amx.alpha_warmup(8.0, -1), 'warmup_steps'),
+        (lambda: amx.alpha_warmup(8.0, 1.5), 'warmup_steps'),
+        (lambda: amx.alpha_warmup(8.0, True), 'warmup_steps'),
+        (lambda: amx.alpha_warmup(8.0, np.int32(-1)), 'warmup_steps'),
+        (lambda: amx.beta3_warmup(0.999, -1), 'warmup_steps'),
+        (lambda: amx.beta3_warmup(0.999, 1.5), 'warmup_steps'),
+        (lambda: amx.beta3_warmup(0.999, True), 'warmup_steps'),
+        (lambda: amx.scale_by_ademamix(t_alpha_beta3=-1), 't_alpha_beta3'),
+        (lambda: amx.scale_by_ademamix(t_alpha_beta3=1.5), 't_alpha_beta3'),
+        (lambda: amx.ademamix(1e-3, t_alpha_beta3=True), 't_alpha_beta3'),
+    ],
+)
 def test_bad_values_raise_naming_the_argument(make, name):
   with pytest.raises(ValueError, match=rf'\b{name}\b'):
     make()

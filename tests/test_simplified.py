@@ -51,8 +51,9 @@ def _is_shape(x):
 
 def _make_params(seed=0):
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32),
-                      SHAPES, is_leaf=_is_shape)
+  return jax.tree.map(
+      lambda s: rng.normal(size=s).astype(np.float32), SHAPES, is_leaf=_is_shape
+  )
 
 
 def _make_grads(n_steps=N_STEPS, seed=1):
@@ -73,8 +74,12 @@ def _unstack(stacked, n=N_STEPS):
 
 def _inner(state):
   """The first state of a chain (or a bare transform's state)."""
-  return state if hasattr(state, '_fields') and (
-      'count' in state._fields or 't' in state._fields) else state[0]
+  return (
+      state
+      if hasattr(state, '_fields')
+      and ('count' in state._fields or 't' in state._fields)
+      else state[0]
+  )
 
 
 def _run(tx, params, grads):
@@ -97,8 +102,9 @@ def _run(tx, params, grads):
 def _max_error(actual, expected, scales):
   """Max over leaves of ``max |actual - expected| / scale``."""
   worst = 0.0
-  for a, e, scale in zip(jax.tree.leaves(actual), jax.tree.leaves(expected),
-                         scales):
+  for a, e, scale in zip(
+      jax.tree.leaves(actual), jax.tree.leaves(expected), scales
+  ):
     diff = np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64))
     worst = max(worst, float(np.max(diff)) / scale)
   return worst
@@ -112,16 +118,25 @@ def _compare(got, want, rtol, keys=('params', 'updates', 'm', 'nu', 's')):
   zero (a scalar leaf's update, say) do not fail on noise.
   """
   params, updates, state = got
-  arrays = {'params': params, 'updates': updates, 'm': state.m,
-            'nu': state.nu, 's': state.s}
+  arrays = {
+      'params': params,
+      'updates': updates,
+      'm': state.m,
+      'nu': state.nu,
+      's': state.s,
+  }
   worst = {}
   for key in keys:
     if key == 's' and arrays['s'] is None:
       continue
     history = [jax.tree.leaves(e) for e in want[key]]
-    scales = [max(max(float(np.max(np.abs(e[i]))) for e in history),
-                  1.0 if key == 'params' else 1e-30)
-              for i in range(len(history[0]))]
+    scales = [
+        max(
+            max(float(np.max(np.abs(e[i]))) for e in history),
+            1.0 if key == 'params' else 1e-30,
+        )
+        for i in range(len(history[0]))
+    ]
     worst[key] = 0.0
     for step in CHECK_STEPS:
       act = jax.tree.map(lambda x, k=step - 1: x[k], arrays[key])
@@ -137,7 +152,8 @@ def _cosine_lr_np(count):
     return 1e-3 * count / 20
   k = min(count - 20, N_STEPS - 20)
   return 1e-5 + (1e-3 - 1e-5) * 0.5 * (
-      1.0 + math.cos(math.pi * k / (N_STEPS - 20)))
+      1.0 + math.cos(math.pi * k / (N_STEPS - 20))
+  )
 
 
 def _b1_lambda(t):
@@ -160,45 +176,77 @@ CASES = {
     'constant_b1': ({'alpha': 2.0}, {'alpha': 2.0}),
     'warmup': (
         {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP},
-        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP}),
+        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP},
+    ),
     'warmup_b1_start': (
         {'b1': 0.999, 'b1_start': 0.5, 't_b1': T_WARMUP},
-        {'b1': 0.999, 'b1_start': 0.5, 't_b1': T_WARMUP}),
+        {'b1': 0.999, 'b1_start': 0.5, 't_b1': T_WARMUP},
+    ),
     'b1_schedule': (
-        {'b1': _b1_lambda, 'alpha': 3.0}, {'b1': _b1_lambda, 'alpha': 3.0}),
+        {'b1': _b1_lambda, 'alpha': 3.0},
+        {'b1': _b1_lambda, 'alpha': 3.0},
+    ),
     'package_schedule': (
         {'b1': amx.beta3_warmup(0.995, T_WARMUP, b_start=0.8)},
-        {'b1': lambda t: numpy_reference.beta3_warmup_np(
-            t, 0.995, T_WARMUP, 0.8)}),
-    'alpha_schedule': (
-        {'alpha': _alpha_lambda}, {'alpha': _alpha_lambda}),
+        {
+            'b1': lambda t: numpy_reference.beta3_warmup_np(
+                t, 0.995, T_WARMUP, 0.8
+            )
+        },
+    ),
+    'alpha_schedule': ({'alpha': _alpha_lambda}, {'alpha': _alpha_lambda}),
     'bias_correction1': (
         {'alpha': 2.0, 'bias_correction1': True},
-        {'alpha': 2.0, 'bias_correction1': True}),
+        {'alpha': 2.0, 'bias_correction1': True},
+    ),
     'bias_correction1_warmup': (
-        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP,
-         'bias_correction1': True},
-        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP,
-         'bias_correction1': True}),
+        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP, 'bias_correction1': True},
+        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP, 'bias_correction1': True},
+    ),
     'weight_decay_mask': (
         {'weight_decay': 0.5, 'mask': MASK},
-        {'weight_decay': 0.5, 'mask': MASK}),
+        {'weight_decay': 0.5, 'mask': MASK},
+    ),
     'lr_schedule': (
-        {'learning_rate': optax.warmup_cosine_decay_schedule(
-            0.0, 1e-3, 20, N_STEPS, 1e-5)},
-        {'learning_rate': _cosine_lr_np}),
+        {
+            'learning_rate': optax.warmup_cosine_decay_schedule(
+                0.0, 1e-3, 20, N_STEPS, 1e-5
+            )
+        },
+        {'learning_rate': _cosine_lr_np},
+    ),
     'eps_root': ({'eps_root': 1e-4}, {'eps_root': 1e-4}),
     'large_eps': ({'eps': 1e-2}, {'eps': 1e-2}),
     'all_options': (
-        {'learning_rate': optax.warmup_cosine_decay_schedule(
-            0.0, 1e-3, 20, N_STEPS, 1e-5),
-         'b1': 0.998, 'b2': 0.99, 'alpha': 4.0, 'eps': 1e-6,
-         'eps_root': 1e-5, 'weight_decay': 0.1, 'mask': MASK,
-         't_b1': T_WARMUP, 'b1_start': 0.8, 'bias_correction1': True},
-        {'learning_rate': _cosine_lr_np,
-         'b1': 0.998, 'b2': 0.99, 'alpha': 4.0, 'eps': 1e-6,
-         'eps_root': 1e-5, 'weight_decay': 0.1, 'mask': MASK,
-         't_b1': T_WARMUP, 'b1_start': 0.8, 'bias_correction1': True}),
+        {
+            'learning_rate': optax.warmup_cosine_decay_schedule(
+                0.0, 1e-3, 20, N_STEPS, 1e-5
+            ),
+            'b1': 0.998,
+            'b2': 0.99,
+            'alpha': 4.0,
+            'eps': 1e-6,
+            'eps_root': 1e-5,
+            'weight_decay': 0.1,
+            'mask': MASK,
+            't_b1': T_WARMUP,
+            'b1_start': 0.8,
+            'bias_correction1': True,
+        },
+        {
+            'learning_rate': _cosine_lr_np,
+            'b1': 0.998,
+            'b2': 0.99,
+            'alpha': 4.0,
+            'eps': 1e-6,
+            'eps_root': 1e-5,
+            'weight_decay': 0.1,
+            'mask': MASK,
+            't_b1': T_WARMUP,
+            'b1_start': 0.8,
+            'bias_correction1': True,
+        },
+    ),
 }
 
 
@@ -218,10 +266,10 @@ def test_transform_is_the_direction():
   """The bare transform's output is the alias' update over -lr."""
   kwargs = dict(b1=0.999, alpha=5.0, t_b1=T_WARMUP, bias_correction1=True)
   params, grads = _make_params(), _make_grads()
-  _, u, state = _run(amx.scale_by_simplified_ademamix(**kwargs), params,
-                     grads)
+  _, u, state = _run(amx.scale_by_simplified_ademamix(**kwargs), params, grads)
   _, updates, alias_state = _run(
-      amx.simplified_ademamix(learning_rate=0.5, **kwargs), params, grads)
+      amx.simplified_ademamix(learning_rate=0.5, **kwargs), params, grads
+  )
   for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(updates)):
     np.testing.assert_array_equal(-0.5 * a, b)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(alias_state)):
@@ -233,7 +281,9 @@ def test_bias_correction1_sum_of_weights():
   params, grads = _make_params(), _make_grads()
   *_, state = _run(
       amx.scale_by_simplified_ademamix(b1=0.9, bias_correction1=True),
-      params, grads)
+      params,
+      grads,
+  )
   t = np.arange(1, N_STEPS + 1)
   np.testing.assert_allclose(state.s, (1 - 0.9**t) / (1 - 0.9), rtol=1e-6)
   assert state.s.dtype == np.float32
@@ -254,8 +304,9 @@ def test_warmup_reaches_b1_from_b1_start():
     _, state = update(jnp.zeros(()), state)
     ms.append(float(state.m))
   decays = np.array(ms[1:]) / np.array(ms[:-1])  # b1(t) for t = 2..81.
-  want = [numpy_reference.beta3_warmup_np(t, 0.999, 50, 0.5)
-          for t in range(2, 82)]
+  want = [
+      numpy_reference.beta3_warmup_np(t, 0.999, 50, 0.5) for t in range(2, 82)
+  ]
   np.testing.assert_allclose(decays, want, rtol=1e-6)
   # b1(2) = 0.976 (the half-life grows linearly from 1 to 693 steps); from
   # step T on, exactly b1.
@@ -269,8 +320,13 @@ def test_warmup_reaches_b1_from_b1_start():
 OPTAX_CASES = {
     'defaults': {},
     'alpha': {'b1': 0.995, 'b2': 0.99, 'alpha': 8.0},
-    'decay_eps': {'alpha': 2.0, 'eps': 1e-5, 'eps_root': 1e-6,
-                  'weight_decay': 0.1, 'mask': MASK},
+    'decay_eps': {
+        'alpha': 2.0,
+        'eps': 1e-5,
+        'eps_root': 1e-6,
+        'weight_decay': 0.1,
+        'mask': MASK,
+    },
 }
 
 
@@ -289,13 +345,16 @@ def test_equals_optax_contrib(name):
   kwargs = dict(learning_rate=LR, **OPTAX_CASES[name])
   params, grads = _make_params(), _make_grads()
   p, u, state = _run(amx.simplified_ademamix(**kwargs), params, grads)
-  p_o, u_o, state_o = _run(optax.contrib.simplified_ademamix(**kwargs),
-                           params, grads)
+  p_o, u_o, state_o = _run(
+      optax.contrib.simplified_ademamix(**kwargs), params, grads
+  )
   for a, b in zip(jax.tree.leaves(state.m), jax.tree.leaves(state_o.m)):
     np.testing.assert_array_equal(a, b)
-  for what, a, b, rtol in (('params', p, p_o, 1e-6),
-                           ('updates', u, u_o, 1e-6),
-                           ('nu', state.nu, state_o.n, 4e-6)):
+  for what, a, b, rtol in (
+      ('params', p, p_o, 1e-6),
+      ('updates', u, u_o, 1e-6),
+      ('nu', state.nu, state_o.n, 4e-6),
+  ):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       err = float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
       assert err <= rtol, (what, err)
@@ -311,14 +370,20 @@ def _bf16_trajectories(stochastic, b1=0.99, t_b1=None, n=4096, steps=300):
   grads = (rng.standard_normal((steps, n)) + 0.5).astype(np.float32)
   kwargs = dict(b1=b1, alpha=2.0, t_b1=t_b1)
   tx = amx.scale_by_simplified_ademamix(
-      **kwargs, mu_dtype=BF16, nu_dtype=BF16, stochastic_rounding=stochastic)
+      **kwargs, mu_dtype=BF16, nu_dtype=BF16, stochastic_rounding=stochastic
+  )
   _, u, state = _run(tx, np.zeros(n, np.float32), grads)
   assert state.m.dtype == BF16 and state.nu.dtype == BF16
   opt = ref.SimplifiedAdEMAMixReference(np.zeros(n), **kwargs)
   want_u = [opt.direction(g) for g in grads][-1]
-  return (np.asarray(state.m[-1], np.float64), opt.m,
-          np.asarray(state.nu[-1], np.float64), opt.nu,
-          np.asarray(u[-1], np.float64), want_u)
+  return (
+      np.asarray(state.m[-1], np.float64),
+      opt.m,
+      np.asarray(state.nu[-1], np.float64),
+      opt.nu,
+      np.asarray(u[-1], np.float64),
+      want_u,
+  )
 
 
 def test_bf16_states_track_reference():
@@ -334,7 +399,8 @@ def test_bf16_states_track_reference():
   ratios 0.99996 (m), 1.00016 (nu), 0.99987 (u). Bounds: about twice that.
   """
   m, m_ref, nu, nu_ref, u, u_ref = _bf16_trajectories(
-      True, b1=0.999, t_b1=T_WARMUP)
+      True, b1=0.999, t_b1=T_WARMUP
+  )
   for a, r in ((m, m_ref), (nu, nu_ref), (u, u_ref)):
     assert abs(a.mean() / r.mean() - 1) < 1e-3, a.mean() / r.mean()
     rel = np.abs(a - r) / np.abs(r).mean()
@@ -343,8 +409,9 @@ def test_bf16_states_track_reference():
 
 
 def _constant_gradient_m(stochastic, steps=3000, n=10_000):
-  tx = amx.scale_by_simplified_ademamix(b1=0.999, mu_dtype=BF16,
-                                        stochastic_rounding=stochastic)
+  tx = amx.scale_by_simplified_ademamix(
+      b1=0.999, mu_dtype=BF16, stochastic_rounding=stochastic
+  )
   state = tx.init(jnp.zeros((n,), jnp.float32))
   g = jnp.ones((n,), jnp.float32)
 
@@ -378,8 +445,11 @@ def test_optax_contrib_bf16_momentum_stalls():
   ours = amx.scale_by_simplified_ademamix(b1=0.999)
   for tx, want in ((theirs, 256), (ours, 950.3)):
     state = tx.init(jnp.zeros((1000,), BF16))
-    state, _ = jax.jit(lambda s, tx=tx: jax.lax.scan(
-        lambda s, _: (tx.update(g, s)[1], None), s, length=3000))(state)
+    state, _ = jax.jit(
+        lambda s, tx=tx: jax.lax.scan(
+            lambda s, _: (tx.update(g, s)[1], None), s, length=3000
+        )
+    )(state)
     m = np.asarray(state.m, np.float64)
     assert state.m.dtype == BF16
     assert abs(m.mean() / want - 1) < 2e-3, m.mean()
@@ -389,8 +459,8 @@ def test_readme_snippet_runs():
   readme = os.path.join(os.path.dirname(__file__), '..', 'README.md')
   with open(readme) as f:
     text = f.read()
-  section = text[text.index('## Simplified AdEMAMix'):]
-  code = section[section.index('```python\n') + 10:section.index('```\n\n')]
+  section = text[text.index('## Simplified AdEMAMix') :]
+  code = section[section.index('```python\n') + 10 : section.index('```\n\n')]
   namespace = {'amx': amx}
   exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
   tx = namespace['tx']
@@ -405,21 +475,35 @@ def test_readme_snippet_runs():
 
 
 @pytest.mark.parametrize('x64', [False, True])
-@pytest.mark.parametrize('dtypes', [
-    (None, None, 'float32'), (BF16, None, 'float32'), (BF16, BF16, 'float32'),
-    (None, None, 'bfloat16'), (jnp.float32, None, 'bfloat16'),
-])
+@pytest.mark.parametrize(
+    'dtypes',
+    [
+        (None, None, 'float32'),
+        (BF16, None, 'float32'),
+        (BF16, BF16, 'float32'),
+        (None, None, 'bfloat16'),
+        (jnp.float32, None, 'bfloat16'),
+    ],
+)
 def test_state_dtypes_are_a_fixed_point(dtypes, x64):
   """In a lax.scan carry (which demands identical types) under jit, with
   warmup, bias correction and schedules, also under jax_enable_x64."""
   mu_dtype, nu_dtype, param_dtype = dtypes
   with jax.enable_x64(x64):
     tx = amx.simplified_ademamix(
-        optax.linear_schedule(1e-3, 1e-4, 10), b1=0.999, alpha=2.0,
-        t_b1=5, bias_correction1=True, weight_decay=0.1, mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype)
-    params = {'w': jnp.ones((3, 2), param_dtype),
-              'b': jnp.zeros((2,), param_dtype)}
+        optax.linear_schedule(1e-3, 1e-4, 10),
+        b1=0.999,
+        alpha=2.0,
+        t_b1=5,
+        bias_correction1=True,
+        weight_decay=0.1,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+    )
+    params = {
+        'w': jnp.ones((3, 2), param_dtype),
+        'b': jnp.zeros((2,), param_dtype),
+    }
     state = tx.init(params)
     layout = jax.tree.map(lambda x: (x.shape, x.dtype), state)
 
@@ -429,8 +513,9 @@ def test_state_dtypes_are_a_fixed_point(dtypes, x64):
       u, s = tx.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
 
-    (params, state), _ = jax.jit(
-        lambda c: jax.lax.scan(body, c, length=12))((params, state))
+    (params, state), _ = jax.jit(lambda c: jax.lax.scan(body, c, length=12))(
+        (params, state)
+    )
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == layout
     inner = state[0]
     assert inner.s.dtype == jnp.float32 and int(inner.count) == 12
@@ -438,8 +523,9 @@ def test_state_dtypes_are_a_fixed_point(dtypes, x64):
     want_nu = jnp.dtype(nu_dtype or param_dtype)
     assert all(x.dtype == want_mu for x in jax.tree.leaves(inner.m))
     assert all(x.dtype == want_nu for x in jax.tree.leaves(inner.nu))
-    assert all(x.dtype == jnp.dtype(param_dtype)
-               for x in jax.tree.leaves(params))
+    assert all(
+        x.dtype == jnp.dtype(param_dtype) for x in jax.tree.leaves(params)
+    )
 
 
 # Composition.
@@ -447,11 +533,18 @@ def test_state_dtypes_are_a_fixed_point(dtypes, x64):
 
 INJECT_CASES = {
     'constant': dict(learning_rate=1e-2, b1=0.99, alpha=2.0),
-    'warmup': dict(learning_rate=1e-2, b1=0.999, alpha=4.0, t_b1=20,
-                   b1_start=0.8),
+    'warmup': dict(
+        learning_rate=1e-2, b1=0.999, alpha=4.0, t_b1=20, b1_start=0.8
+    ),
     'bias_correction_decay': dict(
-        learning_rate=1e-2, b1=0.995, alpha=1.0, t_b1=10,
-        bias_correction1=True, weight_decay=0.1, eps_root=1e-8),
+        learning_rate=1e-2,
+        b1=0.995,
+        alpha=1.0,
+        t_b1=10,
+        bias_correction1=True,
+        weight_decay=0.1,
+        eps_root=1e-8,
+    ),
 }
 
 
@@ -460,35 +553,40 @@ def test_inject_hyperparams_matches_plain(name):
   kwargs = INJECT_CASES[name]
   tx_injected = optax.inject_hyperparams(amx.simplified_ademamix)(**kwargs)
   # inject_hyperparams stores float hyperparameters as float32.
-  tx = amx.simplified_ademamix(**{
-      k: float(np.float32(v)) if isinstance(v, float) else v
-      for k, v in kwargs.items()})
-  params = {'w': jnp.linspace(-1.0, 1.0, 6).reshape(2, 3),
-            'b': jnp.arange(4.0)}
+  tx = amx.simplified_ademamix(
+      **{
+          k: float(np.float32(v)) if isinstance(v, float) else v
+          for k, v in kwargs.items()
+      }
+  )
+  params = {'w': jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), 'b': jnp.arange(4.0)}
   state, state_injected = tx.init(params), tx_injected.init(params)
   # Every numeric argument is injected (the int t_b1 too); the bool is not.
-  assert set(kwargs) - {'bias_correction1'} <= set(
-      state_injected.hyperparams)
+  assert set(kwargs) - {'bias_correction1'} <= set(state_injected.hyperparams)
   assert 'bias_correction1' not in state_injected.hyperparams
   update, update_injected = jax.jit(tx.update), jax.jit(tx_injected.update)
   for i in range(30):
     grads = jax.tree.map(lambda p, i=i: jnp.cos(p + i), params)
     updates, state = update(grads, state, params)
     updates_injected, state_injected = update_injected(
-        grads, state_injected, params)
-    for a, b in zip(jax.tree.leaves(updates_injected),
-                    jax.tree.leaves(updates)):
+        grads, state_injected, params
+    )
+    for a, b in zip(
+        jax.tree.leaves(updates_injected), jax.tree.leaves(updates)
+    ):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
     params = optax.apply_updates(params, updates)
-  for a, b in zip(jax.tree.leaves(state_injected.inner_state),
-                  jax.tree.leaves(state)):
+  for a, b in zip(
+      jax.tree.leaves(state_injected.inner_state), jax.tree.leaves(state)
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
 def test_injected_b1_can_change():
   """An injected b1 is read at every step: changing it changes m."""
   tx = optax.inject_hyperparams(amx.simplified_ademamix)(
-      learning_rate=1e-2, b1=0.9)
+      learning_rate=1e-2, b1=0.9
+  )
   params = jnp.zeros(3)
   state = tx.init(params)
   _, state = tx.update(jnp.ones(3), state, params)
@@ -514,15 +612,24 @@ def test_nnx_optimizer_learns():
   y = jnp.sin(x @ jnp.array([[1.0], [-0.5], [0.25], [2.0]]))
   model = MLP(nnx.Rngs(0))
   optimizer = nnx.Optimizer(
-      model, amx.simplified_ademamix(
-          1e-3, b1=0.99, alpha=2.0, t_b1=50, bias_correction1=False,
-          weight_decay=1e-3, mu_dtype=BF16),
-      wrt=nnx.Param)
+      model,
+      amx.simplified_ademamix(
+          1e-3,
+          b1=0.99,
+          alpha=2.0,
+          t_b1=50,
+          bias_correction1=False,
+          weight_decay=1e-3,
+          mu_dtype=BF16,
+      ),
+      wrt=nnx.Param,
+  )
 
   @nnx.jit
   def step(model, optimizer):
-    loss, grads = nnx.value_and_grad(
-        lambda m: jnp.mean(jnp.square(m(x) - y)))(model)
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(x) - y)))(
+        model
+    )
     optimizer.update(model, grads)
     return loss
 
@@ -548,14 +655,18 @@ def test_linen_train_state_learns():
   y = jnp.sin(x @ jnp.array([[1.0], [-0.5], [0.25], [2.0]]))
   model = MLP()
   state = train_state.TrainState.create(
-      apply_fn=model.apply, params=model.init(jax.random.key(0), x),
-      tx=amx.simplified_ademamix(1e-2, b1=0.99, alpha=2.0, t_b1=50,
-                                 bias_correction1=True))
+      apply_fn=model.apply,
+      params=model.init(jax.random.key(0), x),
+      tx=amx.simplified_ademamix(
+          1e-2, b1=0.99, alpha=2.0, t_b1=50, bias_correction1=True
+      ),
+  )
 
   @jax.jit
   def step(state):
     loss, grads = jax.value_and_grad(
-        lambda p: jnp.mean(jnp.square(state.apply_fn(p, x) - y)))(state.params)
+        lambda p: jnp.mean(jnp.square(state.apply_fn(p, x) - y))
+    )(state.params)
     return state.apply_gradients(grads=grads), loss
 
   losses = []
@@ -581,8 +692,14 @@ def test_nnx_checkpoint_resume_is_bit_identical(tmp_path, bias_correction1):
   def setup(seed):
     model = nnx.Linear(4, 1, rngs=nnx.Rngs(seed))
     tx = amx.simplified_ademamix(
-        1e-3, b1=0.999, alpha=3.0, t_b1=40, bias_correction1=bias_correction1,
-        weight_decay=0.1, mu_dtype=BF16)
+        1e-3,
+        b1=0.999,
+        alpha=3.0,
+        t_b1=40,
+        bias_correction1=bias_correction1,
+        weight_decay=0.1,
+        mu_dtype=BF16,
+    )
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -601,13 +718,16 @@ def test_nnx_checkpoint_resume_is_bit_identical(tmp_path, bias_correction1):
     step(model, optimizer)
   assert (optimizer.opt_state[0].s is None) != bias_correction1
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / 'step_20', {
-        'model': nnx.state(model), 'optimizer': nnx.state(optimizer)})
+    checkpointer.save(
+        tmp_path / 'step_20',
+        {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)},
+    )
     checkpointer.wait_until_finished()
   model, optimizer = setup(1)
   target = jax.tree.map(
       ocp.utils.to_shape_dtype_struct,
-      {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)})
+      {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)},
+  )
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(tmp_path / 'step_20', target)
   nnx.update(model, restored['model'])
@@ -625,11 +745,23 @@ def test_nnx_checkpoint_resume_is_bit_identical(tmp_path, bias_correction1):
 
 
 BAD_ARGUMENTS = [
-    ('b1', 1.0), ('b1', -0.1), ('b1', float('nan')), ('b2', 1.0),
-    ('b2', -1e-3), ('b1_start', 1.0), ('b1_start', -0.5), ('alpha', -1.0),
-    ('eps', -1e-8), ('eps_root', -1.0), ('t_b1', -1), ('t_b1', 2.5),
-    ('t_b1', True), ('mu_dtype', jnp.int32), ('mu_dtype', 'no_such_dtype'),
-    ('nu_dtype', jnp.int8), ('b1', jnp.array([0.9, 0.9])),
+    ('b1', 1.0),
+    ('b1', -0.1),
+    ('b1', float('nan')),
+    ('b2', 1.0),
+    ('b2', -1e-3),
+    ('b1_start', 1.0),
+    ('b1_start', -0.5),
+    ('alpha', -1.0),
+    ('eps', -1e-8),
+    ('eps_root', -1.0),
+    ('t_b1', -1),
+    ('t_b1', 2.5),
+    ('t_b1', True),
+    ('mu_dtype', jnp.int32),
+    ('mu_dtype', 'no_such_dtype'),
+    ('nu_dtype', jnp.int8),
+    ('b1', jnp.array([0.9, 0.9])),
 ]
 
 
@@ -650,9 +782,16 @@ def test_bad_weight_decay_is_named(value):
 
 
 def test_edge_values_are_accepted():
-  for kwargs in (dict(b1=0.0), dict(b2=0.0), dict(b1_start=0.0, t_b1=3),
-                 dict(t_b1=0), dict(t_b1=np.int32(5)), dict(alpha=0.0),
-                 dict(eps=0.0, eps_root=0.0), dict(mu_dtype='bfloat16')):
+  for kwargs in (
+      dict(b1=0.0),
+      dict(b2=0.0),
+      dict(b1_start=0.0, t_b1=3),
+      dict(t_b1=0),
+      dict(t_b1=np.int32(5)),
+      dict(alpha=0.0),
+      dict(eps=0.0, eps_root=0.0),
+      dict(mu_dtype='bfloat16'),
+  ):
     tx = amx.simplified_ademamix(1e-3, **kwargs)
     params = jnp.ones(2)
     u, _ = tx.update(jnp.ones(2), tx.init(params), params)
@@ -663,8 +802,9 @@ def test_edge_values_are_accepted():
 
 
 def test_sharded_init_and_steps():
-  worker = os.path.join(os.path.dirname(__file__),
-                        'simplified_sharding_worker.py')
+  worker = os.path.join(
+      os.path.dirname(__file__), 'simplified_sharding_worker.py'
+  )
   result = strict_xla.run_worker(worker, devices=8)
   assert result['num_devices'] == 8
   assert set(result['configs']) == {'warmup_bc_decay', 'bf16'}
@@ -676,6 +816,10 @@ def test_sharded_init_and_steps():
     assert res['count'] == 5, name
     assert res['equal_to_single_device'], (name, res['diff'])
   assert set(result['cpu_hints']) == {
-      'constant', 'warmup_bc', 'bf16_all', 'injected'}
+      'constant',
+      'warmup_bc',
+      'bf16_all',
+      'injected',
+  }
   for name, res in result['cpu_hints'].items():
     assert res['leaves'] > 0 and res['differ'] == 0, (name, res)

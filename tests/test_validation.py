@@ -56,11 +56,23 @@ BAD_VALUES = (
         # Not real numbers: once accepted, failing at the first update with a
         # TypeError that did not name the argument (or, complex, silently).
     ]
-    + [(name, value)
-       for name in ('b1', 'b2', 'b3', 'alpha', 'eps', 'eps_root')
-       for value in (None, '0.5', [0.5], (0.5,), {'v': 0.5}, 0.5 + 0j, 1j,
-                     np.complex64(0.5), jnp.asarray(0.5 + 0.5j),
-                     np.asarray([0.5]), np.asarray(True))]
+    + [
+        (name, value)
+        for name in ('b1', 'b2', 'b3', 'alpha', 'eps', 'eps_root')
+        for value in (
+            None,
+            '0.5',
+            [0.5],
+            (0.5,),
+            {'v': 0.5},
+            0.5 + 0j,
+            1j,
+            np.complex64(0.5),
+            jnp.asarray(0.5 + 0.5j),
+            np.asarray([0.5]),
+            np.asarray(True),
+        )
+    ]
     # No schedule is supported for these.
     + [(name, lambda t: 0.5) for name in ('b1', 'b2', 'eps', 'eps_root')]
     + [
@@ -69,12 +81,29 @@ BAD_VALUES = (
     ]
     # Dtypes the state cannot be stored in (see tests/test_low_precision.py
     # for the ones it can).
-    + [('mu_dtype', d) for d in (jnp.float8_e8m0fnu, jnp.float4_e2m1fn,
-                                 jnp.float6_e2m3fn, jnp.float6_e3m2fn)]
-    + [('nu_dtype', d) for d in (jnp.float16, 'float16', jnp.float8_e4m3fn,
-                                 jnp.float8_e5m2, jnp.float8_e4m3fnuz,
-                                 jnp.float8_e5m2fnuz, jnp.float8_e8m0fnu,
-                                 jnp.float4_e2m1fn, jnp.float8_e3m4)]
+    + [
+        ('mu_dtype', d)
+        for d in (
+            jnp.float8_e8m0fnu,
+            jnp.float4_e2m1fn,
+            jnp.float6_e2m3fn,
+            jnp.float6_e3m2fn,
+        )
+    ]
+    + [
+        ('nu_dtype', d)
+        for d in (
+            jnp.float16,
+            'float16',
+            jnp.float8_e4m3fn,
+            jnp.float8_e5m2,
+            jnp.float8_e4m3fnuz,
+            jnp.float8_e5m2fnuz,
+            jnp.float8_e8m0fnu,
+            jnp.float4_e2m1fn,
+            jnp.float8_e3m4,
+        )
+    ]
 )
 
 
@@ -91,8 +120,8 @@ def _name_pattern(name):
 
 @pytest.mark.parametrize('factory', FACTORY_NAMES)
 @pytest.mark.parametrize(
-    'name, value', BAD_VALUES,
-    ids=[f'{n}={_id(v)}' for n, v in BAD_VALUES])
+    'name, value', BAD_VALUES, ids=[f'{n}={_id(v)}' for n, v in BAD_VALUES]
+)
 def test_bad_value_raises_naming_argument(factory, name, value):
   with pytest.raises(ValueError, match=_name_pattern(name)):
     FACTORIES[factory](**{name: value})
@@ -209,14 +238,15 @@ def test_construction_inside_jit_with_traced_values(factory):
     return updates
 
   traced = jax.jit(first_update)(
-      jnp.asarray(0.9), jnp.asarray(0.999), jnp.asarray(5.0), jnp.asarray(10))
+      jnp.asarray(0.9), jnp.asarray(0.999), jnp.asarray(5.0), jnp.asarray(10)
+  )
   concrete = first_update(0.9, 0.999, 5.0, 10)
   np.testing.assert_allclose(traced, concrete, rtol=1e-5)
 
   # Traced values are not checked, even out of range: no error is raised.
   jax.jit(first_update)(
-      jnp.asarray(1.5), jnp.asarray(-1.0), jnp.asarray(-5.0),
-      jnp.asarray(-10))
+      jnp.asarray(1.5), jnp.asarray(-1.0), jnp.asarray(-5.0), jnp.asarray(-10)
+  )
 
 
 def test_traced_b1_zero_keeps_the_fast_ema():
@@ -237,9 +267,21 @@ def test_error_message_shows_the_value():
     amx.ademamix(learning_rate=1e-3, mu_dtype='not_a_dtype')
 
 
-BAD_LEARNING_RATES = (None, -1e-3, float('nan'), math.inf, -math.inf, True,
-                      False, '1e-3', 1e-3j, [1e-3], np.asarray([1e-3, 1e-2]),
-                      jnp.asarray(-1.0), np.complex128(1e-3))
+BAD_LEARNING_RATES = (
+    None,
+    -1e-3,
+    float('nan'),
+    math.inf,
+    -math.inf,
+    True,
+    False,
+    '1e-3',
+    1e-3j,
+    [1e-3],
+    np.asarray([1e-3, 1e-2]),
+    jnp.asarray(-1.0),
+    np.complex128(1e-3),
+)
 
 
 @pytest.mark.parametrize('value', BAD_LEARNING_RATES, ids=_id)
@@ -251,9 +293,17 @@ def test_bad_learning_rate_raises(value):
 
 @pytest.mark.parametrize(
     'value',
-    (0.0, 0, 1e-3, np.float32(1e-3), jnp.asarray(1e-3),
-     optax.constant_schedule(1e-3), lambda count: 1e-3 * jnp.ones([])),
-    ids=_id)
+    (
+        0.0,
+        0,
+        1e-3,
+        np.float32(1e-3),
+        jnp.asarray(1e-3),
+        optax.constant_schedule(1e-3),
+        lambda count: 1e-3 * jnp.ones([]),
+    ),
+    ids=_id,
+)
 def test_valid_learning_rates_accepted(value):
   tx = amx.ademamix(learning_rate=value)
   params = jnp.asarray([1.0, -2.0])
@@ -263,7 +313,8 @@ def test_valid_learning_rates_accepted(value):
 
 def test_injected_learning_rate_is_let_through():
   tx = optax.inject_hyperparams(amx.ademamix)(
-      learning_rate=1e-3, b1=0.9, weight_decay=0.1)
+      learning_rate=1e-3, b1=0.9, weight_decay=0.1
+  )
   params = jnp.asarray([1.0, -2.0])
   state = tx.init(params)
   updates, _ = jax.jit(tx.update)(jnp.asarray([0.5, 0.25]), state, params)
@@ -278,7 +329,8 @@ def test_traced_learning_rate_is_let_through():
     return u
 
   np.testing.assert_allclose(
-      jax.jit(first_update)(jnp.asarray(1e-3)), first_update(1e-3), rtol=1e-6)
+      jax.jit(first_update)(jnp.asarray(1e-3)), first_update(1e-3), rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize('value', (None, '0.1', 0.1j, [0.1], -0.1))
@@ -300,8 +352,9 @@ def test_stochastic_rounding_bools_accepted(factory, value):
 def test_nu_dtype_refusal_says_why_and_suggests_bfloat16(dtype):
   """float16 nu once moved a parameter by -1000 in one step (Adam: -0.01):
   (1 - b2) g**2 underflowed to 0 and the update became m / eps."""
-  with pytest.raises(ValueError, match=r'nu_dtype.*underflow|nu_dtype'
-                     r'.*rounds to zero') as info:
+  with pytest.raises(
+      ValueError, match=r'nu_dtype.*underflow|nu_dtype' r'.*rounds to zero'
+  ) as info:
     amx.ademamix(learning_rate=1e-2, nu_dtype=dtype)
   assert 'bfloat16' in str(info.value)
 
@@ -328,8 +381,9 @@ def test_float16_mu_does_not_lose_small_gradients():
   exact = g * (1 - 0.9999**steps)
   m2 = np.asarray(state.m2, np.float64)
   assert abs(m2.mean() / exact - 1) < 0.01
-  np.testing.assert_allclose(np.asarray(state.m1, np.float64).mean(), g,
-                             rtol=0.01)
+  np.testing.assert_allclose(
+      np.asarray(state.m1, np.float64).mean(), g, rtol=0.01
+  )
 
 
 def test_nonscalar_and_complex_messages_show_the_value():
@@ -347,14 +401,16 @@ def test_helpers_are_reusable_for_another_optimizer():
   """The checks take the argument's name: a second optimizer (b1_start,
   t_b1, ...) gets the same messages with its own names."""
   from ademamix_optax import _validation
+
   with pytest.raises(ValueError, match=_name_pattern('b1_start')):
     _validation.check_interval('b1_start', 1.0, low=0.0, high=1.0)
   with pytest.raises(ValueError, match=_name_pattern('t_b1')):
     _validation.check_steps('t_b1', -1)
   with pytest.raises(ValueError, match=_name_pattern('b1')):
     _validation.check_interval('b1', 'x', low=0.0, high=1.0, schedule=True)
-  _validation.check_interval('b1', lambda t: 0.9, low=0.0, high=1.0,
-                             schedule=True)
+  _validation.check_interval(
+      'b1', lambda t: 0.9, low=0.0, high=1.0, schedule=True
+  )
   assert _validation.check_state_dtype('mu_dtype', 'bfloat16') == jnp.bfloat16
 
 
@@ -364,11 +420,12 @@ def test_dtype_under_inject_hyperparams():
   params = jnp.ones(3)
   with pytest.raises(ValueError, match=r"mu_dtype.*'bfloat16'.*static_args"):
     optax.inject_hyperparams(amx.ademamix)(
-        learning_rate=1e-3, mu_dtype=jnp.bfloat16).init(params)
+        learning_rate=1e-3, mu_dtype=jnp.bfloat16
+    ).init(params)
   for stochastic in (True, False):
     tx = optax.inject_hyperparams(amx.ademamix)(
-        learning_rate=1e-3, mu_dtype='bfloat16',
-        stochastic_rounding=stochastic)
+        learning_rate=1e-3, mu_dtype='bfloat16', stochastic_rounding=stochastic
+    )
     state = tx.init(params)
     assert state.inner_state[0].m2.dtype == jnp.bfloat16
     updates, _ = jax.jit(tx.update)(params, state, params)

@@ -118,7 +118,6 @@ multipliers in :mod:`ademamix_optax._rounding`) are inlined as literals, so
 they are fine.
 """
 
-
 from __future__ import annotations
 
 import functools
@@ -173,19 +172,23 @@ def check_block_size(variant: str, block_size: int, lanes: int) -> None:
   if block_size < 1 or lanes < 1:
     raise ValueError(
         f'block_size and lanes must be >= 1, got block_size={block_size}, '
-        f'lanes={lanes}.')
+        f'lanes={lanes}.'
+    )
   if variant == 'gpu' and block_size & (block_size - 1):
     raise ValueError(
         f'block_size must be a power of two on GPU, got '
-        f'block_size={block_size}.')
+        f'block_size={block_size}.'
+    )
   if variant == 'tpu' and (block_size % 1024 or block_size % (8 * lanes)):
     raise ValueError(
         f'block_size must be a multiple of 1024 and of 8 * lanes on TPU, '
-        f'got block_size={block_size}, lanes={lanes}.')
+        f'got block_size={block_size}, lanes={lanes}.'
+    )
 
 
-def kernel_supports(dtypes: Sequence[Any], stochastic: bool,
-                    interpret: bool) -> bool:
+def kernel_supports(
+    dtypes: Sequence[Any], stochastic: bool, interpret: bool
+) -> bool:
   """Whether the compiled kernel can handle buffers of these dtypes.
 
   Stochastic rounding to float16 (and other narrow non-bfloat16 floats)
@@ -200,7 +203,8 @@ def kernel_supports(dtypes: Sequence[Any], stochastic: bool,
     return False
   return not any(
       _update.needs_rounding(d, stochastic) and d != jnp.bfloat16
-      for d in dtypes)
+      for d in dtypes
+  )
 
 
 def _split_scalars(s: StepScalars):
@@ -256,25 +260,37 @@ def _block_index(block_shape: tuple[int, ...]):
   return index, local, pid * np.int32(block_elems)
 
 
-def _kernel(*refs, n_packed: int, has_m1: bool, rebuild, size: int,
-            block_shape: tuple[int, ...], masked: bool, leaf: int,
-            stochastic: bool):
+def _kernel(
+    *refs,
+    n_packed: int,
+    has_m1: bool,
+    rebuild,
+    size: int,
+    block_shape: tuple[int, ...],
+    masked: bool,
+    leaf: int,
+    stochastic: bool,
+):
   """The kernel body: load the blocks, :func:`leaf_update`, store."""
   n_in = 4 if has_m1 else 3
   packed = refs[:n_packed]
-  in_refs = refs[n_packed:n_packed + n_in]
-  out_refs = refs[n_packed + n_in:]
+  in_refs = refs[n_packed : n_packed + n_in]
+  out_refs = refs[n_packed + n_in :]
   s = rebuild(packed)
 
   index, local, start = _block_index(block_shape)
   if masked:
     plgpu = _triton()
     mask = local < (np.int32(size) - start)
+
     def load(ref):
       return plgpu.load(ref, mask=mask, other=0)
+
     def store(ref, x):
       return plgpu.store(ref, x, mask=mask)
+
   else:
+
     def load(ref):
       return ref[...]
 
@@ -291,8 +307,7 @@ def _kernel(*refs, n_packed: int, has_m1: bool, rebuild, size: int,
     key = _rounding.stream_key(s.count, leaf, stream)
     return _rounding.mix_index(index, key)
 
-  out = _update.leaf_update(g, m1, m2, nu, s, stochastic=stochastic,
-                            bits=bits)
+  out = _update.leaf_update(g, m1, m2, nu, s, stochastic=stochastic, bits=bits)
   for ref, x in zip(out_refs, [x for x in out if x is not None]):
     store(ref, x)
 
@@ -300,12 +315,14 @@ def _kernel(*refs, n_packed: int, has_m1: bool, rebuild, size: int,
 def _triton():
   """The Triton-specific Pallas API (imported only when needed)."""
   from jax.experimental.pallas import triton
+
   return triton
 
 
 def _tpu():
   """The TPU-specific Pallas API (imported only when needed)."""
   from jax.experimental.pallas import tpu
+
   return tpu
 
 
@@ -317,13 +334,29 @@ def _compiler_params(variant: str, interpret: bool):
   return _triton().CompilerParams(num_warps=4, num_stages=1)
 
 
-def _launch(g, m1, m2, nu, s, *, leaf, stochastic, variant, interpret,
-            block_size, lanes, alias):
+def _launch(
+    g,
+    m1,
+    m2,
+    nu,
+    s,
+    *,
+    leaf,
+    stochastic,
+    variant,
+    interpret,
+    block_size,
+    lanes,
+    alias,
+):
   """The ``pallas_call`` of one leaf, for one kernel variant."""
   size = math.prod(g.shape)
   dtypes = [x.dtype for x in (g, m1, m2, nu) if x is not None]
-  if (size == 0 or size > _MAX_SIZE
-      or not kernel_supports(dtypes, stochastic, interpret)):
+  if (
+      size == 0
+      or size > _MAX_SIZE
+      or not kernel_supports(dtypes, stochastic, interpret)
+  ):
     # Nothing to launch, indices past int32, or ops the compiled kernel
     # cannot lower: the reference path, with the same results.
     return _plain(g, m1, m2, nu, s, leaf=leaf, stochastic=stochastic)
@@ -342,14 +375,22 @@ def _launch(g, m1, m2, nu, s, *, leaf, stochastic, variant, interpret,
     scalar_spec = pl.BlockSpec()
   index_map = (lambda i: (i, 0)) if len(view) == 2 else (lambda i: (i,))
   block_spec = pl.BlockSpec(block_shape, index_map)
-  aliases = ({len(packed) + k: k for k in range(1, len(buffers))}
-             if alias else {})
+  aliases = (
+      {len(packed) + k: k for k in range(1, len(buffers))} if alias else {}
+  )
   nbytes = sum(size * jnp.dtype(x.dtype).itemsize for x in (*buffers, *outs))
 
   kernel = functools.partial(
-      _kernel, n_packed=len(packed), has_m1=m1 is not None, rebuild=rebuild,
-      size=size, block_shape=block_shape, masked=variant == 'gpu', leaf=leaf,
-      stochastic=stochastic)
+      _kernel,
+      n_packed=len(packed),
+      has_m1=m1 is not None,
+      rebuild=rebuild,
+      size=size,
+      block_shape=block_shape,
+      masked=variant == 'gpu',
+      leaf=leaf,
+      stochastic=stochastic,
+  )
   out = pl.pallas_call(
       kernel,
       out_shape=outs,
@@ -359,8 +400,9 @@ def _launch(g, m1, m2, nu, s, *, leaf, stochastic, variant, interpret,
       input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=_compiler_params(variant, interpret),
-      cost_estimate=pl.CostEstimate(flops=30 * size, transcendentals=size,
-                                    bytes_accessed=nbytes),
+      cost_estimate=pl.CostEstimate(
+          flops=30 * size, transcendentals=size, bytes_accessed=nbytes
+      ),
       name=f'ademamix_leaf_{leaf}',
   )(*packed, *buffers)
   out = [x.reshape(g.shape) for x in out]
@@ -376,8 +418,7 @@ def _plain(g, m1, m2, nu, s, *, leaf, stochastic):
     key = _rounding.stream_key(s.count, leaf, stream)
     return _rounding.mix_index(_rounding.flat_index(g.shape), key)
 
-  return _update.leaf_update(g, m1, m2, nu, s, stochastic=stochastic,
-                             bits=bits)
+  return _update.leaf_update(g, m1, m2, nu, s, stochastic=stochastic, bits=bits)
 
 
 _warned = threading.Event()
@@ -389,7 +430,9 @@ def _warn_interpreted():
     warnings.warn(
         f'{_NAME} runs in Pallas interpret mode on CPU, many times slower '
         'than ademamix_optax.scale_by_ademamix (same results).',
-        RuntimeWarning, stacklevel=2)
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def _check_placement(g: jax.Array) -> None:
@@ -397,14 +440,16 @@ def _check_placement(g: jax.Array) -> None:
   if _leaves._manual_axes():  # pylint: disable=protected-access
     raise ValueError(
         f'{_NAME} does not run inside jax.shard_map; use '
-        'ademamix_optax.scale_by_ademamix (with partition_specs) there.')
+        'ademamix_optax.scale_by_ademamix (with partition_specs) there.'
+    )
   sharding = getattr(jax.typeof(g), 'sharding', None)
   spec = getattr(sharding, 'spec', ())
   if any(entry is not None for entry in spec):
     raise ValueError(
         f'{_NAME} does not run on arrays sharded over Explicit mesh axes '
         f'(got a leaf of type {jax.typeof(g)}); use '
-        'ademamix_optax.scale_by_ademamix there.')
+        'ademamix_optax.scale_by_ademamix there.'
+    )
 
 
 def fused_leaf_update(
@@ -464,8 +509,13 @@ def fused_leaf_update(
     for v in ('gpu', 'tpu'):
       check_block_size(v, block_size, lanes or (TPU_LANES if v == 'tpu' else 1))
   launch = functools.partial(
-      _launch, leaf=leaf, stochastic=stochastic, block_size=block_size,
-      lanes=lanes, alias=alias)
+      _launch,
+      leaf=leaf,
+      stochastic=stochastic,
+      block_size=block_size,
+      lanes=lanes,
+      alias=alias,
+  )
   has_m1 = m1 is not None
   n_buf = 4 if has_m1 else 3
   s_flat, s_tree = jax.tree.flatten(s)
@@ -474,29 +524,45 @@ def fused_leaf_update(
   def s_of(arrs):
     it = iter(arrs)
     return jax.tree.unflatten(
-        s_tree, [next(it) if a else x for x, a in zip(s_flat, s_is_arr)])
+        s_tree, [next(it) if a else x for x, a in zip(s_flat, s_is_arr)]
+    )
 
   def split(args):
-    return (args[0], args[1], args[2], args[3]) if has_m1 else (
-        args[0], None, args[1], args[2])
+    return (
+        (args[0], args[1], args[2], args[3])
+        if has_m1
+        else (args[0], None, args[1], args[2])
+    )
 
   def interpreted(*args, variant=variant or 'gpu'):
-    out = launch(*split(args[:n_buf]), s_of(args[n_buf:]), variant=variant,
-                 interpret=True)
+    out = launch(
+        *split(args[:n_buf]),
+        s_of(args[n_buf:]),
+        variant=variant,
+        interpret=True,
+    )
     jax.debug.callback(_warn_interpreted)
     return out
 
   def compiled(variant):
-    return lambda *args: launch(*split(args[:n_buf]), s_of(args[n_buf:]),
-                                variant=variant, interpret=False)
+    return lambda *args: launch(
+        *split(args[:n_buf]),
+        s_of(args[n_buf:]),
+        variant=variant,
+        interpret=False,
+    )
 
   @jax.custom_jvp
   def step(*args):
     if interpret:
       return interpreted(*args)
     return jax.lax.platform_dependent(
-        *args, cpu=interpreted, cuda=compiled('gpu'), rocm=compiled('gpu'),
-        tpu=compiled('tpu'))
+        *args,
+        cpu=interpreted,
+        cuda=compiled('gpu'),
+        rocm=compiled('gpu'),
+        tpu=compiled('tpu'),
+    )
 
   @step.defjvp
   def step_jvp(primals, tangents):
@@ -504,8 +570,13 @@ def fused_leaf_update(
     # primal outputs): differentiating through the kernel's aliasing and
     # masked loads is not supported by Pallas.
     def plain(*args):
-      return _plain(*split(args[:n_buf]), s_of(args[n_buf:]),
-                                     leaf=leaf, stochastic=stochastic)
+      return _plain(
+          *split(args[:n_buf]),
+          s_of(args[n_buf:]),
+          leaf=leaf,
+          stochastic=stochastic,
+      )
+
     _, tangents_out = jax.jvp(plain, primals, tangents)
     return step(*primals), tangents_out
 
@@ -516,20 +587,32 @@ def fused_leaf_update(
   return tuple(None if x is None else shard_alike(x, g)[0] for x in out)
 
 
-def _map_leaves(leaf_fn, scalars, updates, buffers, *, stochastic,
-                partition_specs, options):
+def _map_leaves(
+    leaf_fn, scalars, updates, buffers, *, stochastic, partition_specs, options
+):
   """``_leaves.map_leaves`` with the kernel in place of ``leaf_fn``."""
   del leaf_fn, partition_specs
   g_leaves, treedef = jax.tree.flatten(updates)
   n = len(g_leaves)
-  columns = [[None] * n if b is None else treedef.flatten_up_to(b)
-             for b in buffers]
-  out = [fused_leaf_update(g, *(c[i] for c in columns), scalars, leaf=i,
-                           stochastic=stochastic, **options)
-         for i, g in enumerate(g_leaves)]
+  columns = [
+      [None] * n if b is None else treedef.flatten_up_to(b) for b in buffers
+  ]
+  out = [
+      fused_leaf_update(
+          g,
+          *(c[i] for c in columns),
+          scalars,
+          leaf=i,
+          stochastic=stochastic,
+          **options,
+      )
+      for i, g in enumerate(g_leaves)
+  ]
   new_updates = treedef.unflatten([o[0] for o in out])
-  new_buffers = [None if b is None else treedef.unflatten([o[k + 1] for o in out])
-                 for k, b in enumerate(buffers)]
+  new_buffers = [
+      None if b is None else treedef.unflatten([o[k + 1] for o in out])
+      for k, b in enumerate(buffers)
+  ]
   return new_updates, new_buffers
 
 
@@ -593,19 +676,33 @@ def scale_by_ademamix_pallas(
     1.0046, 1.0046, 1.0046
   """
   if block_size is not None:
-    if (isinstance(block_size, bool) or not isinstance(block_size, int)
-        or block_size < 1):
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size < 1
+    ):
       raise ValueError(
           f'block_size must be None or a positive int, got '
-          f'block_size={block_size!r}.')
+          f'block_size={block_size!r}.'
+      )
     if not interpret:  # Compiled for whichever platform the step targets.
       check_block_size('gpu', block_size, 1)
       check_block_size('tpu', block_size, TPU_LANES)
   options = dict(interpret=interpret, block_size=block_size)
   return _transform.build(
-      b1, b2, b3, alpha, eps, eps_root, mu_dtype, t_alpha_beta3, nu_dtype,
-      stochastic_rounding, None,
-      map_leaves=functools.partial(_map_leaves, options=options))
+      b1,
+      b2,
+      b3,
+      alpha,
+      eps,
+      eps_root,
+      mu_dtype,
+      t_alpha_beta3,
+      nu_dtype,
+      stochastic_rounding,
+      None,
+      map_leaves=functools.partial(_map_leaves, options=options),
+  )
 
 
 def ademamix_pallas(
@@ -649,15 +746,26 @@ def ademamix_pallas(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
   """
   from ademamix_optax import _validation  # pylint: disable=g-import-not-at-top
+
   _validation.check_learning_rate('learning_rate', learning_rate)
   _validation.check_interval(
-      'weight_decay', weight_decay, low=0.0, schedule=True)
+      'weight_decay', weight_decay, low=0.0, schedule=True
+  )
   return optax.chain(
       scale_by_ademamix_pallas(
-          b1, b2, b3, alpha, eps, eps_root, mu_dtype,
-          t_alpha_beta3=t_alpha_beta3, nu_dtype=nu_dtype,
-          stochastic_rounding=stochastic_rounding, interpret=interpret,
-          block_size=block_size),
+          b1,
+          b2,
+          b3,
+          alpha,
+          eps,
+          eps_root,
+          mu_dtype,
+          t_alpha_beta3=t_alpha_beta3,
+          nu_dtype=nu_dtype,
+          stochastic_rounding=stochastic_rounding,
+          interpret=interpret,
+          block_size=block_size,
+      ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -104,16 +104,19 @@ def type_aliases(module_names) -> dict[str, str]:
     for target in targets:
       for annotation in getattr(target, '__annotations__', {}).values():
         if isinstance(annotation, str):
-          for name in re.findall(r'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+',
-                                 annotation):
+          for name in re.findall(
+              r'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+', annotation
+          ):
             aliases[name] = name
   return aliases
 
 
 def _is_namedtuple(obj) -> bool:
   return (
-      inspect.isclass(obj) and issubclass(obj, tuple)
-      and hasattr(obj, '_fields'))
+      inspect.isclass(obj)
+      and issubclass(obj, tuple)
+      and hasattr(obj, '_fields')
+  )
 
 
 def _own_doc(obj) -> str:
@@ -131,7 +134,8 @@ def _own_doc(obj) -> str:
 def _section_names(doc: str, section: str) -> set[str]:
   """The names listed in a Google-style section (``Args:``) of ``doc``."""
   match = re.search(
-      rf'^{section}:\n((?:[ \t]+.*\n|\n)*)', doc + '\n', re.MULTILINE)
+      rf'^{section}:\n((?:[ \t]+.*\n|\n)*)', doc + '\n', re.MULTILINE
+  )
   if not match:
     return set()
   # An entry is indented 2 to 4 spaces; its continuation lines are deeper.
@@ -155,14 +159,20 @@ def docstring_problems(qualname: str, obj) -> list[str]:
     except (TypeError, ValueError):
       return []
     wanted = {
-        p.name for p in signature.parameters.values()
+        p.name
+        for p in signature.parameters.values()
         if p.name not in ('self', 'cls')
-        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     section = 'Args'
   missing = sorted(wanted - _section_names(doc, section))
   if missing:
-    return [(f'The docstring of {qualname} does not document '
-             f'{", ".join(missing)} in its {section}: section.')]
+    return [
+        (
+            f'The docstring of {qualname} does not document '
+            f'{", ".join(missing)} in its {section}: section.'
+        )
+    ]
   return []
 
 
@@ -172,7 +182,7 @@ def _summary(obj) -> str:
 
 
 def _page_name(module_name: str, name: str, root: str) -> str:
-  prefix = module_name[len(root):].lstrip('.')
+  prefix = module_name[len(root) :].lstrip('.')
   return f'{prefix}.{name}' if prefix else name
 
 
@@ -197,12 +207,18 @@ def _api_pages(module_names) -> dict[str, str]:
     title = f'``{name}``' if module_name == root else f'``{page}``'
     pages[f'{page}.rst'] = (
         f'{_GENERATED_NOTE}{title}\n{"=" * len(title)}\n\n'
-        f'.. currentmodule:: {module_name}\n\n{directive}')
+        f'.. currentmodule:: {module_name}\n\n{directive}'
+    )
     sections.setdefault(module_name, []).append((page, qualname, obj))
 
-  index = [_GENERATED_NOTE, 'API reference\n=============\n\n',
-           ('Every name in the ``__all__`` of the modules below, generated '
-            'from the docstrings.\n\n')]
+  index = [
+      _GENERATED_NOTE,
+      'API reference\n=============\n\n',
+      (
+          'Every name in the ``__all__`` of the modules below, generated '
+          'from the docstrings.\n\n'
+      ),
+  ]
   for module_name, entries in sections.items():
     heading = f'``{module_name}``'
     index.append(f'{heading}\n{"-" * len(heading)}\n\n')
@@ -212,10 +228,14 @@ def _api_pages(module_names) -> dict[str, str]:
     index.append(f'.. currentmodule:: {module_name}\n\n')
     index.append('.. list-table::\n   :widths: 35 65\n\n')
     for _, qualname, obj in entries:
-      role = 'class' if inspect.isclass(obj) else (
-          'func' if callable(obj) else 'data')
-      index.append(f'   * - :{role}:`~{qualname}`\n     - '
-                   f'{_summary(obj) or " "}\n')
+      role = (
+          'class'
+          if inspect.isclass(obj)
+          else ('func' if callable(obj) else 'data')
+      )
+      index.append(
+          f'   * - :{role}:`~{qualname}`\n     - ' f'{_summary(obj) or " "}\n'
+      )
     index.append('\n.. toctree::\n   :hidden:\n\n')
     index.extend(f'   {page}\n' for page, _, _ in entries)
     index.append('\n')
@@ -229,16 +249,18 @@ def _owner(rel: str, mirrored: set[str]) -> str | None:
   folder = pathlib.PurePosixPath(rel).parent
   while folder != folder.parent:
     folder = folder.parent
-    here = sorted(m for m in mirrored
-                  if pathlib.PurePosixPath(m).parent == folder)
+    here = sorted(
+        m for m in mirrored if pathlib.PurePosixPath(m).parent == folder
+    )
     if here:
       readme = (folder / 'README.md').as_posix()
       return readme if readme in here else here[0]
   return None
 
 
-def _mirror_pages(repo_root: pathlib.Path, docs_dir: pathlib.Path,
-                  patterns) -> dict[str, str]:
+def _mirror_pages(
+    repo_root: pathlib.Path, docs_dir: pathlib.Path, patterns
+) -> dict[str, str]:
   mirrored = set()
   for pattern in patterns:
     matches = sorted(glob.glob(str(repo_root / pattern)))
@@ -264,7 +286,8 @@ def _mirror_pages(repo_root: pathlib.Path, docs_dir: pathlib.Path,
       here = pathlib.PurePosixPath(rel).parent
       entries = '\n'.join(
           pathlib.PurePosixPath(c).relative_to(here).with_suffix('').as_posix()
-          for c in below)
+          for c in below
+      )
       text.append(f'\n```{{toctree}}\n:hidden:\n\n{entries}\n```\n')
     pages[rel] = ''.join(text)
   return pages
@@ -281,14 +304,16 @@ def _generate(app) -> None:
     if not below:
       raise ExtensionError(
           f'amx_mirrored_files: {rel} is not in a folder; mirrored files '
-          'keep their paths under docs/, whose top level is written by hand.')
+          'keep their paths under docs/, whose top level is written by hand.'
+      )
     by_folder.setdefault(top, {})[below] = text
   for top in app.config.amx_mirrored_folders:
     _sync_folder(docs_dir / top, by_folder.pop(top, {}))
   if by_folder:
     raise ExtensionError(
         f'amx_mirrored_files: add {sorted(by_folder)} to '
-        'amx_mirrored_folders (and to docs/.gitignore).')
+        'amx_mirrored_folders (and to docs/.gitignore).'
+    )
 
 
 def _plain_aliases(app, what, name, obj, options, signature, return_annotation):
@@ -298,10 +323,12 @@ def _plain_aliases(app, what, name, obj, options, signature, return_annotation):
   ``TypeAliasForwardRef('alias') | None``.
   """
   del app, what, name, obj, options
+
   def fix(text):
     if text is None:
       return None
     return re.sub(r"TypeAliasForwardRef\('([^']*)'\)", r'\1', text)
+
   return fix(signature), fix(return_annotation)
 
 
@@ -310,9 +337,11 @@ def _mathjax_source() -> pathlib.Path:
   if spec is None or not spec.submodule_search_locations:
     raise ExtensionError(
         'The local MathJax comes from the sphinx-mathjax-offline package: '
-        "pip install -e '.[docs]'.")
-  path = pathlib.Path(spec.submodule_search_locations[0]) / 'static' / (
-      'mathjax')
+        "pip install -e '.[docs]'."
+    )
+  path = (
+      pathlib.Path(spec.submodule_search_locations[0]) / 'static' / ('mathjax')
+  )
   if not (path / 'tex-svg.js').is_file():
     raise ExtensionError(f'No MathJax (tex-svg.js) in {path}.')
   return path

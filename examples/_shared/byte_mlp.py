@@ -50,8 +50,9 @@ def init(config: ModelConfig, key: jax.Array) -> Params:
     w = jax.random.normal(k, (n_in, n_out)) * scale / jnp.sqrt(n_in)
     return {'w': w, 'b': jnp.zeros((n_out,))}
 
-  layers = [dense(keys[i + 1], widths[i], widths[i + 1])
-            for i in range(config.depth)]
+  layers = [
+      dense(keys[i + 1], widths[i], widths[i + 1]) for i in range(config.depth)
+  ]
   return {
       'embed': jax.random.normal(keys[0], (256, config.embed)),
       'layers': layers,
@@ -74,7 +75,7 @@ def loss(params: Params, windows_BxL: jax.Array) -> jax.Array:
   longer than ``context + 1``.
   """
   context = params['layers'][0]['w'].shape[0] // params['embed'].shape[1]
-  x = windows_BxL[:, -context - 1:-1]
+  x = windows_BxL[:, -context - 1 : -1]
   y = windows_BxL[:, -1]
   logits = apply(params, x)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()

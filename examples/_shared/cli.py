@@ -115,8 +115,12 @@ def add_config_flags(
       add_config_flags(parser, value, prefix=path + '.')
       continue
     flag = '--' + path.replace('.', '-').replace('_', '-')
-    kwargs = dict(dest=path, default=argparse.SUPPRESS,
-                  metavar=field.name.upper(), **_flag_kwargs(hints[field.name]))
+    kwargs = dict(
+        dest=path,
+        default=argparse.SUPPRESS,
+        metavar=field.name.upper(),
+        **_flag_kwargs(hints[field.name]),
+    )
     if 'action' in kwargs or 'choices' in kwargs:
       del kwargs['metavar']
     doc = docs.get(field.name, '').replace('``', '').replace('%', '%%')
@@ -124,8 +128,9 @@ def add_config_flags(
       doc += f' Default: {_format(value)}.'
     parser.add_argument(flag, help=doc.strip(), **kwargs)
     if '_' in path:  # The old spelling, e.g. --learning_rate; not listed.
-      parser.add_argument('--' + path.replace('.', '-'),
-                          help=argparse.SUPPRESS, **kwargs)
+      parser.add_argument(
+          '--' + path.replace('.', '-'), help=argparse.SUPPRESS, **kwargs
+      )
 
 
 def apply_flags(config: Any, values: dict[str, Any], prefix: str = '') -> Any:
@@ -163,7 +168,8 @@ def positive_int(text: str) -> int:
     value = 0
   if value < 1:
     raise argparse.ArgumentTypeError(
-        f'expected a positive integer, got {text!r}')
+        f'expected a positive integer, got {text!r}'
+    )
   return value
 
 
@@ -188,27 +194,42 @@ def check_fields(
 
   A ``None`` value passes every rule (an optional field left unset).
   """
-  rules = [(integers, lambda v: isinstance(v, int), 'an integer'),
-           (positive, lambda v: v > 0, 'positive'),
-           (nonnegative, lambda v: v >= 0, '>= 0'),
-           (decays, lambda v: 0 <= v < 1, 'in [0, 1)'),
-           (fractions, lambda v: 0 < v < 1, 'in (0, 1)')]
+  rules = [
+      (integers, lambda v: isinstance(v, int), 'an integer'),
+      (positive, lambda v: v > 0, 'positive'),
+      (nonnegative, lambda v: v >= 0, '>= 0'),
+      (decays, lambda v: 0 <= v < 1, 'in [0, 1)'),
+      (fractions, lambda v: 0 < v < 1, 'in (0, 1)'),
+  ]
   for names, ok, text in rules:
     for name in names:
       value = getattr(config, name)
       values = value if isinstance(value, tuple) else (value,)
       if not values or not all(
-          v is None or (isinstance(v, (int, float)) and ok(v))
-          for v in values):
+          v is None or (isinstance(v, (int, float)) and ok(v)) for v in values
+      ):
         raise ValueError(f'{name} must be {text}, got {value!r}.')
 
 
-def progress(total: int, desc: str, *, out: Any = None, initial: int = 0,
-             disable: bool = False) -> tqdm.tqdm:
+def progress(
+    total: int,
+    desc: str,
+    *,
+    out: Any = None,
+    initial: int = 0,
+    disable: bool = False,
+) -> tqdm.tqdm:
   """A ``tqdm`` bar of optimizer steps (``out``: stderr by default)."""
-  return tqdm.tqdm(total=total, initial=initial, desc=desc, unit='step',
-                   file=out, disable=disable, dynamic_ncols=True,
-                   leave=True)
+  return tqdm.tqdm(
+      total=total,
+      initial=initial,
+      desc=desc,
+      unit='step',
+      file=out,
+      disable=disable,
+      dynamic_ncols=True,
+      leave=True,
+  )
 
 
 def example_main(
@@ -232,9 +253,13 @@ def example_main(
     What ``train_and_evaluate`` returned.
   """
   parser = argparse.ArgumentParser(
-      prog=f'python -m examples.{name}', description=description)
-  parser.add_argument('--workdir', default=f'runs/{name}',
-                      help=f'Output directory. Default: runs/{name}.')
+      prog=f'python -m examples.{name}', description=description
+  )
+  parser.add_argument(
+      '--workdir',
+      default=f'runs/{name}',
+      help=f'Output directory. Default: runs/{name}.',
+  )
   add_config_flags(parser, config)
   args = parser.parse_args(argv)
   config = config_from_args(parser, args, config)
@@ -243,6 +268,8 @@ def example_main(
   except UsageError as e:
     parser.error(str(e))
   table = pathlib.Path(args.workdir, f'{name}.md').read_text()
-  sys.stdout.write(f'{table}\nWrote {args.workdir}/{name}.json, '
-                   f'{name}.png and {name}.md\n')
+  sys.stdout.write(
+      f'{table}\nWrote {args.workdir}/{name}.json, '
+      f'{name}.png and {name}.md\n'
+  )
   return results

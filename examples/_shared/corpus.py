@@ -72,8 +72,9 @@ def list_python_files(root: pathlib.Path) -> list[str]:
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
     relative_dir = pathlib.Path(dirpath).relative_to(root)
-    paths.extend((relative_dir / f).as_posix() for f in filenames
-                 if f.endswith('.py'))
+    paths.extend(
+        (relative_dir / f).as_posix() for f in filenames if f.endswith('.py')
+    )
   return sorted(paths)
 
 
@@ -113,7 +114,8 @@ def load_stdlib(
   if not train or not val:
     raise cli.UsageError(
         f'{root} gave {len(train)} training and {len(val)} validation files '
-        f'under max_bytes={max_bytes}; raise max_bytes.')
+        f'under max_bytes={max_bytes}; raise max_bytes.'
+    )
   return Corpus(
       train_U8=_concat(train),
       val_U8=_concat(val),
@@ -153,12 +155,14 @@ def check_length(corpus: Corpus, context: int, val_sequences: int) -> None:
   if len(corpus.train_U8) < context + 2:
     raise cli.UsageError(
         f'Training text has {len(corpus.train_U8)} bytes, fewer than '
-        f'context + 2 = {context + 2}.')
+        f'context + 2 = {context + 2}.'
+    )
   if len(corpus.val_U8) < val_sequences * (context + 1):
     raise cli.UsageError(
         f'Validation text has {len(corpus.val_U8)} bytes, fewer than '
         f'{val_sequences} windows of {context + 1}; lower the number of '
-        'evaluation batches or raise max_bytes.')
+        'evaluation batches or raise max_bytes.'
+    )
 
 
 def train_batch(
@@ -194,10 +198,11 @@ def sample_windows(
     data_U8: jax.Array, key: jax.Array, batch_size: int, length: int
 ) -> jax.Array:
   """``batch_size`` random windows of ``length`` bytes, as int32 (B, L)."""
-  starts = jax.random.randint(
-      key, (batch_size,), 0, data_U8.shape[0] - length)
+  starts = jax.random.randint(key, (batch_size,), 0, data_U8.shape[0] - length)
+
   def take(s):
     return jax.lax.dynamic_slice(data_U8, (s,), (length,))
+
   return jax.vmap(take)(starts).astype(jnp.int32)
 
 
@@ -206,11 +211,13 @@ def fixed_windows(
 ) -> jax.Array:
   """A fixed set of windows (for evaluation), drawn once from ``seed``."""
   return sample_windows(
-      jnp.asarray(data_U8), jax.random.key(seed), batch_size, length)
+      jnp.asarray(data_U8), jax.random.key(seed), batch_size, length
+  )
 
 
-def training_batches(train_U8: np.ndarray, key: jax.Array, batch_size: int,
-                     length: int) -> Callable[[jax.Array], jax.Array]:
+def training_batches(
+    train_U8: np.ndarray, key: jax.Array, batch_size: int, length: int
+) -> Callable[[jax.Array], jax.Array]:
   """``batch(step)``: the step's random training windows, drawn on device.
 
   A pure function of the (possibly traced) step, so a compiled training loop
@@ -218,4 +225,5 @@ def training_batches(train_U8: np.ndarray, key: jax.Array, batch_size: int,
   """
   data_U8 = jnp.asarray(train_U8)
   return lambda step: sample_windows(
-      data_U8, jax.random.fold_in(key, step), batch_size, length)
+      data_U8, jax.random.fold_in(key, step), batch_size, length
+  )

@@ -48,16 +48,19 @@ def make_runner(
   def scan(params, opt_state, start, num, aux):
     steps = start + jnp.arange(num)
     (params, opt_state), (losses, probes) = jax.lax.scan(
-        functools.partial(body, aux=aux), (params, opt_state), steps)
+        functools.partial(body, aux=aux), (params, opt_state), steps
+    )
     return params, opt_state, losses, probes
 
   def run(params, opt_state, start: int, num: int, aux: Any = None):
     params, opt_state, losses, probes = scan(
-        params, opt_state, jnp.asarray(start, jnp.int32), num, aux)
+        params, opt_state, jnp.asarray(start, jnp.int32), num, aux
+    )
     losses, probes = np.asarray(losses), np.asarray(probes)
     if not np.all(np.isfinite(losses)):
       raise FloatingPointError(
-          f'Non-finite training loss between steps {start} and {start + num}.')
+          f'Non-finite training loss between steps {start} and {start + num}.'
+      )
     return params, opt_state, losses, probes
 
   return run

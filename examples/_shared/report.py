@@ -37,8 +37,14 @@ def environment() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
 
   env: dict[str, Any] = {'python': platform.python_version()}
-  for name in ('jax', 'jaxlib', 'optax', 'flax', 'orbax.checkpoint',
-               'ademamix_optax'):
+  for name in (
+      'jax',
+      'jaxlib',
+      'optax',
+      'flax',
+      'orbax.checkpoint',
+      'ademamix_optax',
+  ):
     try:
       env[name] = importlib.import_module(name).__version__
     except ImportError:
@@ -59,8 +65,13 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=1) + '\n')
 
 
-def save_results(workdir: pathlib.Path, name: str, results: dict[str, Any],
-                 plot: Any, markdown: str) -> dict[str, Any]:
+def save_results(
+    workdir: pathlib.Path,
+    name: str,
+    results: dict[str, Any],
+    plot: Any,
+    markdown: str,
+) -> dict[str, Any]:
   """Adds the environment, then writes ``<name>.json``, ``.png`` and ``.md``.
 
   Args:

@@ -5,5 +5,8 @@ from examples._shared import cli
 
 if __name__ == '__main__':
   cli.example_main(
-      'digits', digits.Config(), digits.train_and_evaluate,
-      description=digits.train.__doc__.splitlines()[0])
+      'digits',
+      digits.Config(),
+      digits.train_and_evaluate,
+      description=digits.train.__doc__.splitlines()[0],
+  )

@@ -67,13 +67,33 @@ class Config:
 
   def __post_init__(self):
     cli.check_fields(
-        self, integers=('steps', 'batch_size', 'warmup_steps', 'width',
-                        'eval_every', 'seeds', 'split_seed'),
-        positive=('steps', 'batch_size', 'learning_rate', 'width',
-                  'eval_every'),
-        nonnegative=('warmup_steps', 'weight_decay', 'alpha', 'seeds',
-                     'split_seed'),
-        decays=('b1', 'b2', 'b3'), fractions=('test_size',))
+        self,
+        integers=(
+            'steps',
+            'batch_size',
+            'warmup_steps',
+            'width',
+            'eval_every',
+            'seeds',
+            'split_seed',
+        ),
+        positive=(
+            'steps',
+            'batch_size',
+            'learning_rate',
+            'width',
+            'eval_every',
+        ),
+        nonnegative=(
+            'warmup_steps',
+            'weight_decay',
+            'alpha',
+            'seeds',
+            'split_seed',
+        ),
+        decays=('b1', 'b2', 'b3'),
+        fractions=('test_size',),
+    )
     if self.steps % self.eval_every:
       raise ValueError(
           f'steps={self.steps} must be a multiple of '
@@ -102,21 +122,33 @@ def load_split(config: Config) -> dict[str, np.ndarray]:
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   y = digits.target.astype(np.int32)
   x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
-      x, y, test_size=config.test_size, stratify=y,
-      random_state=config.split_seed)
+      x,
+      y,
+      test_size=config.test_size,
+      stratify=y,
+      random_state=config.split_seed,
+  )
   return {'x_train': x_tr, 'y_train': y_tr, 'x_test': x_te, 'y_test': y_te}
 
 
 def make_optimizers(config: Config) -> dict[str, optax.GradientTransformation]:
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps, config.steps,
-      config.learning_rate / 100)
+      0.0,
+      config.learning_rate,
+      config.warmup_steps,
+      config.steps,
+      config.learning_rate / 100,
+  )
   common = dict(b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
   return {
       'AdamW': optax.adamw(schedule, **common),
       'AdEMAMix': amx.ademamix(
-          schedule, b3=config.b3, alpha=config.alpha,
-          t_alpha_beta3=config.steps, **common),
+          schedule,
+          b3=config.b3,
+          alpha=config.alpha,
+          t_alpha_beta3=config.steps,
+          **common,
+      ),
   }
 
 
@@ -148,14 +180,20 @@ def _evaluate(state, x, y):
   return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
 
-def train_one(config: Config, tx: optax.GradientTransformation, seed: int,
-              data: dict[str, jax.Array], desc: str = '') -> dict[str, Any]:
+def train_one(
+    config: Config,
+    tx: optax.GradientTransformation,
+    seed: int,
+    data: dict[str, jax.Array],
+    desc: str = '',
+) -> dict[str, Any]:
   """One run: curves of train loss, test loss and test accuracy."""
   model = CNN(width=config.width)
   init_key, data_key = jax.random.split(jax.random.key(seed))
   params = model.init(init_key, data['x_train'][:1])['params']
   state = train_state.TrainState.create(
-      apply_fn=model.apply, params=params, tx=tx)
+      apply_fn=model.apply, params=params, tx=tx
+  )
   curve = {'step': [], 'train_loss': [], 'test_loss': [], 'test_acc': []}
   bar = cli.progress(config.steps, desc)
   for chunk_start in range(0, config.steps, config.eval_every):
@@ -199,15 +237,26 @@ def train_and_evaluate(
   for name, curves in runs.items():
     acc = np.array([c['test_acc'][-1] for c in curves])
     loss = np.array([c['test_loss'][-1] for c in curves])
-    rows.append([
-        name, ' / '.join(f'{100 * a:.2f}' for a in acc),
-        f'{100 * acc.mean():.2f} ± {100 * acc.std():.2f}',
-        f'{loss.mean():.4f}',
-        f'{np.mean([c["train_loss"][-1] for c in curves]):.4f}'])
+    rows.append(
+        [
+            name,
+            ' / '.join(f'{100 * a:.2f}' for a in acc),
+            f'{100 * acc.mean():.2f} ± {100 * acc.std():.2f}',
+            f'{loss.mean():.4f}',
+            f'{np.mean([c["train_loss"][-1] for c in curves]):.4f}',
+        ]
+    )
   n_test = len(split['y_test'])
   table = report.markdown_table(
-      ['optimizer', f'test accuracy % (seeds {config.seeds})',
-       'mean ± std', 'test loss', 'final train loss'], rows)
+      [
+          'optimizer',
+          f'test accuracy % (seeds {config.seeds})',
+          'mean ± std',
+          'test loss',
+          'final train loss',
+      ],
+      rows,
+  )
   results = {
       'config': dataclasses.asdict(config),
       'n_train': len(split['y_train']),
@@ -224,10 +273,16 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
   for i, (name, curves) in enumerate(results['runs'].items()):
     for j, c in enumerate(curves):
       label = name if j == 0 else None
-      axes[0].plot(c['step'], c['train_loss'], color=f'C{i}', lw=0.8,
-                   label=label)
-      axes[1].plot(c['step'], 100 * np.asarray(c['test_acc']),
-                   color=f'C{i}', lw=0.8, label=label)
+      axes[0].plot(
+          c['step'], c['train_loss'], color=f'C{i}', lw=0.8, label=label
+      )
+      axes[1].plot(
+          c['step'],
+          100 * np.asarray(c['test_acc']),
+          color=f'C{i}',
+          lw=0.8,
+          label=label,
+      )
   axes[0].set_yscale('log')
   axes[0].set_ylabel('training loss')
   axes[1].set_ylabel('test accuracy (%)')

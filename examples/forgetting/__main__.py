@@ -5,5 +5,8 @@ from examples._shared import cli
 
 if __name__ == '__main__':
   cli.example_main(
-      'forgetting', forgetting.Config(), forgetting.train_and_evaluate,
-      description=forgetting.train.__doc__.splitlines()[0])
+      'forgetting',
+      forgetting.Config(),
+      forgetting.train_and_evaluate,
+      description=forgetting.train.__doc__.splitlines()[0],
+  )

@@ -71,12 +71,21 @@ class Config:
 
   def __post_init__(self):
     cli.check_fields(
-        self, integers=('steps', 'inject_at', 'batch_size', 'warmup_steps',
-                        'chunk', 'max_bytes', 'seed'),
-        positive=('steps', 'batch_size', 'learning_rate', 'chunk',
-                  'max_bytes'),
+        self,
+        integers=(
+            'steps',
+            'inject_at',
+            'batch_size',
+            'warmup_steps',
+            'chunk',
+            'max_bytes',
+            'seed',
+        ),
+        positive=('steps', 'batch_size', 'learning_rate', 'chunk', 'max_bytes'),
         nonnegative=('warmup_steps', 'weight_decay', 'alpha', 'seed'),
-        decays=('b1', 'b2', 'b3'), fractions=('val_fraction',))
+        decays=('b1', 'b2', 'b3'),
+        fractions=('val_fraction',),
+    )
     if not 0 < self.inject_at < self.steps - 1:
       raise ValueError(
           f'inject_at must be in (0, steps - 1), got inject_at='
@@ -86,20 +95,31 @@ class Config:
 
 def make_optimizers(config: Config) -> dict[str, optax.GradientTransformation]:
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps, config.steps,
-      config.learning_rate / 100)
-  common = dict(b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                mask=byte_mlp.is_decayed)
+      0.0,
+      config.learning_rate,
+      config.warmup_steps,
+      config.steps,
+      config.learning_rate / 100,
+  )
+  common = dict(
+      b1=config.b1,
+      b2=config.b2,
+      weight_decay=config.weight_decay,
+      mask=byte_mlp.is_decayed,
+  )
   return {
       'AdamW': optax.adamw(schedule, **common),
       'AdEMAMix': amx.ademamix(
-          schedule, b3=config.b3, alpha=config.alpha,
-          t_alpha_beta3=config.steps, **common),
+          schedule,
+          b3=config.b3,
+          alpha=config.alpha,
+          t_alpha_beta3=config.steps,
+          **common,
+      ),
   }
 
 
-def _run(config, run, tx, params, inject_at,
-         desc) -> tuple[np.ndarray, ...]:
+def _run(config, run, tx, params, inject_at, desc) -> tuple[np.ndarray, ...]:
   opt_state = tx.init(params)
   losses, probes = [], []
   inject_at = jnp.asarray(inject_at, jnp.int32)
@@ -107,7 +127,8 @@ def _run(config, run, tx, params, inject_at,
     for start in range(0, config.steps, config.chunk):
       num = min(config.chunk, config.steps - start)
       params, opt_state, loss, probe = run(
-          params, opt_state, start, num, inject_at)
+          params, opt_state, start, num, inject_at
+      )
       losses.append(loss)
       probes.append(probe)
       bar.set_postfix(loss=f'{loss.mean():.3f}', refresh=False)
@@ -123,10 +144,11 @@ def train_and_evaluate(
   text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
   length = config.model.context + 1
   batches = corpus.training_batches(
-      text.train_U8, jax.random.key(config.seed + 1), config.batch_size,
-      length)
+      text.train_U8, jax.random.key(config.seed + 1), config.batch_size, length
+  )
   held_out = corpus.fixed_windows(
-      text.val_U8, config.seed + 3, config.batch_size, length)
+      text.val_U8, config.seed + 3, config.batch_size, length
+  )
 
   def batch_fn(step, inject_at):
     # inject_at is traced: -1 (the control run) reuses the compiled loop.
@@ -134,15 +156,18 @@ def train_and_evaluate(
 
   def probe_fn(params):
     return byte_mlp.loss(params, held_out)
+
   params0 = byte_mlp.init(config.model, jax.random.key(config.seed))
   runs: dict[str, dict[str, Any]] = {}
   for name, tx in make_optimizers(config).items():
     t0 = time.time()
     run = loop.make_runner(tx, batch_fn, probe_fn)
-    train_inj, probe_inj = _run(config, run, tx, params0, config.inject_at,
-                                f'{name}, injected')
-    train_ctl, probe_ctl = _run(config, run, tx, params0, -1,
-                                f'{name}, control')
+    train_inj, probe_inj = _run(
+        config, run, tx, params0, config.inject_at, f'{name}, injected'
+    )
+    train_ctl, probe_ctl = _run(
+        config, run, tx, params0, -1, f'{name}, control'
+    )
     # probe[i] is the loss on the held-out batch after update i (0-based).
     runs[name] = {
         'probe_injected': probe_inj.tolist(),
@@ -174,16 +199,35 @@ def train_and_evaluate(
     }
     s = r['summary']
     rows.append(
-        [name] + [f'{s[key]:.4f}' for key in (
-            'before', 'right_after', 'end', 'end_control', 'gain_right_after')]
+        [name]
+        + [
+            f'{s[key]:.4f}'
+            for key in (
+                'before',
+                'right_after',
+                'end',
+                'end_control',
+                'gain_right_after',
+            )
+        ]
         + [f'{s["peak_gain"]:.4f} (+{s["peak_gain_after_steps"]})']
         + [f'{s["gain_after"][str(d)]:.4f}' for d in delays]
-        + [f'{s["gain_end"]:.4f}'])
+        + [f'{s["gain_end"]:.4f}']
+    )
   table = report.markdown_table(
-      ['optimizer', f'loss before (after {k} steps)',
-       f'right after (step {k + 1})', f'at end (step {config.steps})',
-       'at end, never seen', 'gain right after', 'peak gain (steps after)']
-      + [f'gain +{d}' for d in delays] + ['gain at end'], rows)
+      [
+          'optimizer',
+          f'loss before (after {k} steps)',
+          f'right after (step {k + 1})',
+          f'at end (step {config.steps})',
+          'at end, never seen',
+          'gain right after',
+          'peak gain (steps after)',
+      ]
+      + [f'gain +{d}' for d in delays]
+      + ['gain at end'],
+      rows,
+  )
   results = {
       'config': dataclasses.asdict(config),
       'runs': runs,
@@ -208,10 +252,21 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
     ctl = np.asarray(r['probe_control'])
     steps = np.arange(1, len(inj) + 1)
     lo = max(k - (len(inj) - k) // 4, 0)
-    axes[0].plot(steps[lo:], inj[lo:], color=color, lw=0.8,
-                 label=f'{name}, injected at step {k}')
-    axes[0].plot(steps[lo:], ctl[lo:], color=color, lw=0.8, ls='--',
-                 label=f'{name}, never seen')
+    axes[0].plot(
+        steps[lo:],
+        inj[lo:],
+        color=color,
+        lw=0.8,
+        label=f'{name}, injected at step {k}',
+    )
+    axes[0].plot(
+        steps[lo:],
+        ctl[lo:],
+        color=color,
+        lw=0.8,
+        ls='--',
+        label=f'{name}, never seen',
+    )
     gap = (ctl - inj)[k:]
     after = np.arange(1, len(gap) + 1)
     axes[1].plot(after, gap, color=color, lw=0.8, label=name)

@@ -22,8 +22,7 @@ def parse_mesh(text: str) -> tuple[int, int]:
   for part in filter(None, text.split(',')):
     match = re.fullmatch(r'\s*(data|model)\s*=\s*(-?\d+)\s*', part)
     if match is None:
-      raise argparse.ArgumentTypeError(
-          f'wants data=N,model=M, got {text!r}')
+      raise argparse.ArgumentTypeError(f'wants data=N,model=M, got {text!r}')
     sizes[match.group(1)] = int(match.group(2))
   return sizes['data'], sizes['model']
 
@@ -38,8 +37,7 @@ def parse_address(text: str) -> str:
 
 def nonnegative_int(text: str) -> int:
   if not text.isdigit():
-    raise argparse.ArgumentTypeError(
-        f'expected an integer >= 0, got {text!r}')
+    raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
   return int(text)
 
 
@@ -48,39 +46,67 @@ def make_parser() -> argparse.ArgumentParser:
       prog='python -m examples.lm',
       description='Train a byte-level Transformer LM with AdamW and '
       'AdEMAMix on the same data, init and schedule; print a results '
-      'table and write curves, a plot and checkpoints to --workdir.')
-  parser.add_argument('--config', choices=sorted(configs.CONFIGS),
-                      default='default', help='Base configuration.')
-  cli.add_config_flags(parser, configs.DEFAULT,
-                       exclude=('mesh_data', 'mesh_model'))
+      'table and write curves, a plot and checkpoints to --workdir.',
+  )
   parser.add_argument(
-      '--mesh', type=parse_mesh, default=None,
+      '--config',
+      choices=sorted(configs.CONFIGS),
+      default='default',
+      help='Base configuration.',
+  )
+  cli.add_config_flags(
+      parser, configs.DEFAULT, exclude=('mesh_data', 'mesh_model')
+  )
+  parser.add_argument(
+      '--mesh',
+      type=parse_mesh,
+      default=None,
       help='Device mesh, e.g. data=4,model=2: the batch is split over '
       '"data", parameters and optimizer state over "model". '
-      'Default: data=<all devices>,model=1.')
-  parser.add_argument('--workdir', default='runs/lm',
-                      help='Output directory. Default: runs/lm.')
+      'Default: data=<all devices>,model=1.',
+  )
   parser.add_argument(
-      '--resume', action='store_true',
+      '--workdir', default='runs/lm', help='Output directory. Default: runs/lm.'
+  )
+  parser.add_argument(
+      '--resume',
+      action='store_true',
       help='Continue from the latest checkpoints in workdir; an optimizer '
-      'without one starts from step 0.')
+      'without one starts from step 0.',
+  )
   parser.add_argument(
-      '--stop-after', type=cli.positive_int, default=None,
+      '--stop-after',
+      type=cli.positive_int,
+      default=None,
       help='Stop each optimizer after this many steps (saving a '
-      'checkpoint), as if interrupted; continue with --resume.')
+      'checkpoint), as if interrupted; continue with --resume.',
+  )
   group = parser.add_argument_group(
-      'multi-host', 'With --distributed, either all three of '
+      'multi-host',
+      'With --distributed, either all three of '
       '--coordinator-address, --num-processes and --process-id, or none '
-      "(JAX detects the cluster: SLURM, Open MPI, Cloud TPU, ...).")
+      '(JAX detects the cluster: SLURM, Open MPI, Cloud TPU, ...).',
+  )
   group.add_argument(
-      '--distributed', action='store_true',
-      help='Call jax.distributed.initialize() before anything else.')
-  group.add_argument('--coordinator-address', type=parse_address,
-                     help='HOST:PORT of process 0, the same on every host.')
-  group.add_argument('--num-processes', type=cli.positive_int,
-                     help='Number of processes in all.')
-  group.add_argument('--process-id', type=nonnegative_int,
-                     help='This process: 0 .. num-processes - 1.')
+      '--distributed',
+      action='store_true',
+      help='Call jax.distributed.initialize() before anything else.',
+  )
+  group.add_argument(
+      '--coordinator-address',
+      type=parse_address,
+      help='HOST:PORT of process 0, the same on every host.',
+  )
+  group.add_argument(
+      '--num-processes',
+      type=cli.positive_int,
+      help='Number of processes in all.',
+  )
+  group.add_argument(
+      '--process-id',
+      type=nonnegative_int,
+      help='This process: 0 .. num-processes - 1.',
+  )
   return parser
 
 
@@ -88,20 +114,27 @@ def distributed_kwargs(
     parser: argparse.ArgumentParser, args: argparse.Namespace
 ) -> Optional[dict]:
   """``jax.distributed.initialize``'s arguments; ``None``: single process."""
-  given = {k: getattr(args, k) for k in
-           ('coordinator_address', 'num_processes', 'process_id')}
+  given = {
+      k: getattr(args, k)
+      for k in ('coordinator_address', 'num_processes', 'process_id')
+  }
   given = {k: v for k, v in given.items() if v is not None}
   if not args.distributed:
     if given:
-      parser.error(f'--{next(iter(given)).replace("_", "-")} needs '
-                   '--distributed.')
+      parser.error(
+          f'--{next(iter(given)).replace("_", "-")} needs ' '--distributed.'
+      )
     return None
   if given and len(given) < 3:
-    parser.error('--coordinator-address, --num-processes and --process-id '
-                 'go together: give all three or none.')
+    parser.error(
+        '--coordinator-address, --num-processes and --process-id '
+        'go together: give all three or none.'
+    )
   if given and given['process_id'] >= given['num_processes']:
-    parser.error(f'--process-id {given["process_id"]} must be below '
-                 f'--num-processes {given["num_processes"]}.')
+    parser.error(
+        f'--process-id {given["process_id"]} must be below '
+        f'--num-processes {given["num_processes"]}.'
+    )
   host = given.get('coordinator_address', '').rpartition(':')[0]
   if host in ('127.0.0.1', 'localhost', '[::1]'):
     # All processes on this machine: keep the coordinator off the network.
@@ -112,10 +145,14 @@ def distributed_kwargs(
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = make_parser()
   args = parser.parse_args(argv)
-  mesh = {} if args.mesh is None else dict(
-      zip(('mesh_data', 'mesh_model'), args.mesh))
+  mesh = (
+      {}
+      if args.mesh is None
+      else dict(zip(('mesh_data', 'mesh_model'), args.mesh))
+  )
   config = cli.config_from_args(
-      parser, args, configs.CONFIGS[args.config], **mesh)
+      parser, args, configs.CONFIGS[args.config], **mesh
+  )
   distributed = distributed_kwargs(parser, args)
   import jax
 
@@ -126,8 +163,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
   try:
     return train.train_and_evaluate(
-        config, args.workdir, resume=args.resume, stop_after=args.stop_after,
-        out=sys.stdout)
+        config,
+        args.workdir,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        out=sys.stdout,
+    )
   except cli.UsageError as e:
     parser.error(str(e))
 

@@ -98,32 +98,63 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=('max_bytes', 'd_model', 'layers', 'heads', 'context',
-                  'mlp_ratio', 'steps', 'batch', 'seed', 'eval_every',
-                  'eval_batches', 'log_every', 'checkpoint_every',
-                  'mesh_data', 'mesh_model'),
-        positive=('max_bytes', 'd_model', 'layers', 'heads', 'context',
-                  'mlp_ratio', 'steps', 'batch', 'lr', 'clip_norm',
-                  'eval_every', 'eval_batches', 'log_every',
-                  'checkpoint_every', 'mesh_model'),
+        integers=(
+            'max_bytes',
+            'd_model',
+            'layers',
+            'heads',
+            'context',
+            'mlp_ratio',
+            'steps',
+            'batch',
+            'seed',
+            'eval_every',
+            'eval_batches',
+            'log_every',
+            'checkpoint_every',
+            'mesh_data',
+            'mesh_model',
+        ),
+        positive=(
+            'max_bytes',
+            'd_model',
+            'layers',
+            'heads',
+            'context',
+            'mlp_ratio',
+            'steps',
+            'batch',
+            'lr',
+            'clip_norm',
+            'eval_every',
+            'eval_batches',
+            'log_every',
+            'checkpoint_every',
+            'mesh_model',
+        ),
         nonnegative=('end_lr_ratio', 'weight_decay', 'alpha', 'seed'),
         decays=('b1', 'b2', 'b3', 'warmup_fraction'),
-        fractions=('val_fraction',))
+        fractions=('val_fraction',),
+    )
     if self.d_model % self.heads:
       raise ValueError(
-          f'heads={self.heads} must divide d_model={self.d_model}.')
+          f'heads={self.heads} must divide d_model={self.d_model}.'
+      )
     if self.state_dtype not in STATE_DTYPES:
       raise ValueError(
           f'state_dtype must be one of {STATE_DTYPES}, got '
-          f'{self.state_dtype!r}.')
+          f'{self.state_dtype!r}.'
+      )
     unknown = set(self.optimizers) - set(OPTIMIZERS)
     if unknown or not self.optimizers:
       raise ValueError(
           f'optimizers must be a non-empty subset of {OPTIMIZERS}, got '
-          f'{self.optimizers!r}.')
+          f'{self.optimizers!r}.'
+      )
     if self.mesh_data != -1 and self.mesh_data < 1:
       raise ValueError(
-          f'mesh_data must be positive or -1, got {self.mesh_data}.')
+          f'mesh_data must be positive or -1, got {self.mesh_data}.'
+      )
 
   @property
   def warmup_steps(self) -> int:

@@ -27,23 +27,26 @@ class CausalSelfAttention(nnx.Module):
       self, d_model: int, heads: int, out_std: float, *, rngs: nnx.Rngs
   ):
     if d_model % heads:
-      raise ValueError(
-          f'd_model={d_model} is not divisible by heads={heads}.')
+      raise ValueError(f'd_model={d_model} is not divisible by heads={heads}.')
     self.heads = heads
     init = nnx.initializers.normal(_STD)
     self.qkv = nnx.Linear(d_model, 3 * d_model, kernel_init=init, rngs=rngs)
     self.out = nnx.Linear(
-        d_model, d_model, kernel_init=nnx.initializers.normal(out_std),
-        rngs=rngs)
+        d_model,
+        d_model,
+        kernel_init=nnx.initializers.normal(out_std),
+        rngs=rngs,
+    )
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     batch, length, d_model = x_BxLxD.shape
     qkv_BxLx3xHxK = self.qkv(x_BxLxD).reshape(
-        batch, length, 3, self.heads, d_model // self.heads)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-        qkv_BxLx3xHxK[:, :, i] for i in range(3))
+        batch, length, 3, self.heads, d_model // self.heads
+    )
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     y_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True
+    )
     return self.out(y_BxLxHxK.reshape(batch, length, d_model))
 
 
@@ -54,11 +57,14 @@ class MLP(nnx.Module):
       self, d_model: int, d_hidden: int, out_std: float, *, rngs: nnx.Rngs
   ):
     self.up = nnx.Linear(
-        d_model, d_hidden, kernel_init=nnx.initializers.normal(_STD),
-        rngs=rngs)
+        d_model, d_hidden, kernel_init=nnx.initializers.normal(_STD), rngs=rngs
+    )
     self.down = nnx.Linear(
-        d_hidden, d_model, kernel_init=nnx.initializers.normal(out_std),
-        rngs=rngs)
+        d_hidden,
+        d_model,
+        kernel_init=nnx.initializers.normal(out_std),
+        rngs=rngs,
+    )
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     return self.down(jax.nn.gelu(self.up(x_BxLxD)))
@@ -68,7 +74,12 @@ class Block(nnx.Module):
   """Pre-LayerNorm residual block: attention, then MLP."""
 
   def __init__(
-      self, d_model: int, heads: int, d_hidden: int, out_std: float, *,
+      self,
+      d_model: int,
+      heads: int,
+      d_hidden: int,
+      out_std: float,
+      *,
       rngs: nnx.Rngs,
   ):
     self.ln_attn = nnx.LayerNorm(d_model, rngs=rngs)
@@ -104,14 +115,20 @@ class TransformerLM(nnx.Module):
     # GPT-2: residual output layers start smaller, by 1/sqrt(2 layers).
     out_std = _STD / math.sqrt(2 * layers)
     self.embed = nnx.Embed(
-        VOCAB_SIZE, d_model, embedding_init=nnx.initializers.normal(_STD),
-        rngs=rngs)
+        VOCAB_SIZE,
+        d_model,
+        embedding_init=nnx.initializers.normal(_STD),
+        rngs=rngs,
+    )
     self.pos_embed = nnx.Param(
-        nnx.initializers.normal(_STD)(rngs.params(), (context, d_model)))
-    self.blocks = nnx.List([
-        Block(d_model, heads, mlp_ratio * d_model, out_std, rngs=rngs)
-        for _ in range(layers)
-    ])
+        nnx.initializers.normal(_STD)(rngs.params(), (context, d_model))
+    )
+    self.blocks = nnx.List(
+        [
+            Block(d_model, heads, mlp_ratio * d_model, out_std, rngs=rngs)
+            for _ in range(layers)
+        ]
+    )
     self.ln_final = nnx.LayerNorm(d_model, rngs=rngs)
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
@@ -129,4 +146,5 @@ def next_byte_loss(model: TransformerLM, seq_BxL1: jax.Array) -> jax.Array:
   targets_BxL = seq_BxL1[:, 1:].astype(jnp.int32)
   logits_BxLxV = model(inputs_BxL)
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV, targets_BxL).mean()
+      logits_BxLxV, targets_BxL
+  ).mean()

@@ -52,11 +52,14 @@ def summarize(config: configs.Config, runs: dict[str, Any]) -> dict[str, Any]:
         'steps': run['step'],
         'tokens': run['step'] * config.tokens_per_step,
         'final_train_loss': final_train_loss(
-            history['train_loss'], config.steps),
+            history['train_loss'], config.steps
+        ),
         'final_val_loss': (
-            history['val_loss'][-1] if history['val_loss'] else None),
+            history['val_loss'][-1] if history['val_loss'] else None
+        ),
         'final_val_step': (
-            history['eval_step'][-1] if history['eval_step'] else None),
+            history['eval_step'][-1] if history['eval_step'] else None
+        ),
         'wall_time_s': history['wall_time_s'],
         'steps_per_s': run['steps_per_s'],
         'num_params': run.get('num_params'),
@@ -68,7 +71,8 @@ def summarize(config: configs.Config, runs: dict[str, Any]) -> dict[str, Any]:
     adamw = runs['adamw']['history']
     summary['ademamix_final_val_loss'] = target
     summary['adamw_steps_to_match'] = steps_to_reach(
-        adamw['eval_step'], adamw['val_loss'], target)
+        adamw['eval_step'], adamw['val_loss'], target
+    )
   return summary
 
 
@@ -88,23 +92,30 @@ def results_table(config: configs.Config, summary: dict[str, Any]) -> str:
         f"| {label(name)} | {row['steps']} | {row['tokens']:,} "
         f"| {_fmt(row['final_train_loss'], '.4f')} "
         f"| {_fmt(row['final_val_loss'], '.4f')} "
-        f"| {row['wall_time_s']:.0f} | {_fmt(row['steps_per_s'], '.2f')} |")
+        f"| {row['wall_time_s']:.0f} | {_fmt(row['steps_per_s'], '.2f')} |"
+    )
   lines.append('')
   lines.append(
       'Losses in nats per byte; train loss: mean over the last 5% of steps; '
-      f'val loss: {config.eval_batches * config.batch} held-out windows.')
+      f'val loss: {config.eval_batches * config.batch} held-out windows.'
+  )
   if 'adamw_steps_to_match' in summary:
     target = summary['ademamix_final_val_loss']
     match = summary['adamw_steps_to_match']
     if match is None:
-      verdict = (f'not reached in {config.steps} steps (AdEMAMix ends '
-                 'lower than AdamW ever gets)')
+      verdict = (
+          f'not reached in {config.steps} steps (AdEMAMix ends '
+          'lower than AdamW ever gets)'
+      )
     else:
-      verdict = (f'~{match:.0f} steps ({match / config.steps:.2f}x '
-                 f"AdEMAMix's {config.steps})")
+      verdict = (
+          f'~{match:.0f} steps ({match / config.steps:.2f}x '
+          f"AdEMAMix's {config.steps})"
+      )
     lines.append(
         f"AdamW steps to reach AdEMAMix's final val loss {target:.4f}: "
-        f'{verdict}.')
+        f'{verdict}.'
+    )
   return '\n'.join(lines)
 
 
@@ -155,23 +166,39 @@ def plot_curves(
   """Loss curves (left), learning rate (middle), alpha and b3 (right)."""
   colors = {'adamw': 'tab:blue', 'ademamix': 'tab:red'}
   fig, (ax_loss, ax_lr, ax_amx) = shared_report.subplots(
-      1, 3, figsize=(12, 3.4), gridspec_kw={'width_ratios': [2, 1, 1]})
+      1, 3, figsize=(12, 3.4), gridspec_kw={'width_ratios': [2, 1, 1]}
+  )
   window = max(1, config.steps // 50)
   lows, highs = [], []
   for name, c in curves.items():
     color = colors.get(name)
     train = np.asarray(c['train_loss'])
-    ax_loss.plot(c['step'], _smooth(train, window), color=color, lw=1,
-                 alpha=0.6, label=f'{label(name)} train (avg {window})')
-    ax_loss.plot(c['eval_step'], c['val_loss'], 'o-', color=color, ms=3,
-                 lw=1.5, label=f'{label(name)} val')
+    ax_loss.plot(
+        c['step'],
+        _smooth(train, window),
+        color=color,
+        lw=1,
+        alpha=0.6,
+        label=f'{label(name)} train (avg {window})',
+    )
+    ax_loss.plot(
+        c['eval_step'],
+        c['val_loss'],
+        'o-',
+        color=color,
+        ms=3,
+        lw=1.5,
+        label=f'{label(name)} val',
+    )
     lows.append(min(c['val_loss'] + [float(train[-window:].mean())]))
     # Leave out the first tenth of the run, where the loss drops fast.
     tail = np.asarray(c['val_loss'])[
-        np.asarray(c['eval_step']) >= config.steps // 10]
+        np.asarray(c['eval_step']) >= config.steps // 10
+    ]
     highs.append(float(tail.max()) if tail.size else float(train.max()))
-    ax_lr.plot(np.arange(1, config.steps + 1), c['lr'], color=color,
-               label=label(name))
+    ax_lr.plot(
+        np.arange(1, config.steps + 1), c['lr'], color=color, label=label(name)
+    )
   low, high = min(lows), max(highs)
   pad = 0.05 * (high - low) + 1e-3
   ax_loss.set_ylim(low - pad, high + pad)

@@ -49,7 +49,8 @@ from examples.lm import report
 
 # Config fields that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = frozenset(
-    {'optimizers', 'log_every', 'checkpoint_every', 'mesh_data', 'mesh_model'})
+    {'optimizers', 'log_every', 'checkpoint_every', 'mesh_data', 'mesh_model'}
+)
 
 
 # ----------------------------------------------------------------------------
@@ -64,14 +65,18 @@ def make_mesh(config: configs.Config) -> Mesh:
   if data_size * model_size != n:
     raise cli.UsageError(
         f'Mesh data={data_size} x model={model_size} does not cover the {n} '
-        'devices.')
+        'devices.'
+    )
   if config.batch % data_size:
     raise cli.UsageError(
         f'batch={config.batch} is not divisible by the data axis '
-        f'({data_size}).')
+        f'({data_size}).'
+    )
   return jax.make_mesh(
-      (data_size, model_size), ('data', 'model'),
-      axis_types=(AxisType.Auto, AxisType.Auto))
+      (data_size, model_size),
+      ('data', 'model'),
+      axis_types=(AxisType.Auto, AxisType.Auto),
+  )
 
 
 def fsdp_spec(shape: tuple[int, ...], model_size: int) -> P:
@@ -100,7 +105,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   model_size = mesh.shape['model']
   return jax.tree.map(
       lambda x: NamedSharding(mesh, fsdp_spec(x.shape, model_size)),
-      abstract_state)
+      abstract_state,
+  )
 
 
 def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -129,7 +135,8 @@ def decay_mask(params: Any) -> Any:
   embeddings are left alone, as in the paper's GPT-2 codebase.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: 'kernel' in _path_names(path), params)
+      lambda path, _: 'kernel' in _path_names(path), params
+  )
 
 
 def learning_rate_schedule(config: configs.Config) -> optax.Schedule:
@@ -163,14 +170,25 @@ def make_optimizer(
   lr = learning_rate_schedule(config)
   if name == 'adamw':
     tx = optax.adamw(
-        lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-        mask=decay_mask, **_state_dtype_kwargs(config, optax.adamw))
+        lr,
+        b1=config.b1,
+        b2=config.b2,
+        weight_decay=config.weight_decay,
+        mask=decay_mask,
+        **_state_dtype_kwargs(config, optax.adamw),
+    )
   elif name == 'ademamix':
     tx = amx.ademamix(
-        lr, b1=config.b1, b2=config.b2, b3=config.resolved_b3,
-        alpha=config.alpha, weight_decay=config.weight_decay, mask=decay_mask,
+        lr,
+        b1=config.b1,
+        b2=config.b2,
+        b3=config.resolved_b3,
+        alpha=config.alpha,
+        weight_decay=config.weight_decay,
+        mask=decay_mask,
         t_alpha_beta3=config.steps,
-        **_state_dtype_kwargs(config, amx.ademamix))
+        **_state_dtype_kwargs(config, amx.ademamix),
+    )
   else:
     raise ValueError(f'Unknown optimizer {name!r}.')
   return optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
@@ -187,9 +205,9 @@ def logged_schedules(name: str, config: configs.Config) -> dict[str, list]:
   if name == 'ademamix':
     out['alpha'] = amx.alpha_warmup(config.alpha, config.steps)(count + 1)
     out['b3'] = amx.beta3_warmup(
-        config.resolved_b3, config.steps, b_start=config.b1)(count + 1)
-  return {k: [float(f'{v:.7g}') for v in np.asarray(a)]
-          for k, a in out.items()}
+        config.resolved_b3, config.steps, b_start=config.b1
+    )(count + 1)
+  return {k: [float(f'{v:.7g}') for v in np.asarray(a)] for k, a in out.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -197,9 +215,19 @@ def logged_schedules(name: str, config: configs.Config) -> dict[str, list]:
 
 
 # Config fields that do not enter the model, the optimizer or the train step.
-_NOT_COMPILED = ('data', 'max_bytes', 'val_fraction', 'batch', 'optimizers',
-                 'eval_every', 'eval_batches', 'log_every', 'checkpoint_every',
-                 'mesh_data', 'mesh_model')
+_NOT_COMPILED = (
+    'data',
+    'max_bytes',
+    'val_fraction',
+    'batch',
+    'optimizers',
+    'eval_every',
+    'eval_batches',
+    'log_every',
+    'checkpoint_every',
+    'mesh_data',
+    'mesh_model',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +260,8 @@ def make_program(name: str, config: configs.Config, mesh: Mesh) -> Program:
   so repeated calls in one process (tests, notebooks) compile once.
   """
   key = dataclasses.replace(
-      config, **{f: getattr(configs.DEFAULT, f) for f in _NOT_COMPILED})
+      config, **{f: getattr(configs.DEFAULT, f) for f in _NOT_COMPILED}
+  )
   return _make_program(name, key, mesh)
 
 
@@ -242,9 +271,13 @@ def _make_program(name: str, config: configs.Config, mesh: Mesh) -> Program:
 
   def create() -> tuple[model_lib.TransformerLM, nnx.Optimizer]:
     model = model_lib.TransformerLM(
-        d_model=config.d_model, layers=config.layers, heads=config.heads,
-        context=config.context, mlp_ratio=config.mlp_ratio,
-        rngs=nnx.Rngs(config.seed))
+        d_model=config.d_model,
+        layers=config.layers,
+        heads=config.heads,
+        context=config.context,
+        mlp_ratio=config.mlp_ratio,
+        rngs=nnx.Rngs(config.seed),
+    )
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   # The layout comes from an abstract evaluation: no unsharded copy of the
@@ -253,7 +286,9 @@ def _make_program(name: str, config: configs.Config, mesh: Mesh) -> Program:
   shardings = state_shardings(abstract, mesh)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract, shardings)
+      abstract,
+      shardings,
+  )
   init = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)
 
   @nnx.jit
@@ -271,7 +306,8 @@ def _make_program(name: str, config: configs.Config, mesh: Mesh) -> Program:
     # Keep the new parameters and moments in the layout they came in.
     state = nnx.state((model, optimizer))
     nnx.update(
-        (model, optimizer), jax.lax.with_sharding_constraint(state, shardings))
+        (model, optimizer), jax.lax.with_sharding_constraint(state, shardings)
+    )
     return loss
 
   return Program(tx, graphdef, abstract, shardings, init, train_step)
@@ -283,7 +319,8 @@ def eval_step(
 ) -> jax.Array:
   """Mean loss over ``E`` validation batches, one compiled call."""
   losses_E = jax.lax.map(
-      lambda seq_BxL1: model_lib.next_byte_loss(model, seq_BxL1), seqs_ExBxL1)
+      lambda seq_BxL1: model_lib.next_byte_loss(model, seq_BxL1), seqs_ExBxL1
+  )
   return losses_E.mean()
 
 
@@ -305,33 +342,44 @@ def check_finite(name: str, steps: list[int], losses: np.ndarray) -> None:
     i = int(bad[0])
     raise FloatingPointError(
         f'{name}: the loss is {losses[i]} at step {steps[i]}; stopping '
-        'instead of training on garbage.')
+        'instead of training on garbage.'
+    )
 
 
 def _new_history() -> dict[str, Any]:
-  return {'step': [], 'train_loss': [], 'eval_step': [], 'val_loss': [],
-          'wall_time_s': 0.0}
+  return {
+      'step': [],
+      'train_loss': [],
+      'eval_step': [],
+      'val_loss': [],
+      'wall_time_s': 0.0,
+  }
 
 
 def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory.absolute(),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=2, enable_async_checkpointing=True),
+          max_to_keep=2, enable_async_checkpointing=True
+      ),
   )
 
 
 def _check_config(saved: dict[str, Any], config: configs.Config) -> None:
   current = json.loads(json.dumps(dataclasses.asdict(config)))
-  diff = sorted(k for k in set(saved) | set(current)
-                if k not in _RESUMABLE_CHANGES
-                and saved.get(k) != current.get(k))
+  diff = sorted(
+      k
+      for k in set(saved) | set(current)
+      if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+  )
   if diff:
-    changes = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}'
-                        for k in diff)
+    changes = ', '.join(
+        f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in diff
+    )
     raise cli.UsageError(
         f'Cannot resume: the config changed ({changes}). Use another '
-        'workdir, or drop --resume to start over.')
+        'workdir, or drop --resume to start over.'
+    )
 
 
 def _restore_or_init(
@@ -349,24 +397,30 @@ def _restore_or_init(
   latest = manager.latest_step() if resume else None
   if latest is None:
     if resume:
-      say(f'--resume: no checkpoint found in {manager.directory}; training '
-          'starts from step 0.')
+      say(
+          f'--resume: no checkpoint found in {manager.directory}; training '
+          'starts from step 0.'
+      )
     model, optimizer = nnx.merge(program.graphdef, program.init())
     return model, optimizer, 0, _new_history()
   meta = manager.restore(
-      latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+  )['meta']
   _check_config(meta['config'], config)
   # Restored straight into the mesh layout of the abstract target.
   arrays = manager.restore(
       latest,
       args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(program.abstract_state)))['state']
+          state=ocp.args.StandardRestore(program.abstract_state)
+      ),
+  )['state']
   model, optimizer = nnx.merge(program.graphdef, arrays)
   step = meta['step']
   if meta['data_position'] != step or int(optimizer.step[...]) != step:
     raise ValueError(
         f'Checkpoint {latest} is inconsistent: step {step}, data position '
-        f"{meta['data_position']}, optimizer step {int(optimizer.step[...])}.")
+        f"{meta['data_position']}, optimizer step {int(optimizer.step[...])}."
+    )
   return model, optimizer, step, meta['history']
 
 
@@ -404,7 +458,8 @@ def train_one(
   manager = _checkpoint_manager(ckpt_dir)
   try:
     model, optimizer, step, history = _restore_or_init(
-        program, manager, config, resume, functools.partial(_say, out))
+        program, manager, config, resume, functools.partial(_say, out)
+    )
     wall_before = history['wall_time_s']
 
     def save(at_step: int) -> None:
@@ -412,29 +467,36 @@ def train_one(
       # Snapshots: the save finishes in the background while training goes
       # on, and nnx.state() shares the model's Variable objects.
       state = jax.tree.map(lambda x: x, nnx.state((model, optimizer)))
-      meta = json.loads(json.dumps({
-          'step': at_step,
-          'data_position': at_step,  # Index of the next training batch.
-          'history': history,
-          'config': dataclasses.asdict(config),
-      }))
+      meta = json.loads(
+          json.dumps(
+              {
+                  'step': at_step,
+                  'data_position': at_step,  # Index of the next training batch.
+                  'history': history,
+                  'config': dataclasses.asdict(config),
+              }
+          )
+      )
       manager.save(
           at_step,
           args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state),
-              meta=ocp.args.JsonSave(meta)),
-          force=True)
+              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+          ),
+          force=True,
+      )
 
     batch_sharding = NamedSharding(mesh, P('data', None))
     val_ExBxL1 = put_global(
-        corpus_lib.val_batches(corpus.val_U8, config.eval_batches, config.batch,
-                         config.context),
-        NamedSharding(mesh, P(None, 'data', None)))
+        corpus_lib.val_batches(
+            corpus.val_U8, config.eval_batches, config.batch, config.context
+        ),
+        NamedSharding(mesh, P(None, 'data', None)),
+    )
 
-    end = config.steps if stop_after is None else min(config.steps,
-                                                      stop_after)
-    progress = cli.progress(config.steps, name, out=out, initial=step,
-                            disable=not is_main)
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    progress = cli.progress(
+        config.steps, name, out=out, initial=step, disable=not is_main
+    )
     pending: list[tuple[int, jax.Array]] = []
     last_val = history['val_loss'][-1] if history['val_loss'] else None
     step_time, timed_steps = 0.0, 0
@@ -455,8 +517,11 @@ def train_one(
       while step < end:
         t0 = time.perf_counter()
         seq_BxL1 = put_global(
-            corpus_lib.train_batch(corpus.train_U8, config.seed, step,
-                             config.batch, config.context), batch_sharding)
+            corpus_lib.train_batch(
+                corpus.train_U8, config.seed, step, config.batch, config.context
+            ),
+            batch_sharding,
+        )
         loss = program.train_step(model, optimizer, seq_BxL1)
         step += 1
         pending.append((step, loss))
@@ -476,7 +541,8 @@ def train_one(
           progress.set_postfix(
               loss=f"{history['train_loss'][-1]:.3f}",
               val='-' if last_val is None else f'{last_val:.3f}',
-              refresh=False)
+              refresh=False,
+          )
           progress.update(step - progress.n)
         if step % config.checkpoint_every == 0 or step == end:
           save(step)
@@ -491,7 +557,8 @@ def train_one(
   for prefix, node in (('model', model), ('optimizer', optimizer)):
     for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(node)):
       specs[prefix + jax.tree_util.keystr(path)] = spec_entries(
-          x.sharding.spec, x.ndim)
+          x.sharding.spec, x.ndim
+      )
   params = None
   if jax.process_count() == 1:
     params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -544,32 +611,50 @@ def train_and_evaluate(
   mesh = make_mesh(config)
 
   t0 = time.perf_counter()
-  corpus = corpus_lib.load_corpus(config.data, config.max_bytes,
-                                 config.val_fraction)
-  corpus_lib.check_length(corpus, config.context,
-                    config.eval_batches * config.batch)
+  corpus = corpus_lib.load_corpus(
+      config.data, config.max_bytes, config.val_fraction
+  )
+  corpus_lib.check_length(
+      corpus, config.context, config.eval_batches * config.batch
+  )
   load_time = time.perf_counter() - t0
 
   say = functools.partial(_say, out)
 
-  files = (f' ({corpus.num_train_files} / {corpus.num_val_files} files)'
-           if corpus.num_train_files else '')
-  say(f'Data: {corpus.source}\n'
+  files = (
+      f' ({corpus.num_train_files} / {corpus.num_val_files} files)'
+      if corpus.num_train_files
+      else ''
+  )
+  say(
+      f'Data: {corpus.source}\n'
       f'  train {len(corpus.train_U8):,} bytes, validation '
-      f'{len(corpus.val_U8):,} bytes{files}, loaded in {load_time:.1f}s')
-  say(f'Mesh: {dict(mesh.shape)} over {jax.device_count()} '
-      f'{jax.devices()[0].platform} device(s)')
-  say(f'Model: d_model={config.d_model} layers={config.layers} '
+      f'{len(corpus.val_U8):,} bytes{files}, loaded in {load_time:.1f}s'
+  )
+  say(
+      f'Mesh: {dict(mesh.shape)} over {jax.device_count()} '
+      f'{jax.devices()[0].platform} device(s)'
+  )
+  say(
+      f'Model: d_model={config.d_model} layers={config.layers} '
       f'heads={config.heads} context={config.context}; '
       f'{config.steps} steps of {config.batch} x {config.context} bytes, '
       f'lr {config.lr:g}, AdEMAMix b3={config.resolved_b3:g} '
-      f'alpha={config.alpha:g} T_alpha_beta3={config.steps}')
+      f'alpha={config.alpha:g} T_alpha_beta3={config.steps}'
+  )
 
   runs = {}
   for name in config.optimizers:
     runs[name] = train_one(
-        name, config, workdir, corpus, mesh, resume=resume,
-        stop_after=stop_after, out=out)
+        name,
+        config,
+        workdir,
+        corpus,
+        mesh,
+        resume=resume,
+        stop_after=stop_after,
+        out=out,
+    )
     if is_main and runs[name]['params'] is not None:
       n_params = sum(x.size for x in jax.tree.leaves(runs[name]['params']))
       runs[name]['num_params'] = int(n_params)
@@ -581,15 +666,20 @@ def train_and_evaluate(
     table = report.results_table(config, summary)
     say(table)
     if finished:
-      curves = {name: {**run['history'], **logged_schedules(name, config)}
-                for name, run in runs.items()}
+      curves = {
+          name: {**run['history'], **logged_schedules(name, config)}
+          for name, run in runs.items()
+      }
       shared_report.write_json(
           workdir / 'curves.json',
-          report.curves_payload(config, corpus, summary, curves))
+          report.curves_payload(config, corpus, summary, curves),
+      )
       report.plot_curves(workdir / 'loss_curves.png', config, curves)
       (workdir / 'results.md').write_text(table + '\n')
-      say(f'\nWrote {workdir}/curves.json, loss_curves.png, results.md; '
-          f'total time {time.perf_counter() - total_start:.0f}s.')
+      say(
+          f'\nWrote {workdir}/curves.json, loss_curves.png, results.md; '
+          f'total time {time.perf_counter() - total_start:.0f}s.'
+      )
     else:
       say(f'\nStopped before step {config.steps}; continue with --resume.')
   return {'runs': runs, 'summary': summary, 'corpus': corpus.source}

@@ -5,5 +5,8 @@ from examples._shared import cli
 
 if __name__ == '__main__':
   cli.example_main(
-      'rosenbrock', rosenbrock.Config(), rosenbrock.train_and_evaluate,
-      description=rosenbrock.train.__doc__.splitlines()[0])
+      'rosenbrock',
+      rosenbrock.Config(),
+      rosenbrock.train_and_evaluate,
+      description=rosenbrock.train.__doc__.splitlines()[0],
+  )

@@ -62,11 +62,18 @@ class Config:
 
   def __post_init__(self):
     cli.check_fields(
-        self, integers=('steps', 'checkpoints'),
-        positive=('steps', 'learning_rate', 'sweep_learning_rates',
-                  'checkpoints', 'tolerances'),
+        self,
+        integers=('steps', 'checkpoints'),
+        positive=(
+            'steps',
+            'learning_rate',
+            'sweep_learning_rates',
+            'checkpoints',
+            'tolerances',
+        ),
         nonnegative=('alpha',),
-        decays=('adam_b1s', 'b2', 'ademamix_b1', 'ademamix_b3s'))
+        decays=('adam_b1s', 'b2', 'ademamix_b1', 'ademamix_b3s'),
+    )
 
 
 def rosenbrock(p: jax.Array) -> jax.Array:
@@ -81,8 +88,13 @@ def make_optimizers(
     txs[f'Adam b1={b1}'] = optax.adam(learning_rate, b1=b1, b2=config.b2)
   for b3 in config.ademamix_b3s:
     txs[f'AdEMAMix b3={b3}'] = amx.ademamix(
-        learning_rate, b1=config.ademamix_b1, b2=config.b2, b3=b3,
-        alpha=config.alpha, t_alpha_beta3=config.steps)
+        learning_rate,
+        b1=config.ademamix_b1,
+        b2=config.b2,
+        b3=b3,
+        alpha=config.alpha,
+        t_alpha_beta3=config.steps,
+    )
   return txs
 
 
@@ -136,33 +148,49 @@ def train_and_evaluate(
           'learning_rate': lr,
           'final': path[-1].tolist(),
           'distance_at': {
-              str(c): float(dist[c]) for c in config.checkpoints
-              if c <= config.steps},
+              str(c): float(dist[c])
+              for c in config.checkpoints
+              if c <= config.steps
+          },
           'steps_to': {
-              str(t): steps_to_stay_within(dist, t)
-              for t in config.tolerances},
+              str(t): steps_to_stay_within(dist, t) for t in config.tolerances
+          },
           # Every 10th point is plenty for the plot and keeps the JSON small.
           'path': path[::10].tolist() if lr == config.learning_rate else None,
-          'distance': (dist[::10].tolist()
-                       if lr == config.learning_rate else None),
+          'distance': (
+              dist[::10].tolist() if lr == config.learning_rate else None
+          ),
       }
   seconds = time.time() - t0
 
-  main = {r['name']: r for r in runs.values()
-          if r['learning_rate'] == config.learning_rate}
+  main = {
+      r['name']: r
+      for r in runs.values()
+      if r['learning_rate'] == config.learning_rate
+  }
   checkpoints = [c for c in config.checkpoints if c <= config.steps]
-  rows = [[name]
-          + [f'{r["distance_at"][str(c)]:.2e}' for c in checkpoints]
-          + [_fmt_steps(r['steps_to'][str(t)]) for t in config.tolerances]
-          for name, r in main.items()]
+  rows = [
+      [name]
+      + [f'{r["distance_at"][str(c)]:.2e}' for c in checkpoints]
+      + [_fmt_steps(r['steps_to'][str(t)]) for t in config.tolerances]
+      for name, r in main.items()
+  ]
   table = report.markdown_table(
-      ['optimizer'] + [f'dist @ {c}' for c in checkpoints]
-      + [f'steps to stay < {t:g}' for t in config.tolerances], rows)
+      ['optimizer']
+      + [f'dist @ {c}' for c in checkpoints]
+      + [f'steps to stay < {t:g}' for t in config.tolerances],
+      rows,
+  )
   tol = config.tolerances[0]
   names = list(main)
-  sweep_rows = [[f'{lr:g}'] + [
-      _fmt_steps(runs[f'{n} lr={lr:g}']['steps_to'][str(tol)])
-      for n in names] for lr in lrs]
+  sweep_rows = [
+      [f'{lr:g}']
+      + [
+          _fmt_steps(runs[f'{n} lr={lr:g}']['steps_to'][str(tol)])
+          for n in names
+      ]
+      for lr in lrs
+  ]
   sweep_table = report.markdown_table(['lr'] + names, sweep_rows)
   results = {
       'config': dataclasses.asdict(config),
@@ -172,8 +200,7 @@ def train_and_evaluate(
       'sweep_metric': f'steps to stay within {tol:g} of (1, 1)',
       'seconds': seconds,
   }
-  markdown = (table + '\n\n' + results['sweep_metric'] + ':\n\n'
-              + sweep_table)
+  markdown = table + '\n\n' + results['sweep_metric'] + ':\n\n' + sweep_table
   return report.save_results(workdir, 'rosenbrock', results, plot, markdown)
 
 
@@ -187,12 +214,14 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
   lo = np.minimum(pts.min(0), [-3.5, -1.0])
   hi = np.maximum(pts.max(0), [2.0, 6.0])
   lo, hi = np.maximum(lo, [-6.0, -5.0]), np.minimum(hi, [6.0, 12.0])
-  xs, ys = np.meshgrid(np.linspace(lo[0], hi[0], 200),
-                       np.linspace(lo[1], hi[1], 200))
-  zs = (1 - xs) ** 2 + 100 * (ys - xs ** 2) ** 2
+  xs, ys = np.meshgrid(
+      np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200)
+  )
+  zs = (1 - xs) ** 2 + 100 * (ys - xs**2) ** 2
   ax = axes[0]
-  ax.contour(xs, ys, np.log10(zs + 1e-3), levels=20, cmap='Greys',
-             linewidths=0.5)
+  ax.contour(
+      xs, ys, np.log10(zs + 1e-3), levels=20, cmap='Greys', linewidths=0.5
+  )
   for i, r in enumerate(main):
     p = np.asarray(r['path'])
     ax.plot(p[:, 0], p[:, 1], color=f'C{i}', lw=0.8, label=r['name'])
@@ -203,14 +232,21 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
   ax.set_ylim(lo[1], hi[1])
   ax.set_xlabel('x')
   ax.set_ylabel('y')
-  ax.set_title(f'Rosenbrock from {tuple(config["start"])}, lr={lr:g}, '
-               f'{config["steps"]} steps')
+  ax.set_title(
+      f'Rosenbrock from {tuple(config["start"])}, lr={lr:g}, '
+      f'{config["steps"]} steps'
+  )
   ax.legend(fontsize=7, loc='upper right')
   ax = axes[1]
   for i, r in enumerate(main):
     d = np.asarray(r['distance'])
-    ax.semilogy(np.arange(len(d)) * 10, np.maximum(d, 1e-8), color=f'C{i}',
-                lw=0.8, label=r['name'])
+    ax.semilogy(
+        np.arange(len(d)) * 10,
+        np.maximum(d, 1e-8),
+        color=f'C{i}',
+        lw=0.8,
+        label=r['name'],
+    )
   ax.set_xlabel('step')
   ax.set_ylabel('distance to (1, 1) (floored at 1e-8)')
   ax.legend(fontsize=7)

@@ -5,5 +5,8 @@ from examples._shared import cli
 
 if __name__ == '__main__':
   cli.example_main(
-      'switching', switching.Config(), switching.train_and_evaluate,
-      description=switching.train.__doc__.splitlines()[0])
+      'switching',
+      switching.Config(),
+      switching.train_and_evaluate,
+      description=switching.train.__doc__.splitlines()[0],
+  )

@@ -76,14 +76,35 @@ class Config:
 
   def __post_init__(self):
     cli.check_fields(
-        self, integers=('steps', 'batch_size', 'warmup_steps', 'switch_at',
-                        'eval_every', 'eval_windows', 'max_bytes', 'seed'),
-        positive=('steps', 'batch_size', 'learning_rate', 'eval_every',
-                  'eval_windows', 'max_bytes'),
-        nonnegative=('warmup_steps', 'weight_decay', 'switch_alpha',
-                     'scratch_alpha', 'seed'),
+        self,
+        integers=(
+            'steps',
+            'batch_size',
+            'warmup_steps',
+            'switch_at',
+            'eval_every',
+            'eval_windows',
+            'max_bytes',
+            'seed',
+        ),
+        positive=(
+            'steps',
+            'batch_size',
+            'learning_rate',
+            'eval_every',
+            'eval_windows',
+            'max_bytes',
+        ),
+        nonnegative=(
+            'warmup_steps',
+            'weight_decay',
+            'switch_alpha',
+            'scratch_alpha',
+            'seed',
+        ),
         decays=('b1', 'b2', 'switch_b3', 'scratch_b3'),
-        fractions=('val_fraction',))
+        fractions=('val_fraction',),
+    )
     for s in self.switch_at:
       if not 0 < s < self.steps or s % self.eval_every:
         raise ValueError(
@@ -99,40 +120,59 @@ class Config:
 
 def _schedule(config: Config) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps, config.steps,
-      config.learning_rate / 100)
+      0.0,
+      config.learning_rate,
+      config.warmup_steps,
+      config.steps,
+      config.learning_rate / 100,
+  )
 
 
 def make_adamw(config: Config) -> optax.GradientTransformation:
   return optax.adamw(
-      _schedule(config), b1=config.b1, b2=config.b2,
-      weight_decay=config.weight_decay, mask=byte_mlp.is_decayed)
+      _schedule(config),
+      b1=config.b1,
+      b2=config.b2,
+      weight_decay=config.weight_decay,
+      mask=byte_mlp.is_decayed,
+  )
 
 
 def make_switch_ademamix(config: Config) -> optax.GradientTransformation:
   """The optimizer after the switch: no warmups, small alpha."""
   return amx.ademamix(
-      _schedule(config), b1=config.b1, b2=config.b2, b3=config.switch_b3,
-      alpha=config.switch_alpha, weight_decay=config.weight_decay,
-      mask=byte_mlp.is_decayed)
+      _schedule(config),
+      b1=config.b1,
+      b2=config.b2,
+      b3=config.switch_b3,
+      alpha=config.switch_alpha,
+      weight_decay=config.weight_decay,
+      mask=byte_mlp.is_decayed,
+  )
 
 
 def make_scratch_ademamix(config: Config) -> optax.GradientTransformation:
   return amx.ademamix(
-      _schedule(config), b1=config.b1, b2=config.b2, b3=config.scratch_b3,
-      alpha=config.scratch_alpha, weight_decay=config.weight_decay,
-      mask=byte_mlp.is_decayed, t_alpha_beta3=config.steps)
+      _schedule(config),
+      b1=config.b1,
+      b2=config.b2,
+      b3=config.scratch_b3,
+      alpha=config.scratch_alpha,
+      weight_decay=config.weight_decay,
+      mask=byte_mlp.is_decayed,
+      t_alpha_beta3=config.steps,
+  )
 
 
-def _train(run, evaluate, params, opt_state, start, stop, every, desc,
-           keep=()) -> tuple[dict[str, list[float]], dict[int, Any]]:
+def _train(
+    run, evaluate, params, opt_state, start, stop, every, desc, keep=()
+) -> tuple[dict[str, list[float]], dict[int, Any]]:
   """Runs steps [start, stop) in chunks; returns the curves and kept states."""
   curves = {'step': [], 'val_loss': [], 'train_loss': []}
   kept = {}
   with cli.progress(stop, desc, initial=start) as bar:
     for chunk_start in range(start, stop, every):
-      params, opt_state, losses, _ = run(
-          params, opt_state, chunk_start, every)
+      params, opt_state, losses, _ = run(params, opt_state, chunk_start, every)
       step = chunk_start + every
       curves['step'].append(step)
       curves['val_loss'].append(evaluate(params))
@@ -152,15 +192,18 @@ def train_and_evaluate(
   text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
   length = config.model.context + 1
   batches = corpus.training_batches(
-      text.train_U8, jax.random.key(config.seed + 1), config.batch_size,
-      length)
+      text.train_U8, jax.random.key(config.seed + 1), config.batch_size, length
+  )
 
   def batch_fn(step, aux):
     del aux
     return batches(step)
 
-  evaluate = loop.make_evaluator(corpus.fixed_windows(
-      text.val_U8, config.seed + 2, config.eval_windows, length))
+  evaluate = loop.make_evaluator(
+      corpus.fixed_windows(
+          text.val_U8, config.seed + 2, config.eval_windows, length
+      )
+  )
   params0 = byte_mlp.init(config.model, jax.random.key(config.seed))
   every = config.eval_every
   runs: dict[str, dict[str, Any]] = {}
@@ -168,9 +211,16 @@ def train_and_evaluate(
   t0 = time.time()
   adamw = make_adamw(config)
   curves, kept = _train(
-      loop.make_runner(adamw, batch_fn), evaluate, params0,
-      adamw.init(params0), 0, config.steps, every, 'AdamW',
-      keep=config.switch_at)
+      loop.make_runner(adamw, batch_fn),
+      evaluate,
+      params0,
+      adamw.init(params0),
+      0,
+      config.steps,
+      every,
+      'AdamW',
+      keep=config.switch_at,
+  )
   runs['AdamW'] = {'switch_at': None, **curves, 'seconds': time.time() - t0}
 
   tx = make_switch_ademamix(config)
@@ -180,28 +230,49 @@ def train_and_evaluate(
     params, adam_state = kept[s]
     opt_state = amx.adam_state_to_ademamix(adam_state, tx, params)
     name = f'AdamW -> AdEMAMix @ {s}'
-    curves, _ = _train(run, evaluate, params, opt_state, s, config.steps,
-                       every, name)
+    curves, _ = _train(
+        run, evaluate, params, opt_state, s, config.steps, every, name
+    )
     runs[name] = {'switch_at': s, **curves, 'seconds': time.time() - t0}
 
   if config.scratch:
     t0 = time.time()
     tx = make_scratch_ademamix(config)
     curves, _ = _train(
-        loop.make_runner(tx, batch_fn), evaluate, params0, tx.init(params0),
-        0, config.steps, every, 'AdEMAMix')
+        loop.make_runner(tx, batch_fn),
+        evaluate,
+        params0,
+        tx.init(params0),
+        0,
+        config.steps,
+        every,
+        'AdEMAMix',
+    )
     runs['AdEMAMix'] = {'switch_at': 0, **curves, 'seconds': time.time() - t0}
 
   base = runs['AdamW']['val_loss'][-1]
   rows = []
   for name, r in runs.items():
     final = r['val_loss'][-1]
-    rows.append([
-        name, '-' if r['switch_at'] is None else r['switch_at'],
-        f'{final:.4f}', f'{final - base:+.4f}', f'{r["seconds"]:.0f}'])
+    rows.append(
+        [
+            name,
+            '-' if r['switch_at'] is None else r['switch_at'],
+            f'{final:.4f}',
+            f'{final - base:+.4f}',
+            f'{r["seconds"]:.0f}',
+        ]
+    )
   table = report.markdown_table(
-      ['run', 'switch step', f'val loss @ {config.steps}', 'vs AdamW',
-       'seconds'], rows)
+      [
+          'run',
+          'switch step',
+          f'val loss @ {config.steps}',
+          'vs AdamW',
+          'seconds',
+      ],
+      rows,
+  )
   results = {
       'config': dataclasses.asdict(config),
       'runs': runs,
@@ -229,8 +300,12 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
     ax.set_ylabel('validation loss (nats/byte)')
     if lo:
       ax.set_title(f'zoom: steps >= {lo}')
-      ys = [v for r in results['runs'].values()
-            for st, v in zip(r['step'], r['val_loss']) if st >= lo]
+      ys = [
+          v
+          for r in results['runs'].values()
+          for st, v in zip(r['step'], r['val_loss'])
+          if st >= lo
+      ]
       ax.set_ylim(min(ys) - 0.01, max(ys) + 0.01)
   axes[0].set_title('byte MLP on stdlib source: switching AdamW -> AdEMAMix')
   axes[0].legend(fontsize=8)

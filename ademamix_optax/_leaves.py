@@ -34,6 +34,7 @@ import optax
 from ademamix_optax import _cpu
 from ademamix_optax import _rounding
 from ademamix_optax import _update
+from ademamix_optax import _validation
 
 PartitionSpec = jax.sharding.PartitionSpec
 # A function ``(g, *moments, s, *, stochastic, bits) -> (u, *new_moments)``,
@@ -42,12 +43,24 @@ LeafFn = Callable[..., tuple]
 
 
 def zeros_like(
-    params: optax.Params, dtype: Optional[jnp.dtype] = None
+    params: optax.Params,
+    dtype: Optional[jnp.dtype] = None,
+    *,
+    squares: bool = False,
 ) -> optax.Params:
-  """Zeros shaped (and sharded) like ``params``, in ``dtype`` if given."""
+  """Zeros shaped (and sharded) like ``params``, in ``dtype`` if given.
+
+  With ``squares`` (a moving average of squared gradients) and no ``dtype``,
+  a parameter whose dtype cannot hold small squares (float16, float8: see
+  :func:`ademamix_optax._validation.check_state_dtype`) gets a float32
+  buffer instead of one in its own dtype.
+  """
 
   def zeros(p):
-    z = jnp.zeros_like(p, dtype=dtype)
+    leaf_dtype = dtype
+    if leaf_dtype is None and squares:
+      leaf_dtype = _validation.second_moment_dtype(p.dtype)
+    z = jnp.zeros_like(p, dtype=leaf_dtype)
     if isinstance(p, jax.Array) and _manual_axes() == ():
       # Only outside shard_map: there every array is a local block anyway.
       z, _ = shard_alike(z, p)

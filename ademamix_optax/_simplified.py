@@ -201,7 +201,8 @@ def scale_by_simplified_ademamix(
     mu_dtype: Optional storage dtype of ``m``; ``None`` keeps the
       parameters' dtypes.
     nu_dtype: Optional storage dtype of ``nu``; ``None`` keeps the
-      parameters' dtypes.
+      parameters' dtypes, except float16 and float8 parameters, whose ``nu``
+      is float32 (they cannot hold small squared gradients).
     stochastic_rounding: Whether buffers stored narrower than float32 are
       written back with stochastic rounding (default) or round-to-nearest
       (which stalls slow EMAs; kept for comparison).
@@ -256,7 +257,7 @@ def scale_by_simplified_ademamix(
     return ScaleBySimplifiedAdEMAMixState(
         count=jnp.zeros([], jnp.int32),
         m=_leaves.zeros_like(params, mu_dtype),
-        nu=_leaves.zeros_like(params, nu_dtype),
+        nu=_leaves.zeros_like(params, nu_dtype, squares=True),
         s=jnp.zeros([], jnp.float32) if bias_correction1 else None,
     )
 

@@ -97,13 +97,17 @@ def scale_by_ademamix(
   Arithmetic runs in at least float32; ``m1`` and ``m2`` are stored in
   ``mu_dtype`` and ``nu`` in ``nu_dtype`` (both default to the parameters'
   dtypes), and the state's dtypes never change from one step to the next.
-  A buffer stored in a dtype narrower than float32 (bfloat16, float16) is
-  written back with stochastic rounding: with round-to-nearest a bfloat16
-  EMA with ``b3 = 0.9999`` stalls (each step's change is below half an ulp),
-  while stochastic rounding keeps it unbiased. The random bits are a hash of
-  the element's index, the step and the leaf: deterministic, identical after a
+  A buffer stored in a dtype narrower than float32 (bfloat16, float16,
+  float8) is written back with stochastic rounding: with round-to-nearest a
+  bfloat16 EMA with ``b3 = 0.9999`` stalls (each step's change is below half
+  an ulp), while stochastic rounding keeps it unbiased. The random bits are a
+  full-avalanche hash of the element's index, the step and the leaf: uniform
+  and independent across elements and steps, deterministic, identical after a
   resume, independent of how :func:`jax.jit` shards the arrays, and computed
-  inside the fused update.
+  inside the fused update. The rounding's derivative is the identity (as for
+  round-to-nearest), so gradients flow through narrow states. ``nu_dtype``
+  must be bfloat16 or wider: in float16 or float8 ``(1 - b2) * g**2``
+  underflows to 0.
 
   The state's buffers are sharded like the parameters they belong to, also
   when ``init`` is jitted on a mesh.
@@ -122,7 +126,8 @@ def scale_by_ademamix(
       for constant ``alpha`` and ``b3``; ``None`` or ``0`` for no warmup. The
       paper sets it to the total number of training steps.
     nu_dtype: Optional storage dtype of ``nu``; ``None`` keeps the
-      parameters' dtypes.
+      parameters' dtypes, except float16 and float8 parameters, whose ``nu``
+      is float32 (they cannot hold small squared gradients).
     stochastic_rounding: Whether buffers stored narrower than float32 are
       written back with stochastic rounding (default) or round-to-nearest
       (which stalls slow EMAs; kept for comparison).
@@ -225,7 +230,7 @@ def build(
         count=jnp.zeros([], jnp.int32),
         m1=_leaves.zeros_like(params, mu_dtype) if use_m1 else None,
         m2=_leaves.zeros_like(params, mu_dtype),
-        nu=_leaves.zeros_like(params, nu_dtype),
+        nu=_leaves.zeros_like(params, nu_dtype, squares=True),
     )
 
   def update_fn(updates, state, params=None):

@@ -242,6 +242,22 @@ def canonicalize_float_dtype(name: str, dtype: Any) -> Optional[jnp.dtype]:
 SECOND_MOMENT_SMALLEST = 1e-15
 
 
+def second_moment_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype a second moment defaults to for parameters of ``dtype``.
+
+  The parameters' own dtype, unless it cannot hold small squared gradients
+  (its smallest value above ``SECOND_MOMENT_SMALLEST``: float16, float8),
+  then float32.
+  """
+  dtype = jnp.dtype(dtype)
+  if (
+      jnp.issubdtype(dtype, jnp.floating)
+      and float(jnp.finfo(dtype).smallest_subnormal) > SECOND_MOMENT_SMALLEST
+  ):
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
 def check_state_dtype(
     name: str, dtype: Any, *, squares: bool = False
 ) -> Optional[jnp.dtype]:

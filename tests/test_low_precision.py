@@ -546,3 +546,29 @@ def test_rounding_bits_independent_across_elements(dtype, half):
   binomial_var = p * (1 - p) / n
   assert 0.5 < f.var() / binomial_var < 2.0, f.var() / binomial_var
   assert abs(f.mean() - p) < 4 * np.sqrt(binomial_var / steps)
+
+
+@pytest.mark.parametrize(
+    'factory',
+    [
+        lambda: amx.ademamix(1e-2),
+        lambda: amx.simplified_ademamix(1e-2),
+    ],
+)
+def test_float16_params_get_a_float32_second_moment(factory):
+  # In float16, (1 - b2) g**2 is 0 for |g| < 5.5e-3 and the update would be
+  # m / eps: one step of lr 1e-2 at g = 1e-3 moved a parameter by -1000.
+  tx = factory()
+  params = {'h': jnp.ones((4,), jnp.float16), 'b': jnp.ones((2,), BF16)}
+  state = tx.init(params)
+  nu = state[0].nu
+  assert nu['h'].dtype == jnp.float32
+  assert nu['b'].dtype == BF16  # bfloat16 has float32's exponent range.
+  grads = {'h': jnp.full((4,), 1e-3, jnp.float16), 'b': jnp.ones((2,), BF16)}
+  updates, state = tx.update(grads, state, params)
+  assert state[0].nu['h'].dtype == jnp.float32
+  # Adam-like first step: about lr in magnitude, not lr / eps * g.
+  assert float(jnp.max(jnp.abs(updates['h'].astype(jnp.float32)))) < 0.1
+  # An explicit nu_dtype is kept.
+  tx = amx.ademamix(1e-2, nu_dtype=jnp.float32)
+  assert tx.init(params)[0].nu['b'].dtype == jnp.float32

@@ -18,21 +18,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
+from sharding_worker import SHAPES
+from sharding_worker import SPECS
+from sharding_worker import STEPS
+from sharding_worker import buffers  # The shared sharding checks.
+from sharding_worker import run_jit as run
+from sharding_worker import specs_of
 import strict_xla
 
 import ademamix_optax as amx
 
-SPECS = {
-    'w': P('data', 'model'),
-    'b': P('model'),
-    'scale': P(),
-    'v': P(None, 'model'),
-    'r': P('data'),
-}
-SHAPES = {'w': (8, 6), 'b': (4,), 'scale': (3,), 'v': (5, 4), 'r': (12, 2)}
 CONFIGS = {
     'warmup_bc_decay': dict(
         learning_rate=1e-2,
@@ -52,7 +49,6 @@ CONFIGS = {
         nu_dtype=jnp.bfloat16,
     ),
 }
-STEPS = 5
 HINT_SHAPES = {'big': (200, 130), 'mid': (40, 33), 'vec': (7,), 'scalar': ()}
 HINT_CONFIGS = {
     'constant': dict(learning_rate=1e-3, alpha=2.0),
@@ -72,45 +68,6 @@ HINT_CONFIGS = {
         nu_dtype=jnp.bfloat16,
     ),
 }
-
-
-def spec_list(spec, ndim):
-  """A spec as a list of ndim entries (P() and P(None,) are the same)."""
-  entries = tuple(spec) + (None,) * (ndim - len(spec))
-  return [None if e is None else str(e) for e in entries]
-
-
-def specs_of(tree):
-  return {
-      k: spec_list(x.sharding.spec, x.ndim)
-      if hasattr(x.sharding, 'spec')
-      else 'single'
-      for k, x in tree.items()
-  }
-
-
-def loss(params):
-  return sum(
-      jnp.sum(jnp.sin(3.0 * p) + 0.5 * jnp.square(p - 0.25))
-      for p in jax.tree.leaves(params)
-  )
-
-
-def buffers(state):
-  return {'m': state[0].m, 'nu': state[0].nu}
-
-
-def run(tx, params):
-  @jax.jit
-  def step(params, state):
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
-    return optax.apply_updates(params, updates), state
-
-  state = jax.jit(tx.init)(params)
-  init_specs = {f: specs_of(t) for f, t in buffers(state).items()}
-  for _ in range(STEPS):
-    params, state = step(params, state)
-  return params, state, init_specs
 
 
 def hint_bits(tx, params, grads):

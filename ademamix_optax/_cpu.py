@@ -35,6 +35,7 @@ The measured effect is in ``benchmarks/README.md``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -156,6 +157,7 @@ def map_leaves(
       elif anchor is not None:
         s = _anchored(s, anchor)
 
+    @functools.cache  # m1 and m2 read the same stream.
     def bits(stream, i=i):
       return _rounding.mix_index(index[i](), keys[i][stream])
 

@@ -22,6 +22,7 @@ them:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -213,6 +214,8 @@ def map_leaves(
     out = []
     for i, args in enumerate(leaves):
 
+      # Cached: m1 and m2 read the same stream (fewer ops to trace).
+      @functools.cache
       def bits(stream, i=i):
         key = _rounding.stream_key(scalars.count, i, stream)
         return _rounding.mix_index(index[i](), key)

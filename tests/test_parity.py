@@ -592,3 +592,46 @@ def test_alias_equals_optax_contrib():
   )
   _assert_trees_allclose(ours[1], theirs[1], 1e-6)
   _assert_trees_allclose(ours[0], theirs[0], 1e-6)
+
+
+# The experimental one-pass kernel (interpreted on CPU) against the same
+# reference, with the same tolerances as the XLA path: it evaluates the same
+# per-leaf arithmetic (bit for bit under strict XLA flags, see
+# tests/test_experimental_pallas.py), so it must meet the same bounds.
+KERNEL_CASES = {
+    'warmups': ({'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP}, RTOL),
+    'b1_zero': ({'b1': 0.0}, RTOL),
+    'mu_nu_bf16': (
+        {
+            'b3': 0.999,
+            'alpha': 8.0,
+            't_alpha_beta3': T_WARMUP,
+            'mu_dtype': BF16,
+            'nu_dtype': BF16,
+        },
+        NARROW_RTOL,
+    ),
+}
+
+
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')  # Interpreted on CPU.
+@pytest.mark.parametrize('name', list(KERNEL_CASES))
+def test_pallas_kernel_matches_reference(name):
+  from ademamix_optax import experimental  # pylint: disable=g-import-not-at-top
+
+  kwargs, rtol = KERNEL_CASES[name]
+  params, grads = _make_params(), _make_grads()
+  tx = experimental.ademamix_pallas(LR, interpret=True, **kwargs)
+  got = _run_package(tx, params, grads)
+  narrow = 'mu_dtype' in kwargs
+  want = ref.run_reference(
+      params,
+      _unstack(grads, N_STEPS),
+      learning_rate=LR,
+      rounding_bits=_package_bits if narrow else None,
+      **kwargs,
+  )
+  keys = ('params', 'updates', 'm2', 'nu')
+  if kwargs.get('b1', 0.9) != 0.0:
+    keys = keys + ('m1',)
+  _compare_history(got, want, keys, rtol)

@@ -445,3 +445,45 @@ def test_state_dtype_reaches_the_optimizers(state_dtype, expected):
       x.dtype for x in jax.tree.leaves(state) if getattr(x, 'ndim', 0) == 2
   }
   assert dtypes == {jnp.dtype(expected.get('mu_dtype', jnp.float32))}
+
+
+def test_simplified_ademamix_trains_from_the_command_line(tmp_path):
+  result, text = _run_cli(
+      [
+          '--config',
+          'tiny',
+          '--workdir',
+          str(tmp_path),
+          '--optimizers',
+          'simplified_ademamix',
+          'adamw',
+      ]
+  )
+  assert 'Simplified AdEMAMix' in text
+  runs = result['runs']
+  assert set(runs) == {'simplified_ademamix', 'adamw'}
+  losses = runs['simplified_ademamix']['history']['train_loss']
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < losses[0]  # It learns, even in 6 steps.
+
+
+def test_simplified_ademamix_follows_the_authors_recipe():
+  config = dataclasses.replace(
+      configs.TINY, b1=0.9, simplified_b1=0.99, warmup_fraction=0.0
+  )
+  tx = train.make_optimizer('simplified_ademamix', config)
+  params = {'kernel': jnp.ones((4, 4))}  # decay_mask: kernels decay.
+  state = tx.init(params)
+  grads = {'kernel': jnp.full((4, 4), 0.5)}
+  updates, _ = tx.update(grads, state, params)
+  # First step: m = g, nu = (1 - b2) g**2 bias-corrected to g**2, so the
+  # direction is (alpha + 1) sign(g) (plus decay); the learning rate is
+  # AdamW's scaled by sqrt((1 - 0.9) (1 - 0.99)).
+  lr0 = float(train.learning_rate_schedule(config)(0))
+  scale = np.sqrt(0.1 * 0.01)
+  expected = -scale * lr0 * (config.simplified_alpha + 1.0)
+  # Weight decay times the learning rate stays AdamW's: lr0 * wd * param.
+  decay = -lr0 * config.weight_decay * 1.0
+  np.testing.assert_allclose(
+      updates['kernel'], expected + decay, rtol=1e-5, atol=1e-12
+  )

@@ -14,11 +14,13 @@ from typing import Literal, Optional
 
 from examples._shared import cli
 
-Optimizer = Literal['adamw', 'ademamix']
+Optimizer = Literal['adamw', 'ademamix', 'simplified_ademamix']
 # 'bfloat16-nearest' stores bfloat16 states with round-to-nearest instead
 # of stochastic rounding: the stalling slow EMA, kept for comparison.
 StateDtype = Literal['float32', 'bfloat16', 'bfloat16-nearest']
 OPTIMIZERS: tuple[Optimizer, ...] = typing.get_args(Optimizer)
+# What the default command trains.
+DEFAULT_OPTIMIZERS: tuple[Optimizer, ...] = ('adamw', 'ademamix')
 STATE_DTYPES: tuple[StateDtype, ...] = typing.get_args(StateDtype)
 
 # The paper: b3 = 0.999 works better than 0.9999 for runs of up to tens of
@@ -55,6 +57,11 @@ class Config:
     state_dtype: Storage dtype of the optimizer states: 'float32',
       'bfloat16' (AdEMAMix: m1, m2 and nu, stochastically rounded; AdamW:
       mu), or 'bfloat16-nearest' (the same with round-to-nearest).
+    simplified_b1: Simplified AdEMAMix's momentum decay, warmed up from
+      ``b1`` over the run (the authors' recipe; its learning rate is ``lr``
+      times ``sqrt((1 - b1) (1 - simplified_b1))``).
+    simplified_alpha: Simplified AdEMAMix's weight of the current gradient
+      (the authors' value at 32k tokens per batch; not tuned here).
     optimizers: Which optimizers to train, in order.
     seed: Seeds the model init and the data order.
     eval_every: Evaluate the validation loss every this many steps (and at
@@ -86,7 +93,9 @@ class Config:
   b3: Optional[float] = None
   alpha: float = 8.0
   state_dtype: StateDtype = 'float32'
-  optimizers: tuple[Optimizer, ...] = OPTIMIZERS
+  simplified_b1: float = 0.99
+  simplified_alpha: float = 100.0
+  optimizers: tuple[Optimizer, ...] = DEFAULT_OPTIMIZERS
   seed: int = 0
   eval_every: int = 50
   eval_batches: int = 8

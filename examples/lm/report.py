@@ -11,7 +11,11 @@ import numpy as np
 from examples._shared import report as shared_report
 from examples.lm import configs
 
-_LABELS = {'adamw': 'AdamW', 'ademamix': 'AdEMAMix'}
+_LABELS = {
+    'adamw': 'AdamW',
+    'ademamix': 'AdEMAMix',
+    'simplified_ademamix': 'Simplified AdEMAMix',
+}
 
 
 def label(name: str) -> str:
@@ -164,7 +168,11 @@ def plot_curves(
     curves: dict[str, dict[str, Any]],
 ) -> None:
   """Loss curves (left), learning rate (middle), alpha and b3 (right)."""
-  colors = {'adamw': 'tab:blue', 'ademamix': 'tab:red'}
+  colors = {
+      'adamw': 'tab:blue',
+      'ademamix': 'tab:red',
+      'simplified_ademamix': 'tab:green',
+  }
   fig, (ax_loss, ax_lr, ax_amx) = shared_report.subplots(
       1, 3, figsize=(12, 3.4), gridspec_kw={'width_ratios': [2, 1, 1]}
   )

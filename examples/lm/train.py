@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -188,6 +189,21 @@ def make_optimizer(
         mask=decay_mask,
         t_alpha_beta3=config.steps,
         **_state_dtype_kwargs(config, amx.ademamix),
+    )
+  elif name == 'simplified_ademamix':
+    # The authors' recipe: b1 warms up from AdamW's b1, and the learning
+    # rate is AdamW's times sqrt((1 - b1_start) (1 - b1)).
+    scale = math.sqrt((1 - config.b1) * (1 - config.simplified_b1))
+    tx = amx.simplified_ademamix(
+        lambda count: scale * lr(count),
+        b1=config.simplified_b1,
+        b2=config.b2,
+        alpha=config.simplified_alpha,
+        weight_decay=config.weight_decay / scale,
+        mask=decay_mask,
+        t_b1=config.steps,
+        b1_start=config.b1,
+        **_state_dtype_kwargs(config, amx.simplified_ademamix),
     )
   else:
     raise ValueError(f'Unknown optimizer {name!r}.')

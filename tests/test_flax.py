@@ -5,6 +5,9 @@ half-way and resumed from the restored optimizer state must continue exactly
 (bit for bit) like the uninterrupted run.
 """
 
+import functools
+
+import chex
 from flax import nnx
 import flax.linen as nn
 from flax.training import train_state
@@ -48,11 +51,10 @@ def _data():
   return jnp.asarray(x), jnp.asarray(y, jnp.float32)
 
 
-def _assert_trees_equal(actual, desired):
-  assert jax.tree.structure(actual) == jax.tree.structure(desired)
-  for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired)):
-    assert a.dtype == d.dtype
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(d))
+# Same structure, shapes, dtypes and values.
+_assert_trees_equal = functools.partial(
+    chex.assert_trees_all_equal, strict=True
+)
 
 
 # Linen.

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import logging
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,14 +161,7 @@ def _compilations():
 
 
 def _assert_trees_close(actual, desired, rtol=1e-6, atol=0.0):
-  assert jax.tree.structure(actual) == jax.tree.structure(desired)
-  for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired)):
-    np.testing.assert_allclose(
-        np.asarray(a, np.float64),
-        np.asarray(d, np.float64),
-        rtol=rtol,
-        atol=atol,
-    )
+  chex.assert_trees_all_close(actual, desired, rtol=rtol, atol=atol)
 
 
 def _shapes_and_dtypes(tree):

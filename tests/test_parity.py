@@ -13,6 +13,7 @@ real loss (a quadratic and the Rosenbrock function), with looser tolerances.
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -552,11 +553,6 @@ def _contrib_history(tx_ours, tx_theirs, params, grads):
   return ours, jax.device_get(run(params, grads))
 
 
-def _assert_trees_allclose(a, b, rtol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=0.0)
-
-
 def test_transform_equals_optax_contrib():
   # optax.contrib.scale_by_ademamix defaults to alpha=6.0: pass it explicitly.
   kwargs = {'b1': 0.9, 'b2': 0.999, 'b3': 0.999, 'alpha': 5.0, 'eps': 1e-8}
@@ -567,10 +563,10 @@ def test_transform_equals_optax_contrib():
       params,
       grads,
   )
-  _assert_trees_allclose(ours[1], theirs[1], 1e-6)
+  chex.assert_trees_all_close(ours[1], theirs[1], rtol=1e-6, atol=0.0)
   for name in ('m1', 'm2', 'nu'):
-    _assert_trees_allclose(
-        getattr(ours[2], name), getattr(theirs[2], name), 1e-6
+    chex.assert_trees_all_close(
+        getattr(ours[2], name), getattr(theirs[2], name), rtol=1e-6, atol=0.0
     )
 
 
@@ -590,8 +586,8 @@ def test_alias_equals_optax_contrib():
   ours, theirs = _contrib_history(
       amx.ademamix(**kwargs), optax.contrib.ademamix(**kwargs), params, grads
   )
-  _assert_trees_allclose(ours[1], theirs[1], 1e-6)
-  _assert_trees_allclose(ours[0], theirs[0], 1e-6)
+  chex.assert_trees_all_close(ours[1], theirs[1], rtol=1e-6, atol=0.0)
+  chex.assert_trees_all_close(ours[0], theirs[0], rtol=1e-6, atol=0.0)
 
 
 # The experimental one-pass kernel (interpreted on CPU) against the same

@@ -10,6 +10,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -84,10 +85,10 @@ BAD_VALUES = (
     + [
         ('mu_dtype', d)
         for d in (
-            jnp.float8_e8m0fnu,
-            jnp.float4_e2m1fn,
-            jnp.float6_e2m3fn,
-            jnp.float6_e3m2fn,
+            ml_dtypes.float8_e8m0fnu,
+            ml_dtypes.float4_e2m1fn,
+            ml_dtypes.float6_e2m3fn,
+            ml_dtypes.float6_e3m2fn,
         )
     ]
     + [
@@ -99,9 +100,9 @@ BAD_VALUES = (
             jnp.float8_e5m2,
             jnp.float8_e4m3fnuz,
             jnp.float8_e5m2fnuz,
-            jnp.float8_e8m0fnu,
-            jnp.float4_e2m1fn,
-            jnp.float8_e3m4,
+            ml_dtypes.float8_e8m0fnu,
+            ml_dtypes.float4_e2m1fn,
+            ml_dtypes.float8_e3m4,
         )
     ]
 )
@@ -394,7 +395,7 @@ def test_nonscalar_and_complex_messages_show_the_value():
   with pytest.raises(ValueError, match=r'stochastic_rounding.*None'):
     amx.scale_by_ademamix(stochastic_rounding=None)
   with pytest.raises(ValueError, match=r'mu_dtype=float8_e8m0fnu.*no sign'):
-    amx.scale_by_ademamix(mu_dtype=jnp.float8_e8m0fnu)
+    amx.scale_by_ademamix(mu_dtype=ml_dtypes.float8_e8m0fnu)
 
 
 def test_helpers_are_reusable_for_another_optimizer():

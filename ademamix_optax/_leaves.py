@@ -196,17 +196,12 @@ def map_leaves(
   Returns:
     ``(updates, buffers)``: the new trees (``None`` where given ``None``).
   """
-  treedef: Any  # A jax.tree_util.PyTreeDef.
-  g_leaves, treedef = jax.tree.flatten(updates)
-  n = len(g_leaves)
-  columns = [
-      [None] * n if b is None else treedef.flatten_up_to(b) for b in buffers
-  ]
-  leaves = [(g, *(c[i] for c in columns)) for i, g in enumerate(g_leaves)]
+  treedef, leaves = split_leaves(updates, buffers)
+  n = len(leaves)
   specs = _specs_for(partition_specs, treedef, n)
   index = [
-      lambda g=g, spec=spec: element_index(g, spec)
-      for g, spec in zip(g_leaves, specs)
+      lambda g=args[0], spec=spec: element_index(g, spec)
+      for args, spec in zip(leaves, specs)
   ]
   streams = [rounding_streams(args[1:], stochastic) for args in leaves]
 
@@ -229,6 +224,31 @@ def map_leaves(
     )
 
   out = jax.lax.platform_dependent(cpu=cpu, default=plain) if n else []
+  return join_leaves(treedef, out, buffers)
+
+
+def split_leaves(
+    updates: optax.Updates, buffers: Sequence[Optional[optax.Updates]]
+) -> tuple[Any, list[tuple]]:
+  """The tree structure, and ``(g, *moments)`` of each leaf of ``updates``.
+
+  A buffer given as ``None`` (not stored) gives ``None`` for every leaf.
+  """
+  treedef: Any  # A jax.tree_util.PyTreeDef.
+  g_leaves, treedef = jax.tree.flatten(updates)
+  n = len(g_leaves)
+  columns = [
+      [None] * n if b is None else treedef.flatten_up_to(b) for b in buffers
+  ]
+  return treedef, [
+      (g, *(c[i] for c in columns)) for i, g in enumerate(g_leaves)
+  ]
+
+
+def join_leaves(
+    treedef: Any, out: Sequence[tuple], buffers: Sequence[Optional[Any]]
+) -> tuple[optax.Updates, list[Optional[optax.Updates]]]:
+  """The inverse of :func:`split_leaves` for per-leaf ``(u, *moments)``."""
   new_updates = treedef.unflatten([o[0] for o in out])
   new_buffers = [
       None if b is None else treedef.unflatten([o[k + 1] for o in out])

@@ -592,28 +592,14 @@ def _map_leaves(
 ):
   """``_leaves.map_leaves`` with the kernel in place of ``leaf_fn``."""
   del leaf_fn, partition_specs
-  g_leaves, treedef = jax.tree.flatten(updates)
-  n = len(g_leaves)
-  columns = [
-      [None] * n if b is None else treedef.flatten_up_to(b) for b in buffers
-  ]
+  treedef, leaves = _leaves.split_leaves(updates, buffers)
   out = [
       fused_leaf_update(
-          g,
-          *(c[i] for c in columns),
-          scalars,
-          leaf=i,
-          stochastic=stochastic,
-          **options,
+          *args, scalars, leaf=i, stochastic=stochastic, **options
       )
-      for i, g in enumerate(g_leaves)
+      for i, args in enumerate(leaves)
   ]
-  new_updates = treedef.unflatten([o[0] for o in out])
-  new_buffers = [
-      None if b is None else treedef.unflatten([o[k + 1] for o in out])
-      for k, b in enumerate(buffers)
-  ]
-  return new_updates, new_buffers
+  return _leaves.join_leaves(treedef, out, buffers)
 
 
 def scale_by_ademamix_pallas(

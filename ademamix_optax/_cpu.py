@@ -35,8 +35,7 @@ The measured effect is in ``benchmarks/README.md``.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +120,87 @@ def stream_keys(
   return keys
 
 
-def _anchored(s: Any, anchor: jax.Array) -> Any:
+def _anchored_dtype(g: jax.Array) -> jnp.dtype:
+  """The dtype of a leaf's anchor: the real part of its compute dtype."""
+  return jnp.promote_types(jnp.finfo(g.dtype).dtype, jnp.float32)
+
+
+def anchored_leaves(
+    scalars: Any, leaves: Sequence[tuple], streams: Sequence[Sequence[int]]
+) -> list[int]:
+  """The leaves whose EMA coefficients get an anchor (decided statically).
+
+  A large leaf that reads rounding keys, or whose moving averages have
+  coefficients that vary with the step.
+  """
+  varying = any(
+      isinstance(x, jax.Array)
+      for d in scalars
+      if isinstance(d, _update.Decay)
+      for x in d
+  )
+  return [
+      i
+      for i, args in enumerate(leaves)
+      if args[0].size >= ANCHOR_MIN_SIZE and (streams[i] or varying)
+  ]
+
+
+def plain_step_inputs(
+    scalars: Any, leaves: Sequence[tuple], streams: Sequence[Sequence[int]]
+) -> tuple[Any, list[dict[int, jax.Array]], dict[int, jax.Array]]:
+  """What every other platform gets in place of :func:`step_inputs`.
+
+  The scalars as they are, the keys without the loop, and literal zeros
+  for the anchors, which XLA's algebraic simplifier removes (``x + 0``).
+  """
+  wanted = [(i, k) for i, ks in enumerate(streams) for k in ks]
+  keys: list[dict[int, jax.Array]] = [{} for _ in leaves]
+  if wanted:  # One vector hash: fewer ops to trace than one per key.
+    vector = _rounding.stream_key_array(scalars.count, wanted)
+    for (i, k), key in zip(wanted, jnp.unstack(vector)):
+      keys[i][k] = key
+  anchors = {
+      i: jnp.zeros((), _anchored_dtype(leaves[i][0]))
+      for i in anchored_leaves(scalars, leaves, streams)
+  }
+  return scalars, keys, anchors
+
+
+def step_inputs(
+    scalars: Any, leaves: Sequence[tuple], streams: Sequence[Sequence[int]]
+) -> tuple[Any, list[dict[int, jax.Array]], dict[int, jax.Array]]:
+  """The step's scalars, rounding keys and anchors, laid out for XLA:CPU.
+
+  Args:
+    scalars: the step's scalars (a NamedTuple of them).
+    leaves: each leaf's ``(g, *moments)``.
+    streams: the rounding streams each leaf reads.
+
+  Returns:
+    ``(scalars, keys, anchors)``: the scalars read from one reduction; for
+    each leaf, a dict from stream to its key, from the one-trip loop; and
+    for each leaf of :func:`anchored_leaves`, an exact zero to add to its
+    EMA coefficients (made from its key, or else read from the reduction).
+  """
+  scalars, anchor = step_scalars_once(scalars)
+  wanted = [(i, k) for i, ks in enumerate(streams) for k in ks]
+  keys: list[dict[int, jax.Array]] = [{} for _ in leaves]
+  for (i, k), key in zip(wanted, stream_keys(scalars.count, wanted)):
+    keys[i][k] = key
+  anchors = {}
+  for i in anchored_leaves(scalars, leaves, streams):
+    dtype = _anchored_dtype(leaves[i][0])
+    if keys[i]:
+      key = next(iter(keys[i].values()))
+      anchors[i] = key.astype(dtype) * np.asarray(0, dtype)
+    else:
+      assert anchor is not None
+      anchors[i] = anchor.astype(dtype)
+  return scalars, keys, anchors
+
+
+def anchored(s: Any, anchor: jax.Array) -> Any:
   """``s`` with ``anchor`` (an exact zero) added to every EMA coefficient."""
   return s._replace(
       **{
@@ -130,36 +209,3 @@ def _anchored(s: Any, anchor: jax.Array) -> Any:
           if isinstance(d, _update.Decay)
       }
   )
-
-
-def map_leaves(
-    leaf_fn: Callable[..., tuple],
-    scalars: Any,
-    leaves: Sequence[tuple],
-    index: Sequence[Callable[[], jax.Array]],
-    streams: Sequence[Sequence[int]],
-    *,
-    stochastic: bool,
-) -> list[tuple]:
-  """:func:`ademamix_optax._leaves.map_leaves`'s loop, with the hints."""
-  scalars, anchor = step_scalars_once(scalars)
-  wanted = [(i, k) for i, ks in enumerate(streams) for k in ks]
-  keys: list[dict[int, jax.Array]] = [{} for _ in leaves]
-  for (i, k), key in zip(wanted, stream_keys(scalars.count, wanted)):
-    keys[i][k] = key
-  out = []
-  for i, args in enumerate(leaves):
-    s = scalars
-    if args[0].size >= ANCHOR_MIN_SIZE:
-      if keys[i]:
-        key = next(iter(keys[i].values()))
-        s = _anchored(s, key.astype(jnp.float32) * np.float32(0))
-      elif anchor is not None:
-        s = _anchored(s, anchor)
-
-    @functools.cache  # m1 and m2 read the same stream.
-    def bits(stream, i=i):
-      return _rounding.mix_index(index[i](), keys[i][stream])
-
-    out.append(leaf_fn(*args, s, stochastic=stochastic, bits=bits))
-  return out

@@ -197,34 +197,56 @@ def map_leaves(
     ``(updates, buffers)``: the new trees (``None`` where given ``None``).
   """
   treedef, leaves = split_leaves(updates, buffers)
-  n = len(leaves)
-  specs = _specs_for(partition_specs, treedef, n)
-  index = [
-      lambda g=args[0], spec=spec: element_index(g, spec)
-      for args, spec in zip(leaves, specs)
-  ]
+  specs = _specs_for(partition_specs, treedef, len(leaves))
   streams = [rounding_streams(args[1:], stochastic) for args in leaves]
+  scalars, keys, anchors = _by_platform(
+      cpu=lambda: _cpu.step_inputs(scalars, leaves, streams),
+      default=lambda: _cpu.plain_step_inputs(scalars, leaves, streams),
+  )
+  out = []
+  for i, args in enumerate(leaves):
+    s = _cpu.anchored(scalars, anchors[i]) if i in anchors else scalars
 
-  def plain():
-    out = []
-    for i, args in enumerate(leaves):
+    index = functools.cache(functools.partial(element_index, args[0], specs[i]))
 
-      # Cached: m1 and m2 read the same stream (fewer ops to trace).
-      @functools.cache
-      def bits(stream, i=i):
-        key = _rounding.stream_key(scalars.count, i, stream)
-        return _rounding.mix_index(index[i](), key)
+    @functools.cache  # m1 and m2 read the same stream.
+    def bits(stream, i=i, index=index):
+      return _rounding.mix_index(index(), keys[i][stream])
 
-      out.append(leaf_fn(*args, scalars, stochastic=stochastic, bits=bits))
-    return out
-
-  def cpu():
-    return _cpu.map_leaves(
-        leaf_fn, scalars, leaves, index, streams, stochastic=stochastic
-    )
-
-  out = jax.lax.platform_dependent(cpu=cpu, default=plain) if n else []
+    out.append(leaf_fn(*args, s, stochastic=stochastic, bits=bits))
   return join_leaves(treedef, out, buffers)
+
+
+def _by_platform(*, cpu: Callable[[], Any], default: Callable[[], Any]) -> Any:
+  """``jax.lax.platform_dependent(cpu=cpu, default=default)`` for functions
+  whose results may hold Python numbers.
+
+  Only the arrays go through ``platform_dependent``; everything else must be
+  the same in both results (the step's Python-number hyperparameters), and
+  is taken from either.
+  """
+  static: dict[str, Any] = {}
+
+  def arrays_of(fn, name):
+    def arrays():
+      flat, treedef = jax.tree.flatten(fn())
+      is_array = [isinstance(x, jax.Array) for x in flat]
+      static[name] = treedef, is_array, flat
+      return [x for x, a in zip(flat, is_array) if a]
+
+    return arrays
+
+  arrays = jax.lax.platform_dependent(
+      cpu=arrays_of(cpu, 'cpu'), default=arrays_of(default, 'default')
+  )
+  # Outside jit only the branch of the current platform may be traced.
+  treedef, is_array, flat = static['default' if 'default' in static else 'cpu']
+  if len(static) == 2 and static['cpu'][:2] != static['default'][:2]:
+    raise AssertionError("the platforms' step inputs differ in structure")
+  it = iter(arrays)
+  return treedef.unflatten(
+      [next(it) if a else x for x, a in zip(flat, is_array)]
+  )
 
 
 def split_leaves(

@@ -11,8 +11,11 @@ What they buy, compile time and step time on CPU, is measured in
 import os
 import platform
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+import numpy_reference
 import optax
 import pytest
 import strict_xla
@@ -89,3 +92,42 @@ def test_no_recompilation_across_steps():
   for _ in range(5):
     params, state = step(params, state)
   assert len(traces) == 1
+
+
+def _enable_x64():
+  # jax.enable_x64 from jax 0.9; jax.experimental's before.
+  scope = getattr(jax, 'enable_x64', None)
+  if scope is None:
+    from jax import experimental  # pylint: disable=g-import-not-at-top
+
+    scope = experimental.enable_x64
+  return scope(True)
+
+
+def test_float64_leaves_keep_float64_coefficients():
+  # The hints add an exact zero to a large leaf's EMA coefficients; that zero
+  # must be in the leaf's precision, or b1 = 0.9 would be rounded to float32
+  # (a relative error of 4e-4 in the parameters after 20 steps).
+  rng = np.random.default_rng(0)
+  shapes = {'big': (200, 100), 'small': (7,)}
+  params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+  kwargs = dict(learning_rate=1e-2, b3=0.999, alpha=8.0, t_alpha_beta3=10)
+  reference = numpy_reference.AdEMAMixReference(params, **kwargs)
+  with _enable_x64():
+    tx = amx.ademamix(**kwargs)
+
+    @jax.jit
+    def step(p, state, g):
+      updates, state = tx.update(g, state, p)
+      return optax.apply_updates(p, updates), state
+
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+    for _ in range(20):
+      g = {k: rng.standard_normal(s) for k, s in shapes.items()}
+      p, state = step(p, state, jax.tree.map(jnp.asarray, g))
+      expected = reference.step(g)
+    assert p['big'].dtype == jnp.float64
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, p), expected, rtol=1e-11, atol=0
+    )

@@ -1,8 +1,10 @@
 r"""XLA:CPU layout hints: the same arithmetic, laid out for XLA:CPU's loops.
 
-:func:`ademamix_optax._leaves.map_leaves` runs :func:`map_leaves` when the
-step is lowered for CPU (:func:`jax.lax.platform_dependent`); every other
-platform runs the plain per-leaf arithmetic. Each hint leaves every value
+:func:`ademamix_optax._leaves.map_leaves` takes the step's scalars, rounding
+keys and anchors from :func:`step_inputs` when the step is lowered for CPU
+(:func:`jax.lax.platform_dependent`), and from :func:`plain_step_inputs` on
+every other platform; the per-leaf arithmetic that reads them is traced once,
+for all platforms. Each hint leaves every value
 bit for bit unchanged (``tests/test_cpu_hints.py`` checks it under XLA flags
 that forbid FMA contraction); they change only which ops XLA:CPU fuses into
 which loops and in what order it runs them. XLA:CPU writes each output of a

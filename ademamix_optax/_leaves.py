@@ -14,10 +14,10 @@ them:
   position. Under ``jit`` the arrays are global and so are the indices,
   whatever the sharding. Inside :func:`jax.shard_map` each shard sees only
   its block; see :func:`element_index` for what is then guaranteed.
-* **Platform dispatch**: XLA:CPU gets the same arithmetic with layout hints
-  (:mod:`ademamix_optax._cpu`), chosen when the step is lowered
-  (:func:`jax.lax.platform_dependent`); every other platform gets the plain
-  arithmetic.
+* **Platform dispatch**: the step's scalars and rounding keys are prepared
+  with XLA:CPU's layout hints (:mod:`ademamix_optax._cpu`) or plainly,
+  chosen when the step is lowered (:func:`jax.lax.platform_dependent`); the
+  per-leaf arithmetic is the same on every platform, and traced once.
 """
 
 from __future__ import annotations

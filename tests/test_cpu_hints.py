@@ -15,16 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-import strict_xla
 
 import ademamix_optax as amx
 
 
 @pytest.fixture(scope='module')
-def result():
-  return strict_xla.run_worker(
-      os.path.join(os.path.dirname(__file__), 'cpu_hints_worker.py')
-  )
+def result(worker):
+  return worker(os.path.join(os.path.dirname(__file__), 'cpu_hints_worker.py'))
 
 
 CONFIGS = (

@@ -18,7 +18,6 @@ import numpy_reference
 import optax
 import pytest
 import simplified_reference as ref
-import strict_xla
 
 import ademamix_optax as amx
 
@@ -801,11 +800,11 @@ def test_edge_values_are_accepted():
 # Sharding (8 emulated devices, in a subprocess), and the XLA:CPU hints.
 
 
-def test_sharded_init_and_steps():
-  worker = os.path.join(
-      os.path.dirname(__file__), 'simplified_sharding_worker.py'
+def test_sharded_init_and_steps(worker):
+  result = worker(
+      os.path.join(os.path.dirname(__file__), 'simplified_sharding_worker.py'),
+      devices=8,
   )
-  result = strict_xla.run_worker(worker, devices=8)
   assert result['num_devices'] == 8
   assert set(result['configs']) == {'warmup_bc_decay', 'bf16'}
   for name, res in result['configs'].items():

@@ -11,6 +11,7 @@ not compound through a loss.
 import math
 import os
 
+import _parity_common as common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,86 +28,11 @@ T_WARMUP = 100  # Inside the run: both the warmup and the constant phase.
 CHECK_STEPS = (1, 2, 3, 10, 50, 99, 100, 101, 150, 200, 240)
 LR = 1e-3
 
-SHAPES = {
-    'dense': {'kernel': (5, 3), 'bias': (3,)},
-    'conv': {'kernel': (2, 2, 3)},
-    'scale': (),
-}
-GRAD_SCALES = {
-    'dense': {'kernel': 1.0, 'bias': 0.01},
-    'conv': {'kernel': 10.0},
-    'scale': 1e-3,
-}
-MASK = {
-    'dense': {'kernel': True, 'bias': False},
-    'conv': {'kernel': True},
-    'scale': False,
-}
+MASK = common.MASK
 
 
-def _is_shape(x):
-  return isinstance(x, tuple)
-
-
-def _make_params(seed=0):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: rng.normal(size=s).astype(np.float32), SHAPES, is_leaf=_is_shape
-  )
-
-
-def _make_grads(n_steps=N_STEPS, seed=1):
-  """Stacked gradients ``(n_steps, *shape)``: a fixed mean plus noise."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(shape, scale):
-    mean = rng.normal(size=shape)
-    noise = rng.normal(size=(n_steps,) + shape)
-    return (scale * (mean + noise)).astype(np.float32)
-
-  return jax.tree.map(leaf, SHAPES, GRAD_SCALES, is_leaf=_is_shape)
-
-
-def _unstack(stacked, n=N_STEPS):
-  return [jax.tree.map(lambda x, k=k: x[k], stacked) for k in range(n)]
-
-
-def _inner(state):
-  """The first state of a chain (or a bare transform's state)."""
-  return (
-      state
-      if hasattr(state, '_fields')
-      and ('count' in state._fields or 't' in state._fields)
-      else state[0]
-  )
-
-
-def _run(tx, params, grads):
-  """Runs ``tx`` over stacked ``grads`` in one jitted scan; the history."""
-
-  def body(carry, g):
-    p, s = carry
-    u, s = tx.update(g, s, p)
-    p = optax.apply_updates(p, u)
-    return (p, s), (p, u, _inner(s))
-
-  @jax.jit
-  def run(p, gs):
-    (p, s), history = jax.lax.scan(body, (p, tx.init(p)), gs)
-    return history
-
-  return jax.device_get(run(params, grads))
-
-
-def _max_error(actual, expected, scales):
-  """Max over leaves of ``max |actual - expected| / scale``."""
-  worst = 0.0
-  for a, e, scale in zip(
-      jax.tree.leaves(actual), jax.tree.leaves(expected), scales
-  ):
-    diff = np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64))
-    worst = max(worst, float(np.max(diff)) / scale)
-  return worst
+def _make_grads(n_steps=N_STEPS):
+  return common.make_grads(n_steps)
 
 
 def _compare(got, want, rtol, keys=('params', 'updates', 'm', 'nu', 's')):
@@ -116,33 +42,9 @@ def _compare(got, want, rtol, keys=('params', 'updates', 'm', 'nu', 's')):
   whole run (at least 1 for the parameters), so that entries passing near
   zero (a scalar leaf's update, say) do not fail on noise.
   """
-  params, updates, state = got
-  arrays = {
-      'params': params,
-      'updates': updates,
-      'm': state.m,
-      'nu': state.nu,
-      's': state.s,
-  }
-  worst = {}
-  for key in keys:
-    if key == 's' and arrays['s'] is None:
-      continue
-    history = [jax.tree.leaves(e) for e in want[key]]
-    scales = [
-        max(
-            max(float(np.max(np.abs(e[i]))) for e in history),
-            1.0 if key == 'params' else 1e-30,
-        )
-        for i in range(len(history[0]))
-    ]
-    worst[key] = 0.0
-    for step in CHECK_STEPS:
-      act = jax.tree.map(lambda x, k=step - 1: x[k], arrays[key])
-      err = _max_error(act, want[key][step - 1], scales)
-      assert err <= rtol, (key, step, err)
-      worst[key] = max(worst[key], err)
-  return worst
+  return common.compare_history(
+      got, want, keys, rtol, CHECK_STEPS, scale_over_run=True
+  )
 
 
 def _cosine_lr_np(count):
@@ -254,9 +156,9 @@ def test_alias_matches_reference(name):
   pkg_kwargs, ref_kwargs = CASES[name]
   pkg_kwargs = {'learning_rate': LR, **pkg_kwargs}
   ref_kwargs = {'learning_rate': LR, **ref_kwargs}
-  params, grads = _make_params(), _make_grads()
-  got = _run(amx.simplified_ademamix(**pkg_kwargs), params, grads)
-  want = ref.run_reference(params, _unstack(grads), **ref_kwargs)
+  params, grads = common.make_params(), _make_grads()
+  got = common.run(amx.simplified_ademamix(**pkg_kwargs), params, grads)
+  want = ref.run_reference(params, common.unstack(grads), **ref_kwargs)
   assert (got[2].s is None) != pkg_kwargs.get('bias_correction1', False)
   _compare(got, want, RTOL)
 
@@ -264,9 +166,11 @@ def test_alias_matches_reference(name):
 def test_transform_is_the_direction():
   """The bare transform's output is the alias' update over -lr."""
   kwargs = dict(b1=0.999, alpha=5.0, t_b1=T_WARMUP, bias_correction1=True)
-  params, grads = _make_params(), _make_grads()
-  _, u, state = _run(amx.scale_by_simplified_ademamix(**kwargs), params, grads)
-  _, updates, alias_state = _run(
+  params, grads = common.make_params(), _make_grads()
+  _, u, state = common.run(
+      amx.scale_by_simplified_ademamix(**kwargs), params, grads
+  )
+  _, updates, alias_state = common.run(
       amx.simplified_ademamix(learning_rate=0.5, **kwargs), params, grads
   )
   for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(updates)):
@@ -277,8 +181,8 @@ def test_transform_is_the_direction():
 
 def test_bias_correction1_sum_of_weights():
   """s_t is (1 - b1^t) / (1 - b1) for a constant b1, also stored."""
-  params, grads = _make_params(), _make_grads()
-  *_, state = _run(
+  params, grads = common.make_params(), _make_grads()
+  *_, state = common.run(
       amx.scale_by_simplified_ademamix(b1=0.9, bias_correction1=True),
       params,
       grads,
@@ -342,9 +246,9 @@ def test_equals_optax_contrib(name):
   run: observed m bitwise equal, updates 7.8e-7, params 5.8e-7, nu 1.3e-6.
   """
   kwargs = dict(learning_rate=LR, **OPTAX_CASES[name])
-  params, grads = _make_params(), _make_grads()
-  p, u, state = _run(amx.simplified_ademamix(**kwargs), params, grads)
-  p_o, u_o, state_o = _run(
+  params, grads = common.make_params(), _make_grads()
+  p, u, state = common.run(amx.simplified_ademamix(**kwargs), params, grads)
+  p_o, u_o, state_o = common.run(
       optax.contrib.simplified_ademamix(**kwargs), params, grads
   )
   for a, b in zip(jax.tree.leaves(state.m), jax.tree.leaves(state_o.m)):
@@ -371,7 +275,7 @@ def _bf16_trajectories(stochastic, b1=0.99, t_b1=None, n=4096, steps=300):
   tx = amx.scale_by_simplified_ademamix(
       **kwargs, mu_dtype=BF16, nu_dtype=BF16, stochastic_rounding=stochastic
   )
-  _, u, state = _run(tx, np.zeros(n, np.float32), grads)
+  _, u, state = common.run(tx, np.zeros(n, np.float32), grads)
   assert state.m.dtype == BF16 and state.nu.dtype == BF16
   opt = ref.SimplifiedAdEMAMixReference(np.zeros(n), **kwargs)
   want_u = [opt.direction(g) for g in grads][-1]

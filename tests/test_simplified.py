@@ -73,20 +73,25 @@ def _alpha_lambda(t):
 # summed over the steps the slow momentum remembers), nu 2.3e-7 to 7.9e-7,
 # s up to 2.1e-6. RTOL is about 4 times the worst.
 RTOL = 1e-5
+_COSINE_LR = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 20, N_STEPS, 1e-5)
+_ALL_OPTIONS = {
+    'b1': 0.998,
+    'b2': 0.99,
+    'alpha': 4.0,
+    'eps': 1e-6,
+    'eps_root': 1e-5,
+    'weight_decay': 0.1,
+    'mask': MASK,
+    't_b1': T_WARMUP,
+    'b1_start': 0.8,
+    'bias_correction1': True,
+}
+# A dict is given to both; a pair is (package kwargs, reference kwargs).
 CASES = {
-    'constant_b1': ({'alpha': 2.0}, {'alpha': 2.0}),
-    'warmup': (
-        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP},
-        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP},
-    ),
-    'warmup_b1_start': (
-        {'b1': 0.999, 'b1_start': 0.5, 't_b1': T_WARMUP},
-        {'b1': 0.999, 'b1_start': 0.5, 't_b1': T_WARMUP},
-    ),
-    'b1_schedule': (
-        {'b1': _b1_lambda, 'alpha': 3.0},
-        {'b1': _b1_lambda, 'alpha': 3.0},
-    ),
+    'constant_b1': {'alpha': 2.0},
+    'warmup': {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP},
+    'warmup_b1_start': {'b1': 0.999, 'b1_start': 0.5, 't_b1': T_WARMUP},
+    'b1_schedule': {'b1': _b1_lambda, 'alpha': 3.0},
     'package_schedule': (
         {'b1': amx.beta3_warmup(0.995, T_WARMUP, b_start=0.8)},
         {
@@ -95,65 +100,32 @@ CASES = {
             )
         },
     ),
-    'alpha_schedule': ({'alpha': _alpha_lambda}, {'alpha': _alpha_lambda}),
-    'bias_correction1': (
-        {'alpha': 2.0, 'bias_correction1': True},
-        {'alpha': 2.0, 'bias_correction1': True},
-    ),
-    'bias_correction1_warmup': (
-        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP, 'bias_correction1': True},
-        {'b1': 0.999, 'alpha': 5.0, 't_b1': T_WARMUP, 'bias_correction1': True},
-    ),
-    'weight_decay_mask': (
-        {'weight_decay': 0.5, 'mask': MASK},
-        {'weight_decay': 0.5, 'mask': MASK},
-    ),
+    'alpha_schedule': {'alpha': _alpha_lambda},
+    'bias_correction1': {'alpha': 2.0, 'bias_correction1': True},
+    'bias_correction1_warmup': {
+        'b1': 0.999,
+        'alpha': 5.0,
+        't_b1': T_WARMUP,
+        'bias_correction1': True,
+    },
+    'weight_decay_mask': {'weight_decay': 0.5, 'mask': MASK},
     'lr_schedule': (
-        {
-            'learning_rate': optax.warmup_cosine_decay_schedule(
-                0.0, 1e-3, 20, N_STEPS, 1e-5
-            )
-        },
+        {'learning_rate': _COSINE_LR},
         {'learning_rate': _cosine_lr_np},
     ),
-    'eps_root': ({'eps_root': 1e-4}, {'eps_root': 1e-4}),
-    'large_eps': ({'eps': 1e-2}, {'eps': 1e-2}),
+    'eps_root': {'eps_root': 1e-4},
+    'large_eps': {'eps': 1e-2},
     'all_options': (
-        {
-            'learning_rate': optax.warmup_cosine_decay_schedule(
-                0.0, 1e-3, 20, N_STEPS, 1e-5
-            ),
-            'b1': 0.998,
-            'b2': 0.99,
-            'alpha': 4.0,
-            'eps': 1e-6,
-            'eps_root': 1e-5,
-            'weight_decay': 0.1,
-            'mask': MASK,
-            't_b1': T_WARMUP,
-            'b1_start': 0.8,
-            'bias_correction1': True,
-        },
-        {
-            'learning_rate': _cosine_lr_np,
-            'b1': 0.998,
-            'b2': 0.99,
-            'alpha': 4.0,
-            'eps': 1e-6,
-            'eps_root': 1e-5,
-            'weight_decay': 0.1,
-            'mask': MASK,
-            't_b1': T_WARMUP,
-            'b1_start': 0.8,
-            'bias_correction1': True,
-        },
+        {'learning_rate': _COSINE_LR, **_ALL_OPTIONS},
+        {'learning_rate': _cosine_lr_np, **_ALL_OPTIONS},
     ),
 }
 
 
 @pytest.mark.parametrize('name', list(CASES))
 def test_alias_matches_reference(name):
-  pkg_kwargs, ref_kwargs = CASES[name]
+  case = CASES[name]
+  pkg_kwargs, ref_kwargs = case if isinstance(case, tuple) else (case, case)
   pkg_kwargs = {'learning_rate': LR, **pkg_kwargs}
   ref_kwargs = {'learning_rate': LR, **ref_kwargs}
   params, grads = common.make_params(), _make_grads()

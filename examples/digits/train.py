@@ -68,15 +68,6 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=(
-            'steps',
-            'batch_size',
-            'warmup_steps',
-            'width',
-            'eval_every',
-            'seeds',
-            'split_seed',
-        ),
         positive=(
             'steps',
             'batch_size',

@@ -72,15 +72,6 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=(
-            'steps',
-            'inject_at',
-            'batch_size',
-            'warmup_steps',
-            'chunk',
-            'max_bytes',
-            'seed',
-        ),
         positive=('steps', 'batch_size', 'learning_rate', 'chunk', 'max_bytes'),
         nonnegative=('warmup_steps', 'weight_decay', 'alpha', 'seed'),
         decays=('b1', 'b2', 'b3'),

@@ -78,16 +78,6 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=(
-            'steps',
-            'batch_size',
-            'warmup_steps',
-            'switch_at',
-            'eval_every',
-            'eval_windows',
-            'max_bytes',
-            'seed',
-        ),
         positive=(
             'steps',
             'batch_size',

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
 import os
 import pathlib
 import platform
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -267,3 +269,49 @@ def write_json(out_dir: str, name: str, data: Any) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(data, indent=1))
   return path
+
+
+def leaves_label(n: int) -> str:
+  return '1 leaf' if n == 1 else f'{n} leaves'
+
+
+def parser(name: str, doc: str) -> argparse.ArgumentParser:
+  """The command line of ``python -m benchmarks.<name>``."""
+  return argparse.ArgumentParser(
+      prog=f'python -m benchmarks.{name}',
+      description=doc,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+
+
+def add_layouts(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+      '--layouts',
+      default='one,many',
+      help='one: a single leaf; many: a 148-leaf transformer '
+      'tree (default %(default)s)',
+  )
+
+
+def add_quick_and_out(
+    p: argparse.ArgumentParser, name: str, quick_help: str
+) -> None:
+  """``--quick`` (a small run that checks that it runs) and ``--out``."""
+  p.add_argument('--quick', action='store_true', help=quick_help)
+  p.add_argument(
+      '--out',
+      default=OUT_DIR,
+      help=f'writes {name}.json here (default %(default)s)',
+  )
+
+
+def start(title: str) -> dict[str, Any]:
+  """Prints the report's title and the machine line; the machine."""
+  info = machine()
+  print(f'## {title}\n\n{machine_line(info)}\n', flush=True)
+  return info
+
+
+def finish(out_dir: str, name: str, data: Any) -> None:
+  """Writes ``<out_dir>/<name>.json`` and says so on stderr."""
+  print(f'wrote {write_json(out_dir, name, data)}', file=sys.stderr, flush=True)

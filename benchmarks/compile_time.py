@@ -112,11 +112,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog='python -m benchmarks.compile_time',
-      description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  p = C.parser('compile_time', __doc__)
   p.add_argument(
       '--size',
       default='1M',
@@ -124,25 +120,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       '%(default)s; the size barely matters)',
   )
   p.add_argument('--rounds', type=int, default=6)
-  p.add_argument(
-      '--quick',
-      action='store_true',
-      help='a 20-leaf tree of 64K parameters: checks that it runs',
-  )
-  p.add_argument(
-      '--out',
-      default=C.OUT_DIR,
-      help='writes compile_time.json here (default %(default)s)',
+  C.add_quick_and_out(
+      p, 'compile_time', 'a 20-leaf tree of 64K parameters: checks that it runs'
   )
   return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
-  info = C.machine()
-  print(
-      f'## Optimizer step compile time\n\n{C.machine_line(info)}\n', flush=True
-  )
+  info = C.start('Optimizer step compile time')
   specs = C.transformer_specs(
       2**16 if args.quick else C.parse_size(args.size),
       layers=1 if args.quick else 9,
@@ -150,9 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   result = run(specs, args.rounds)
   print(markdown(result), flush=True)
   result['machine'] = info
-  print(
-      f'wrote {C.write_json(args.out, "compile_time", result)}', file=sys.stderr
-  )
+  C.finish(args.out, 'compile_time', result)
   return result
 
 

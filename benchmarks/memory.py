@@ -16,7 +16,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Optional, Sequence
 
 import jax
@@ -63,11 +62,7 @@ def markdown(case: dict[str, Any]) -> str:
   return '\n'.join(
       [
           f'### {case["n_params"]:,} parameters, '
-          + (
-              '1 leaf'
-              if case['n_leaves'] == 1
-              else f'{case["n_leaves"]} leaves'
-          ),
+          + C.leaves_label(case['n_leaves']),
           '',
           C.markdown_table(
               [
@@ -85,31 +80,15 @@ def markdown(case: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog='python -m benchmarks.memory',
-      description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  p = C.parser('memory', __doc__)
   p.add_argument(
       '--size',
       default='1M',
       help='parameter count, K/M/G = 2**10/20/30 (default ' '%(default)s)',
   )
-  p.add_argument(
-      '--layouts',
-      default='one,many',
-      help='one: a single leaf; many: a 148-leaf transformer '
-      'tree (default %(default)s)',
-  )
-  p.add_argument(
-      '--quick',
-      action='store_true',
-      help='64K parameters, a 20-leaf tree: checks that it runs',
-  )
-  p.add_argument(
-      '--out',
-      default=C.OUT_DIR,
-      help='writes memory.json here (default %(default)s)',
+  C.add_layouts(p)
+  C.add_quick_and_out(
+      p, 'memory', '64K parameters, a 20-leaf tree: checks that it runs'
   )
   return p.parse_args(argv)
 
@@ -117,12 +96,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   n = 2**16 if args.quick else C.parse_size(args.size)
-  info = C.machine()
-  print(
-      f'## Optimizer memory, bytes per parameter\n\n'
-      f'{C.machine_line(info)}\n',
-      flush=True,
-  )
+  info = C.start('Optimizer memory, bytes per parameter')
   cases = []
   for layout in args.layouts.split(','):
     specs = C.make_specs(layout, n, layers=1 if args.quick else 9)
@@ -136,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     )
     print(markdown(cases[-1]) + '\n', flush=True)
   results = {'machine': info, 'cases': cases}
-  print(f'wrote {C.write_json(args.out, "memory", results)}', file=sys.stderr)
+  C.finish(args.out, 'memory', results)
   return results
 
 

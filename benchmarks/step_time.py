@@ -282,22 +282,13 @@ def log(message: str) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog='python -m benchmarks.step_time',
-      description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  p = C.parser('step_time', __doc__)
   p.add_argument(
       '--sizes',
       default='1M,16M',
       help='parameter counts, K/M/G = 2**10/20/30 (default ' '%(default)s)',
   )
-  p.add_argument(
-      '--layouts',
-      default='one,many',
-      help='one: a single leaf; many: a 148-leaf transformer '
-      'tree (default %(default)s)',
-  )
+  C.add_layouts(p)
   p.add_argument(
       '--overhead',
       action=argparse.BooleanOptionalAction,
@@ -318,16 +309,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       help='calls per timed sample: enough for this long '
       '(default %(default)s)',
   )
-  p.add_argument(
-      '--quick',
-      action='store_true',
-      help='64K parameters, 20 and 8 leaves, 5 ms samples: '
-      'checks that it runs',
-  )
-  p.add_argument(
-      '--out',
-      default=C.OUT_DIR,
-      help='writes step_time.json here (default %(default)s)',
+  C.add_quick_and_out(
+      p,
+      'step_time',
+      '64K parameters, 20 and 8 leaves, 5 ms samples: checks that it runs',
   )
   args = p.parse_args(argv)
   args.sizes = [C.parse_size(s) for s in args.sizes.split(',')]
@@ -343,8 +328,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
-  info = C.machine()
-  print(f'## Optimizer step time\n\n{C.machine_line(info)}\n', flush=True)
+  info = C.start('Optimizer step time')
   plan = []
   if args.overhead:
     plan.append(
@@ -354,13 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for layout in args.layouts:
       specs = C.make_specs(layout, n, args.layers)
       leaves = len(jax.tree.leaves(specs))
-      plan.append(
-          (
-              f'{C.size_label(n)}, '
-              + ('1 leaf' if leaves == 1 else f'{leaves} leaves'),
-              specs,
-          )
-      )
+      plan.append((f'{C.size_label(n)}, {C.leaves_label(leaves)}', specs))
   cases = []
   for name, specs in plan:
     cases.append(
@@ -379,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       flush=True,
   )
   results = {'machine': info, 'cases': cases}
-  log(f'wrote {C.write_json(args.out, "step_time", results)}')
+  C.finish(args.out, 'step_time', results)
   return results
 
 

@@ -1,6 +1,8 @@
 """Shared test configuration."""
 
 import hypothesis
+import pytest
+import strict_xla
 
 # Property-based tests (tests/test_properties.py) run the same examples on
 # every run and machine: no random seed, no example database, no deadline
@@ -13,3 +15,16 @@ hypothesis.settings.register_profile(
     print_blob=False,
 )
 hypothesis.settings.load_profile('deterministic')
+
+
+@pytest.fixture(scope='session')
+def worker():
+  """Runs a worker module in a subprocess with its own CPU devices.
+
+  ``worker(path, devices=1, timeout=600, args=())`` runs ``python path
+  --worker *args`` under ``strict_xla``'s flags (no FMA contraction, no
+  algebraic rewrites), with ``devices`` host CPU devices and warnings as
+  errors, and returns the JSON of its last line of output. A device count is
+  fixed when JAX starts, so every multi-device test runs this way.
+  """
+  return strict_xla.run_worker

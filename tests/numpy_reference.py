@@ -61,24 +61,94 @@ def beta3_warmup_np(t, b3, T, b_start):
   return min(inverse_half_life(h), float(b3))
 
 
-def _as_schedule(value):
+def as_schedule(value):
+  """A function of the step: ``value`` itself if callable, else constant."""
   if callable(value):
     return lambda step: float(np.asarray(value(step), dtype=np.float64))
   return lambda step: float(value)
 
 
-def _map(fn, *trees):
+def map_tree(fn, *trees):
   """Maps ``fn`` over the leaves of nested dicts of arrays."""
   first = trees[0]
   if isinstance(first, dict):
-    return {k: _map(fn, *(tree[k] for tree in trees)) for k in first}
+    return {k: map_tree(fn, *(tree[k] for tree in trees)) for k in first}
   return fn(*trees)
 
 
-def _round_to(dtype):
+def round_to(dtype):
+  """Rounding to nearest in ``dtype`` (none for ``None``), back in float64."""
   if dtype is None:
     return lambda x: x
   return lambda x: np.asarray(x).astype(dtype).astype(np.float64)
+
+
+class FullStep:
+  """What every reference shares: float64 parameters, the learning rate and
+  decoupled weight decay around a ``direction`` that subclasses define.
+
+  Attributes:
+    params: The current parameters (``None`` leaves are not allowed).
+    t: The number of steps made so far.
+  """
+
+  def __init__(self, params, learning_rate, eps, eps_root, weight_decay, mask):
+    self.lr = as_schedule(learning_rate)
+    self.eps = float(eps)
+    self.eps_root = float(eps_root)
+    self.weight_decay = float(weight_decay)
+    self.params = map_tree(lambda p: np.array(p, dtype=np.float64), params)
+    self.mask = map_tree(lambda p: True, params) if mask is None else mask
+    self.t = 0
+
+  def zeros(self):
+    """A tree of float64 zeros shaped like the parameters."""
+    return map_tree(np.zeros_like, self.params)
+
+  def direction(self, grads):
+    """Updates the moments with ``grads``; returns ``u`` (no lr, no decay)."""
+    raise NotImplementedError
+
+  def step(self, grads):
+    """One full step, decay and learning rate included; returns params."""
+    u = self.direction(grads)
+    lr = self.lr(self.t - 1)
+    wd = self.weight_decay
+
+    def leaf(p, d, on):
+      decay = wd * p if on else 0.0
+      return p - lr * (d + decay)
+
+    self.params = map_tree(leaf, self.params, u, self.mask)
+    return self.params
+
+
+def record(opt, grads, buffers, n_steps=None):
+  """Runs ``n_steps`` full steps of ``opt``; returns the per-step history.
+
+  Args:
+    opt: A :class:`FullStep`.
+    grads: A list of gradient trees (one per step), or a function
+      ``grads(params, t)`` of the current float64 parameters and 1-based step.
+    buffers: The names of the attributes of ``opt`` to record.
+    n_steps: The number of steps; defaults to ``len(grads)``.
+
+  Returns:
+    A dict of lists, one entry per step (index ``k`` is after step ``k + 1``):
+    ``params``, ``updates`` (the change of the parameters) and ``buffers``.
+  """
+  if n_steps is None:
+    n_steps = len(grads)
+  history = {k: [] for k in ('params', 'updates', *buffers)}
+  for k in range(n_steps):
+    g = grads(opt.params, k + 1) if callable(grads) else grads[k]
+    before = opt.params
+    after = opt.step(g)
+    history['params'].append(after)
+    history['updates'].append(map_tree(lambda a, b: a - b, after, before))
+    for name in buffers:
+      history[name].append(getattr(opt, name))
+  return history
 
 
 def _neighbours(x, dtype):
@@ -148,7 +218,7 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-class AdEMAMixReference:
+class AdEMAMixReference(FullStep):
   """Runs AdEMAMix step by step in float64 over nested dicts of arrays.
 
   Attributes:
@@ -199,30 +269,18 @@ class AdEMAMixReference:
       def b3(t):
         return beta3_warmup_np(t, b3_const, t_alpha_beta3, b1)
 
+    super().__init__(params, learning_rate, eps, eps_root, weight_decay, mask)
     self.b1 = float(b1)
     self.b2 = float(b2)
-    self.b3 = _as_schedule(b3)
-    self.alpha = _as_schedule(alpha)
-    self.lr = _as_schedule(learning_rate)
-    self.eps = float(eps)
-    self.eps_root = float(eps_root)
-    self.weight_decay = float(weight_decay)
+    self.b3 = as_schedule(b3)
+    self.alpha = as_schedule(alpha)
     self.mu_dtype = mu_dtype
     self.nu_dtype = nu_dtype
     self.rounding_bits = rounding_bits
     self.paths = _leaf_order(params)
-    self.params = _map(lambda p: np.array(p, dtype=np.float64), params)
-    if mask is None:
-      mask = _map(lambda p: True, params)
-    self.mask = mask
-
-    def zeros(p):
-      return np.zeros(np.shape(p), dtype=np.float64)
-
-    self.m1 = None if self.b1 == 0.0 else _map(zeros, params)
-    self.m2 = _map(zeros, params)
-    self.nu = _map(zeros, params)
-    self.t = 0
+    self.m1 = None if self.b1 == 0.0 else self.zeros()
+    self.m2 = self.zeros()
+    self.nu = self.zeros()
 
   def direction(self, grads):
     """Updates the moments with ``grads``; returns ``u`` (no lr, no decay)."""
@@ -231,31 +289,31 @@ class AdEMAMixReference:
     b1, b2 = self.b1, self.b2
     b3_t = self.b3(t)
     alpha_t = self.alpha(t)
-    grads = _map(lambda g: np.asarray(g, dtype=np.float64), grads)
+    grads = map_tree(lambda g: np.asarray(g, dtype=np.float64), grads)
     # The new moments are rounded to their storage dtypes, and the update
     # reads them as stored (as the package documents).
     if self.m1 is not None:
-      m1 = _map(lambda m, g: b1 * m + (1.0 - b1) * g, self.m1, grads)
+      m1 = map_tree(lambda m, g: b1 * m + (1.0 - b1) * g, self.m1, grads)
       self.m1 = self._store(m1, self.mu_dtype, 'm1')
-    m2 = _map(lambda m, g: b3_t * m + (1.0 - b3_t) * g, self.m2, grads)
+    m2 = map_tree(lambda m, g: b3_t * m + (1.0 - b3_t) * g, self.m2, grads)
     self.m2 = self._store(m2, self.mu_dtype, 'm2')
-    nu = _map(lambda v, g: b2 * v + (1.0 - b2) * g * g, self.nu, grads)
+    nu = map_tree(lambda v, g: b2 * v + (1.0 - b2) * g * g, self.nu, grads)
     self.nu = self._store(nu, self.nu_dtype, 'nu')
     if self.m1 is None:
       m1_hat = grads
     else:
-      m1_hat = _map(lambda m: m / (1.0 - b1**t), self.m1)
+      m1_hat = map_tree(lambda m: m / (1.0 - b1**t), self.m1)
 
     def leaf(m1h, m2, nu):
       nu_hat = nu / (1.0 - b2**t)
       denom = np.sqrt(nu_hat + self.eps_root) + self.eps
       return (m1h + alpha_t * m2) / denom
 
-    return _map(leaf, m1_hat, self.m2, self.nu)
+    return map_tree(leaf, m1_hat, self.m2, self.nu)
 
   def _store(self, tree, dtypes, buffer):
     """``tree`` rounded to ``dtypes`` (a dtype, None or a tree of them)."""
-    out = _map(np.copy, tree)
+    out = map_tree(np.copy, tree)
     for leaf, path in enumerate(self.paths):
       dtype = _get(dtypes, path) if isinstance(dtypes, dict) else dtypes
       if dtype is None:
@@ -263,7 +321,7 @@ class AdEMAMixReference:
       value = _get(tree, path)
       narrow = ml_dtypes.finfo(dtype).bits < 32
       if self.rounding_bits is None or not narrow:
-        rounded = _round_to(dtype)(value)
+        rounded = round_to(dtype)(value)
       else:
         stream = 1 if buffer == 'nu' else 0
         bits = np.asarray(
@@ -274,19 +332,6 @@ class AdEMAMixReference:
         rounded = stochastic_round_np(value, dtype, bits)
       _set(out, path, np.asarray(rounded, np.float64))
     return out
-
-  def step(self, grads):
-    """One full step, decay and learning rate included; returns params."""
-    u = self.direction(grads)
-    lr = self.lr(self.t - 1)
-    wd = self.weight_decay
-
-    def leaf(p, d, on):
-      decay = wd * p if on else 0.0
-      return p - lr * (d + decay)
-
-    self.params = _map(leaf, self.params, u, self.mask)
-    return self.params
 
 
 def run_reference(params, grads, n_steps=None, **hyperparams):
@@ -304,20 +349,12 @@ def run_reference(params, grads, n_steps=None, **hyperparams):
     ``params``, ``updates`` (the change of the parameters), ``m1``, ``m2``,
     ``nu``.
   """
-  opt = AdEMAMixReference(params, **hyperparams)
-  if n_steps is None:
-    n_steps = len(grads)
-  history = {k: [] for k in ('params', 'updates', 'm1', 'm2', 'nu')}
-  for k in range(n_steps):
-    g = grads(opt.params, k + 1) if callable(grads) else grads[k]
-    before = opt.params
-    after = opt.step(g)
-    history['params'].append(after)
-    history['updates'].append(_map(lambda a, b: a - b, after, before))
-    history['m1'].append(opt.m1)
-    history['m2'].append(opt.m2)
-    history['nu'].append(opt.nu)
-  return history
+  return record(
+      AdEMAMixReference(params, **hyperparams),
+      grads,
+      ('m1', 'm2', 'nu'),
+      n_steps,
+  )
 
 
 def run_reference_direction(params, grads, **hyperparams):

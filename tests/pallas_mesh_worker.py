@@ -1,10 +1,9 @@
 """The Pallas optimizer on 8 emulated CPU devices (a 4x2 mesh).
 
-``tests/test_experimental_pallas.py`` runs this file as ``python
-pallas_mesh_worker.py --worker`` with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the number of host
-devices is fixed when JAX starts); it prints its findings as one JSON line
-after ``RESULT``. Importing the file does nothing.
+``tests/test_experimental_pallas.py`` runs this file with ``--worker``
+through the ``worker`` fixture (``tests/conftest.py``: 8 host devices, fixed
+when JAX starts, and ``strict_xla``'s flags); it prints its findings as one
+JSON line. Importing the file does nothing.
 
 * On a mesh of ``Auto`` axes: the parameters' shardings, those of the
   state after a jitted init and two jitted updates, and the largest
@@ -194,7 +193,7 @@ def main():
   out = {'num_devices': jax.device_count()}
   out['auto'] = {name: _auto(kwargs, host) for name, kwargs in CONFIGS.items()}
   out['refusals'] = _refusals(host)
-  print('RESULT ' + json.dumps(out))
+  print(json.dumps(out))
 
 
 if __name__ == '__main__' and sys.argv[1:] == ['--worker']:

@@ -27,30 +27,15 @@ Learning-rate schedules take optax's 0-based count ``t - 1``; ``b1`` and
 """
 
 import numpy as np
+from numpy_reference import FullStep
+from numpy_reference import as_schedule
 from numpy_reference import beta3_warmup_np
+from numpy_reference import map_tree
+from numpy_reference import record
+from numpy_reference import round_to
 
 
-def _as_schedule(value):
-  if callable(value):
-    return lambda step: float(np.asarray(value(step), dtype=np.float64))
-  return lambda step: float(value)
-
-
-def _map(fn, *trees):
-  """Maps ``fn`` over the leaves of nested dicts of arrays."""
-  first = trees[0]
-  if isinstance(first, dict):
-    return {k: _map(fn, *(tree[k] for tree in trees)) for k in first}
-  return fn(*trees)
-
-
-def _round_to(dtype):
-  if dtype is None:
-    return lambda x: x
-  return lambda x: np.asarray(x).astype(dtype).astype(np.float64)
-
-
-class SimplifiedAdEMAMixReference:
+class SimplifiedAdEMAMixReference(FullStep):
   """Runs Simplified AdEMAMix step by step in float64 over nested dicts.
 
   Attributes:
@@ -86,39 +71,27 @@ class SimplifiedAdEMAMixReference:
       def b1(t):
         return beta3_warmup_np(t, b1_const, t_b1, b1_start)
 
-    self.b1 = _as_schedule(b1)
+    super().__init__(params, learning_rate, eps, eps_root, weight_decay, mask)
+    self.b1 = as_schedule(b1)
     self.b2 = float(b2)
-    self.alpha = _as_schedule(alpha)
-    self.lr = _as_schedule(learning_rate)
-    self.eps = float(eps)
-    self.eps_root = float(eps_root)
-    self.weight_decay = float(weight_decay)
+    self.alpha = as_schedule(alpha)
     self.bias_correction1 = bool(bias_correction1)
-    self._round_m = _round_to(mu_dtype)
-    self._round_nu = _round_to(nu_dtype)
-    self.params = _map(lambda p: np.array(p, dtype=np.float64), params)
-    if mask is None:
-      mask = _map(lambda p: True, params)
-    self.mask = mask
-
-    def zeros(p):
-      return np.zeros(np.shape(p), dtype=np.float64)
-
-    self.m = _map(zeros, params)
-    self.nu = _map(zeros, params)
+    self._round_m = round_to(mu_dtype)
+    self._round_nu = round_to(nu_dtype)
+    self.m = self.zeros()
+    self.nu = self.zeros()
     self.s = 0.0
-    self.t = 0
 
   def direction(self, grads):
     """Updates the moments with ``grads``; returns ``u`` (no lr, no decay)."""
     self.t += 1
     t = self.t
     b1_t, b2, alpha_t = self.b1(t), self.b2, self.alpha(t)
-    grads = _map(lambda g: np.asarray(g, dtype=np.float64), grads)
-    m = _map(lambda m, g: b1_t * m + g, self.m, grads)
-    nu = _map(lambda v, g: b2 * v + (1.0 - b2) * g * g, self.nu, grads)
-    self.m = _map(self._round_m, m)
-    self.nu = _map(self._round_nu, nu)
+    grads = map_tree(lambda g: np.asarray(g, dtype=np.float64), grads)
+    m = map_tree(lambda m, g: b1_t * m + g, self.m, grads)
+    nu = map_tree(lambda v, g: b2 * v + (1.0 - b2) * g * g, self.nu, grads)
+    self.m = map_tree(self._round_m, m)
+    self.nu = map_tree(self._round_nu, nu)
     self.s = b1_t * self.s + 1.0
 
     def leaf(g, m, nu):
@@ -126,20 +99,7 @@ class SimplifiedAdEMAMixReference:
       u = (alpha_t * g + m) / (np.sqrt(nu_hat + self.eps_root) + self.eps)
       return u / self.s if self.bias_correction1 else u
 
-    return _map(leaf, grads, self.m, self.nu)
-
-  def step(self, grads):
-    """One full step, decay and learning rate included; returns params."""
-    u = self.direction(grads)
-    lr = self.lr(self.t - 1)
-    wd = self.weight_decay
-
-    def leaf(p, d, on):
-      decay = wd * p if on else 0.0
-      return p - lr * (d + decay)
-
-    self.params = _map(leaf, self.params, u, self.mask)
-    return self.params
+    return map_tree(leaf, grads, self.m, self.nu)
 
 
 def run_reference(params, grads, **hyperparams):
@@ -150,14 +110,8 @@ def run_reference(params, grads, **hyperparams):
     ``params``, ``updates`` (the change of the parameters), ``m``, ``nu``,
     ``s``.
   """
-  opt = SimplifiedAdEMAMixReference(params, **hyperparams)
-  history = {k: [] for k in ('params', 'updates', 'm', 'nu', 's')}
-  for g in grads:
-    before = opt.params
-    after = opt.step(g)
-    history['params'].append(after)
-    history['updates'].append(_map(lambda a, b: a - b, after, before))
-    history['m'].append(opt.m)
-    history['nu'].append(opt.nu)
-    history['s'].append(opt.s)
-  return history
+  return record(
+      SimplifiedAdEMAMixReference(params, **hyperparams),
+      grads,
+      ('m', 'nu', 's'),
+  )

@@ -24,6 +24,8 @@ from sharding_worker import SHAPES
 from sharding_worker import SPECS
 from sharding_worker import STEPS
 from sharding_worker import buffers  # The shared sharding checks.
+from sharding_worker import equal
+from sharding_worker import max_diff
 from sharding_worker import run_jit as run
 from sharding_worker import specs_of
 import strict_xla
@@ -148,20 +150,8 @@ def main():
         'step_specs': {f: specs_of(t) for f, t in buffers(state).items()},
         'step_param_specs': specs_of(final),
         'count': int(state[0].count),
-        'equal_to_single_device': all(
-            np.array_equal(np.asarray(a), np.asarray(b))
-            for a, b in zip(got, want)
-        ),
-        'diff': max(
-            float(
-                np.max(
-                    np.abs(
-                        np.asarray(a, np.float64) - np.asarray(b, np.float64)
-                    )
-                )
-            )
-            for a, b in zip(got, want)
-        ),
+        'equal_to_single_device': equal(got, want),
+        'diff': max_diff(got, want),
     }
   out['cpu_hints'] = cpu_hints()
   print(json.dumps(out))

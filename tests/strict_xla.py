@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from typing import Sequence
 import warnings
 
 import jax
@@ -54,11 +55,17 @@ def apply_warning_filters() -> None:
       )
 
 
-def run_worker(module_file: str, devices: int = 1) -> dict:
-  """Runs ``python module_file --worker`` under the flags; its JSON line.
+def run_worker(
+    module_file: str,
+    devices: int = 1,
+    timeout: float = 600,
+    args: Sequence[str] = (),
+) -> dict:
+  """Runs ``python module_file --worker *args`` under the flags; its JSON line.
 
   With ``devices`` > 1, JAX sees that many host CPU devices. Warnings are
-  errors in the worker, as in the tests.
+  errors in the worker, as in the tests. The worker's last line of output is
+  its result, as JSON.
   """
   flags = STRICT_XLA_FLAGS
   if devices > 1:
@@ -69,12 +76,20 @@ def run_worker(module_file: str, devices: int = 1) -> dict:
       os.pathsep
   )
   out = subprocess.run(
-      [sys.executable, '-W', 'error', os.path.abspath(module_file), '--worker'],
+      [
+          sys.executable,
+          '-W',
+          'error',
+          os.path.abspath(module_file),
+          '--worker',
+          *map(str, args),
+      ],
+      cwd=root,
       env=env,
       capture_output=True,
       text=True,
-      timeout=600,
+      timeout=timeout,
       check=False,
   )
-  assert out.returncode == 0, out.stderr[-5000:]
+  assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-5000:])
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -18,16 +18,13 @@ import numpy as np
 import numpy_reference
 import optax
 import pytest
-import strict_xla
 
 import ademamix_optax as amx
 
 
 @pytest.fixture(scope='module')
-def result():
-  return strict_xla.run_worker(
-      os.path.join(os.path.dirname(__file__), 'cpu_hints_worker.py')
-  )
+def result(worker):
+  return worker(os.path.join(os.path.dirname(__file__), 'cpu_hints_worker.py'))
 
 
 CONFIGS = (

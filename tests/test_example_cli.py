@@ -199,6 +199,23 @@ def test_bad_example_flags_are_usage_errors(name, argv, message, capsys):
 
 
 @pytest.mark.parametrize(
+    'name, field, value',
+    [
+        ('digits', 'seeds', (0, 1.5)),
+        ('forgetting', 'chunk', 2.5),
+        ('rosenbrock', 'checkpoints', 3.0),
+        ('switching', 'switch_at', (5000.5,)),
+    ],
+)
+def test_integer_fields_refuse_floats(name, field, value):
+  # The fields typed int (or tuple[int, ...]) are the ones checked.
+  config = _EXAMPLES[name].Config()
+  assert field in cli.integer_fields(config)
+  with pytest.raises(ValueError, match=f'^{field} must be an integer'):
+    dataclasses.replace(config, **{field: value})
+
+
+@pytest.mark.parametrize(
     'argv, message',
     [
         (['--steps', '-3'], 'steps must be positive, got -3.'),

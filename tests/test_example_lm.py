@@ -13,10 +13,6 @@ import dataclasses
 import io
 import json
 import os
-import pathlib
-import subprocess
-import sys
-import textwrap
 from typing import Any
 
 import jax
@@ -35,7 +31,6 @@ from examples.lm import train
 
 pytestmark = pytest.mark.slow
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Measured (2-core CPU, jax 0.10.2): data=4,model=2 (also 2x4 and 8x1)
 # differs from the single-device run by <= 1e-6 in the losses and <= 3.1e-6
@@ -299,23 +294,6 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, capsys):
   assert (tmp_path / 'curves.json').exists()
 
 
-_MESH_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax
-    import numpy as np
-    from examples.lm import __main__ as cli
-    assert jax.device_count() == 8, jax.devices()
-    result = cli.main(['--config', 'tiny', '--optimizers', 'ademamix',
-                       '--mesh', 'data=4,model=2', '--workdir', sys.argv[1]])
-    run = result['runs']['ademamix']
-    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
-            jax.tree_util.tree_leaves_with_path(run['params'])}
-    np.savez(sys.argv[2], **flat)
-    with open(sys.argv[3], 'w') as f:
-      json.dump({'history': run['history'], 'specs': run['specs']}, f)
-""")
-
-
 @pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_from_step_0(tiny_run, tmp_path):
   # A preemptible job passes --resume every time, the first one included.
@@ -342,35 +320,15 @@ def test_resume_without_a_checkpoint_starts_from_step_0(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_mesh_run_matches_single_device(tiny_run, tmp_path):
+def test_mesh_run_matches_single_device(tiny_run, tmp_path, worker):
   _, reference, _ = tiny_run
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (
-      env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-  ).strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = os.pathsep.join(
-      filter(None, [str(_REPO), env.get('PYTHONPATH')])
-  )
-  npz, meta = tmp_path / 'params.npz', tmp_path / 'meta.json'
-  proc = subprocess.run(
-      [
-          sys.executable,
-          '-c',
-          _MESH_SCRIPT,
-          str(tmp_path / 'work'),
-          str(npz),
-          str(meta),
-      ],
-      cwd=_REPO,
-      env=env,
-      capture_output=True,
-      text=True,
+  got = worker(
+      os.path.join(os.path.dirname(__file__), 'lm_mesh_worker.py'),
+      devices=8,
       timeout=300,
+      args=[tmp_path],
   )
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "'data': 4, 'model': 2" in proc.stdout
-  got = json.loads(meta.read_text())
+  assert "'data': 4, 'model': 2" in got['log']
   ref = reference['runs']['ademamix']
   np.testing.assert_allclose(
       got['history']['train_loss'],
@@ -385,7 +343,7 @@ def test_mesh_run_matches_single_device(tiny_run, tmp_path):
       atol=_MESH_LOSS_ATOL,
   )
   want = _flat(ref['params'])
-  with np.load(npz) as params:
+  with np.load(tmp_path / 'params.npz') as params:
     assert set(params.files) == set(want)
     for key in want:
       np.testing.assert_allclose(

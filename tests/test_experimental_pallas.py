@@ -22,11 +22,7 @@ whole module ignores that warning, except :func:`test_interpret_warning`,
 which expects it.
 """
 
-import json
-import os
 import platform
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -36,7 +32,6 @@ import optax
 import pallas_mesh_worker
 import pallas_worker
 import pytest
-import strict_xla
 
 import ademamix_optax as amx
 from ademamix_optax import _update
@@ -68,8 +63,8 @@ def _scalars(t, b1=0.9, b3=0.999, alpha=5.0):
 
 
 @pytest.fixture(scope='module')
-def strict_results():
-  return strict_xla.run_worker(pallas_worker.__file__)
+def strict_results(worker):
+  return worker(pallas_worker.__file__)
 
 
 @pytest.mark.parametrize(
@@ -278,27 +273,8 @@ def test_alias_matches_xla(config):
 
 
 @pytest.fixture(scope='module')
-def mesh_results():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
-  env['JAX_PLATFORMS'] = 'cpu'
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join([root, env.get('PYTHONPATH', '')]).rstrip(
-      os.pathsep
-  )
-  # Warnings are errors, as in the tests themselves.
-  proc = subprocess.run(
-      [sys.executable, '-W', 'error', pallas_mesh_worker.__file__, '--worker'],
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
-  assert len(lines) == 1, proc.stdout[-5000:]
-  return json.loads(lines[0][len('RESULT ') :])
+def mesh_results(worker):
+  return worker(pallas_mesh_worker.__file__, devices=8)
 
 
 @pytest.mark.parametrize('config', ['f32', 'b1_zero_bf16'])

@@ -6,71 +6,27 @@ injected integer warmup length), ``optax.chain`` with gradient clipping,
 ``mu_dtype``), and abstract initialisation.
 """
 
-import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import optax
 import pytest
 
 import ademamix_optax as amx
 
 
-class _Reference:
-  """AdEMAMix in float64 NumPy, written from Algorithm 1 of the paper.
-
-  The hyperparameters are given at every step, so that they can change.
-  """
-
-  def __init__(self, shape):
-    self.m1 = np.zeros(shape)
-    self.m2 = np.zeros(shape)
-    self.nu = np.zeros(shape)
-    self.t = 0
-
-  def step(
-      self,
-      grad,
-      param,
-      *,
-      lr,
-      b1=0.9,
-      b2=0.999,
-      b3=0.9999,
-      alpha=5.0,
-      eps=1e-8,
-      eps_root=0.0,
-      weight_decay=0.0,
-  ):
-    """Returns the update (to add to the parameters) of the next step."""
-    g = np.asarray(grad, np.float64)
-    self.t += 1
-    self.m1 = b1 * self.m1 + (1 - b1) * g
-    self.m2 = b3 * self.m2 + (1 - b3) * g
-    self.nu = b2 * self.nu + (1 - b2) * g * g
-    m1_hat = self.m1 / (1 - b1**self.t)
-    nu_hat = self.nu / (1 - b2**self.t)
-    direction = (m1_hat + alpha * self.m2) / (np.sqrt(nu_hat + eps_root) + eps)
-    return -lr * (direction + weight_decay * np.asarray(param, np.float64))
+def _reference(shape, **hyperparams):
+  """The float64 reference on one leaf ``x`` of ``shape``."""
+  return ref.AdEMAMixReference({'x': np.zeros(shape)}, **hyperparams)
 
 
-def _alpha_at(t, alpha, steps):
-  return min(t * alpha / steps, alpha)
-
-
-def _b3_at(t, b3, steps, b_start):
-  """The paper's scheduler for beta3 (Appendix), directly in log space."""
-  if t >= steps:
-    return b3
-  s = t / steps
-  log_b = (
-      math.log(b_start)
-      * math.log(b3)
-      / ((1 - s) * math.log(b3) + s * math.log(b_start))
-  )
-  return min(math.exp(log_b), b3)
+def _expected(reference, grads, params, lr, weight_decay=0.0):
+  """The reference's next update, its decay applied to ``params``."""
+  u = reference.direction({'x': np.asarray(grads)})['x']
+  return -lr * (u + weight_decay * np.asarray(params, np.float64))
 
 
 def _f32(x):
@@ -112,19 +68,14 @@ REFERENCE_CONFIGS = {
 def test_matches_reference_algorithm(name):
   kwargs = dict(REFERENCE_CONFIGS[name])
   tx = amx.ademamix(**kwargs)
-  steps = kwargs.pop('t_alpha_beta3', None)
+  lr = kwargs.pop('learning_rate')
+  weight_decay = kwargs.pop('weight_decay', 0.0)
   params = jnp.asarray(np.linspace(-1.0, 1.0, 6), jnp.float32)
-  reference = _Reference(params.shape)
+  reference = _reference(params.shape, **kwargs)
   update = jax.jit(tx.update)
   state = tx.init(params)
-  for t, grads in enumerate(_gradients(params.shape, 10), start=1):
-    hparams = dict(kwargs)
-    if steps is not None:
-      hparams['alpha'] = _alpha_at(t, kwargs['alpha'], steps)
-      hparams['b3'] = _b3_at(t, kwargs['b3'], steps, kwargs['b1'])
-    expected = reference.step(
-        grads, params, lr=hparams.pop('learning_rate'), **hparams
-    )
+  for grads in _gradients(params.shape, 10):
+    expected = _expected(reference, grads, params, lr, weight_decay)
     updates, state = update(grads, state, params)
     np.testing.assert_allclose(updates, expected, rtol=2e-5, atol=2e-8)
     params = optax.apply_updates(params, updates)
@@ -139,14 +90,17 @@ def test_inject_hyperparams_alpha_and_b3_changed_mid_run():
   update = jax.jit(tx.update)
   params = jnp.asarray([0.5, -0.25, 1.0, 2.0], jnp.float32)
   state = tx.init(params)
-  reference = _Reference(params.shape)
+  # The reference's alpha and b3 change after step 5, as the injected ones.
+  reference = _reference(
+      params.shape,
+      alpha=lambda t: _f32(alpha) if t <= 5 else new_alpha,
+      b3=lambda t: _f32(b3 if t <= 5 else new_b3),
+  )
   grads_seq = _gradients(params.shape, 10, seed=1)
 
   for grads in grads_seq[:5]:
     updates, state = update(grads, state, params)
-    expected = reference.step(
-        grads, params, lr=_f32(lr), alpha=_f32(alpha), b3=_f32(b3)
-    )
+    expected = _expected(reference, grads, params, _f32(lr))
     np.testing.assert_allclose(updates, expected, rtol=2e-5)
     params = optax.apply_updates(params, updates)
 
@@ -173,9 +127,7 @@ def test_inject_hyperparams_alpha_and_b3_changed_mid_run():
     updates, state = update(grads, state, params)
     if i == 0:
       np.testing.assert_allclose(updates, expected_fresh, rtol=1e-6)
-    expected = reference.step(
-        grads, params, lr=_f32(lr), alpha=new_alpha, b3=_f32(new_b3)
-    )
+    expected = _expected(reference, grads, params, _f32(lr))
     np.testing.assert_allclose(updates, expected, rtol=2e-5)
     params = optax.apply_updates(params, updates)
   assert float(state.hyperparams['alpha']) == new_alpha
@@ -201,23 +153,22 @@ def test_inject_hyperparams_integer_warmup_length():
   assert steps.shape == () and int(steps) == 8
 
   state = tx.init(params)
-  reference = _Reference(params.shape)
+  reference = _reference(
+      params.shape,
+      b1=_f32(0.9),
+      b2=_f32(0.999),
+      b3=_f32(0.999),
+      alpha=8.0,
+      t_alpha_beta3=8,
+  )
   update, update_injected = jax.jit(tx.update), jax.jit(tx_injected.update)
-  for t, grads in enumerate(_gradients(params.shape, 12, seed=2), start=1):
+  for grads in _gradients(params.shape, 12, seed=2):
     updates, state = update(grads, state, params)
     updates_injected, state_injected = update_injected(
         grads, state_injected, params
     )
     np.testing.assert_allclose(updates_injected, updates, rtol=1e-5)
-    expected = reference.step(
-        grads,
-        params,
-        lr=_f32(1e-2),
-        b1=_f32(0.9),
-        b2=_f32(0.999),
-        alpha=_alpha_at(t, 8.0, 8),
-        b3=_b3_at(t, _f32(0.999), 8, _f32(0.9)),
-    )
+    expected = _expected(reference, grads, params, _f32(1e-2))
     np.testing.assert_allclose(updates_injected, expected, rtol=2e-5)
     params = optax.apply_updates(params, updates)
   assert jnp.issubdtype(

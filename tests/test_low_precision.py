@@ -1,10 +1,6 @@
 """Narrow-dtype optimizer states: stochastic rounding keeps slow EMAs moving."""
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -304,53 +300,11 @@ def test_bf16_state_works_as_scan_carry_with_bf16_params():
   assert np.isfinite(values).all() and np.abs(values).max() < 0.9
 
 
-_SHARDED_SCRIPT = textwrap.dedent("""
-    import json
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    import ademamix_optax as amx
-
-    def run(params):
-      tx = amx.scale_by_ademamix(b3=0.999, mu_dtype=jnp.bfloat16,
-                                 nu_dtype=jnp.bfloat16, t_alpha_beta3=10)
-      state = jax.jit(tx.init)(params)
-      step = jax.jit(tx.update)
-      for k in range(5):
-        g = jax.tree.map(lambda p: jnp.cos(p * (k + 1.0)), params)
-        u, state = step(g, state)
-      return [np.asarray(x, np.float32).tolist() for x in
-              jax.tree.leaves((u, state))]
-
-    base = {'w': jnp.linspace(-2, 2, 8 * 16).reshape(8, 16),
-            'v': jnp.linspace(0, 1, 16)}
-    single = run(base)
-    mesh = jax.make_mesh((4, 2), ('data', 'model'))
-    with jax.set_mesh(mesh):
-      sharded = {
-          'w': jax.device_put(base['w'], NamedSharding(mesh, P('data', 'model'))),
-          'v': jax.device_put(base['v'], NamedSharding(mesh, P('model'))),
-      }
-      multi = run(sharded)
-    print(json.dumps({'devices': jax.device_count(),
-                      'equal': single == multi}))
-""")
-
-
-def test_stochastic_rounding_independent_of_device_count():
-  env = dict(
-      os.environ,
-      XLA_FLAGS='--xla_force_host_platform_device_count=8',
-      JAX_PLATFORMS='cpu',
+def test_stochastic_rounding_independent_of_device_count(worker):
+  result = worker(
+      os.path.join(os.path.dirname(__file__), 'low_precision_mesh_worker.py'),
+      devices=8,
   )
-  out = subprocess.run(
-      [sys.executable, '-c', _SHARDED_SCRIPT],
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=True,
-  )
-  result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result == {'devices': 8, 'equal': True}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 _TIMEOUT_S = 120  # Measured: about 25 s per group on 2 busy cores.
+_PROBE = 'tests/multiproc_probe.py'
 
 
 def _worker_group(out, num_processes: int) -> None:
@@ -67,8 +68,8 @@ def test_a_failing_process_stops_the_group():
   with pytest.raises(AssertionError, match='a process failed') as info:
     multiproc.run_group(
         [
-            ['-c', 'import time; time.sleep(60)'],
-            ['-c', 'raise SystemExit("boom")'],
+            [_PROBE, 'sleep', '60'],
+            [_PROBE, 'fail', 'boom'],
         ],
         1,
         30,
@@ -76,7 +77,7 @@ def test_a_failing_process_stops_the_group():
   assert time.monotonic() - start < 20
   assert 'boom' in str(info.value)
   with pytest.raises(AssertionError, match='timed out after 1s'):
-    multiproc.run_group([['-c', 'import time; time.sleep(60)']], 1, 1)
+    multiproc.run_group([[_PROBE, 'sleep', '60']], 1, 1)
 
 
 def _lm(workdir, *flags: str) -> list[str]:

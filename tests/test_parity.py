@@ -13,6 +13,7 @@ real loss (a quadratic and the Rosenbrock function), with looser tolerances.
 
 import math
 
+import _parity_common as common
 import chex
 import jax
 import jax.numpy as jnp
@@ -31,142 +32,15 @@ T_WARMUP = 100  # Inside the run: both the warmup and the constant phase.
 CHECK_STEPS = (1, 2, 3, 10, 50, 99, 100, 101, 150, 200)
 LR = 1e-2
 
-# Several leaves, ranks and gradient scales (scalar leaf included).
-SHAPES = {
-    'dense': {'kernel': (5, 3), 'bias': (3,)},
-    'conv': {'kernel': (2, 2, 3)},
-    'scale': (),
-}
-GRAD_SCALES = {
-    'dense': {'kernel': 1.0, 'bias': 0.01},
-    'conv': {'kernel': 10.0},
-    'scale': 1e-3,
-}
-# Weight decay on the kernels only.
-MASK = {
-    'dense': {'kernel': True, 'bias': False},
-    'conv': {'kernel': True},
-    'scale': False,
-}
+MASK = common.MASK
 
 
-def _is_shape(x):
-  return isinstance(x, tuple)
+def _make_grads(n_steps=N_STEPS):
+  return common.make_grads(n_steps)
 
 
-def _make_params(seed=0):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: rng.normal(size=s).astype(np.float32), SHAPES, is_leaf=_is_shape
-  )
-
-
-def _make_grads(n_steps=N_STEPS, seed=1):
-  """Stacked gradients, shape ``(n_steps, *leaf_shape)``, with a mean.
-
-  Each element has a fixed mean plus noise, so that the EMAs do not average
-  out to zero (which would make relative errors meaningless).
-  """
-  rng = np.random.default_rng(seed)
-
-  def leaf(shape, scale):
-    mean = rng.normal(size=shape)
-    noise = rng.normal(size=(n_steps,) + shape)
-    return (scale * (mean + noise)).astype(np.float32)
-
-  return jax.tree.map(leaf, SHAPES, GRAD_SCALES, is_leaf=_is_shape)
-
-
-def _unstack(stacked, n):
-  return [jax.tree.map(lambda x, k=k: x[k], stacked) for k in range(n)]
-
-
-def _adamix_state(state):
-  """The ScaleByAdEMAMixState of a bare transform or of the alias' chain."""
-  if isinstance(state, amx.ScaleByAdEMAMixState):
-    return state
-  return state[0]
-
-
-def _run_package(tx, params, grads):
-  """Runs ``tx`` over stacked ``grads`` in one jitted scan.
-
-  Returns per-step stacked params, updates and ScaleByAdEMAMixState.
-  """
-
-  def body(carry, g):
-    p, s = carry
-    u, s = tx.update(g, s, p)
-    p = optax.apply_updates(p, u)
-    return (p, s), (p, u, _adamix_state(s))
-
-  @jax.jit
-  def run(p, gs):
-    _, history = jax.lax.scan(body, (p, tx.init(p)), gs)
-    return history
-
-  return jax.device_get(run(params, grads))
-
-
-# Entries of a leaf are compared up to rtol times the leaf's largest entry, so
-# that entries crossing zero do not fail on noise. Parameters start O(1) and
-# can end near zero (the scalar leaf does), so their scale is at least 1.
-_SCALE_FLOOR = {'params': 1.0}
-
-
-def _max_error(actual, expected, floor=0.0):
-  """Max over leaves of ``max |actual - expected| / max |expected|``."""
-  a_leaves, a_def = jax.tree.flatten(actual)
-  e_leaves, e_def = jax.tree.flatten(expected)
-  assert a_def == e_def
-  worst = 0.0
-  for a, e in zip(a_leaves, e_leaves):
-    diff = np.abs(np.asarray(a, dtype=np.float64) - e)
-    scale = max(float(np.max(np.abs(e))), floor, 1e-30)
-    worst = max(worst, float(np.max(diff)) / scale)
-  return worst
-
-
-def _assert_close(actual, expected, rtol, what, floor=0.0):
-  """``|actual - expected| <= rtol (|expected| + max |expected|)`` per leaf."""
-  a_leaves, a_def = jax.tree.flatten(actual)
-  e_leaves, e_def = jax.tree.flatten(expected)
-  assert a_def == e_def, what
-  for a, e in zip(a_leaves, e_leaves):
-    np.testing.assert_allclose(
-        np.asarray(a, dtype=np.float64),
-        e,
-        rtol=rtol,
-        atol=rtol * max(float(np.max(np.abs(e))), floor),
-        err_msg=what,
-    )
-
-
-def _compare_history(pkg, expected, keys, rtol, steps=CHECK_STEPS):
-  """Compares the package's per-step history with the reference's.
-
-  Returns the worst :func:`_max_error` per key (for measuring tolerances).
-  """
-  params, updates, state = pkg
-  got = {
-      'params': params,
-      'updates': updates,
-      'm1': state.m1,
-      'm2': state.m2,
-      'nu': state.nu,
-  }
-  worst = {}
-  for key in keys:
-    floor = _SCALE_FLOOR.get(key, 0.0)
-    worst[key] = 0.0
-    for step in steps:
-      if step > len(expected[key]):
-        continue
-      exp = expected[key][step - 1]
-      act = jax.tree.map(lambda x, k=step - 1: x[k], got[key])
-      _assert_close(act, exp, rtol, f'{key} at step {step}', floor)
-      worst[key] = max(worst[key], _max_error(act, exp, floor))
-  return worst
+def _compare_history(got, want, keys, rtol, steps=CHECK_STEPS):
+  return common.compare_history(got, want, keys, rtol, steps)
 
 
 def _cosine_lr_np(count):
@@ -197,38 +71,34 @@ def _b3_lambda(t):
 # (1 - b2) is exact, and u is 6.7e-6 off from step 1 on. Parameters add
 # float32 accumulation.
 RTOL = 5e-5
+_COSINE_LR = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 20, N_STEPS, 1e-4)
+_ALL_OPTIONS = {
+    'b1': 0.8,
+    'b2': 0.99,
+    'b3': 0.995,
+    'alpha': 3.0,
+    'eps': 1e-6,
+    'eps_root': 1e-4,
+    'weight_decay': 0.1,
+    'mask': MASK,
+    't_alpha_beta3': T_WARMUP,
+}
+# A dict is given to both; a pair is (package kwargs, reference kwargs).
 ALIAS_CASES = {
     # Observed: params 6e-6, updates 1e-5.
-    'defaults': ({}, {}, RTOL),
+    'defaults': {},
     # Observed: params 6e-6, updates 1e-5.
-    'b1_zero': ({'b1': 0.0}, {'b1': 0.0}, RTOL),
+    'b1_zero': {'b1': 0.0},
     # Observed: params 1.3e-5, updates 1e-5.
-    'warmups': (
-        {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP},
-        {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP},
-        RTOL,
-    ),
+    'warmups': {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP},
     # b3 warms up from b_start = b1 = 0. Observed: params 1.2e-5, updates 1e-5.
-    'b1_zero_warmups': (
-        {'b1': 0.0, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
-        {'b1': 0.0, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
-        RTOL,
-    ),
+    'b1_zero_warmups': {'b1': 0.0, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
     # Observed: params 7e-6, updates 1e-5.
-    'weight_decay_mask': (
-        {'weight_decay': 0.5, 'mask': MASK},
-        {'weight_decay': 0.5, 'mask': MASK},
-        RTOL,
-    ),
+    'weight_decay_mask': {'weight_decay': 0.5, 'mask': MASK},
     # Observed: params 4e-6, updates 1e-5.
     'lr_schedule': (
-        {
-            'learning_rate': optax.warmup_cosine_decay_schedule(
-                0.0, 1e-2, 20, N_STEPS, 1e-4
-            )
-        },
+        {'learning_rate': _COSINE_LR},
         {'learning_rate': _cosine_lr_np},
-        RTOL,
     ),
     # Observed: params 1e-5, updates 1e-5.
     'package_schedules': (
@@ -240,69 +110,40 @@ ALIAS_CASES = {
             'alpha': lambda t: ref.alpha_warmup_np(t, 8.0, T_WARMUP),
             'b3': lambda t: ref.beta3_warmup_np(t, 0.999, T_WARMUP, 0.5),
         },
-        RTOL,
     ),
     # Observed: params 1.3e-5, updates 1e-5.
-    'lambda_schedules': (
-        {'alpha': _alpha_lambda, 'b3': _b3_lambda},
-        {'alpha': _alpha_lambda, 'b3': _b3_lambda},
-        RTOL,
-    ),
+    'lambda_schedules': {'alpha': _alpha_lambda, 'b3': _b3_lambda},
     # Only the constant b3 is warmed up; the alpha schedule is left alone.
     # Observed: params 1.3e-5, updates 1e-5.
-    'schedule_and_t_alpha_beta3': (
-        {'alpha': _alpha_lambda, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
-        {'alpha': _alpha_lambda, 'b3': 0.999, 't_alpha_beta3': T_WARMUP},
-        RTOL,
-    ),
+    'schedule_and_t_alpha_beta3': {
+        'alpha': _alpha_lambda,
+        'b3': 0.999,
+        't_alpha_beta3': T_WARMUP,
+    },
     # Observed: params 5e-6, updates 1e-5.
-    'eps_root': ({'eps_root': 1e-2}, {'eps_root': 1e-2}, RTOL),
+    'eps_root': {'eps_root': 1e-2},
     # Observed: params 5e-6, updates 1e-5.
-    'large_eps': ({'eps': 1e-2}, {'eps': 1e-2}, RTOL),
+    'large_eps': {'eps': 1e-2},
     # Everything at once. Observed: params 8e-7, updates 1.4e-6.
     'all_options': (
-        {
-            'learning_rate': optax.warmup_cosine_decay_schedule(
-                0.0, 1e-2, 20, N_STEPS, 1e-4
-            ),
-            'b1': 0.8,
-            'b2': 0.99,
-            'b3': 0.995,
-            'alpha': 3.0,
-            'eps': 1e-6,
-            'eps_root': 1e-4,
-            'weight_decay': 0.1,
-            'mask': MASK,
-            't_alpha_beta3': T_WARMUP,
-        },
-        {
-            'learning_rate': _cosine_lr_np,
-            'b1': 0.8,
-            'b2': 0.99,
-            'b3': 0.995,
-            'alpha': 3.0,
-            'eps': 1e-6,
-            'eps_root': 1e-4,
-            'weight_decay': 0.1,
-            'mask': MASK,
-            't_alpha_beta3': T_WARMUP,
-        },
-        RTOL,
+        {'learning_rate': _COSINE_LR, **_ALL_OPTIONS},
+        {'learning_rate': _cosine_lr_np, **_ALL_OPTIONS},
     ),
 }
 
 
 @pytest.mark.parametrize('name', list(ALIAS_CASES))
 def test_alias_matches_reference(name):
-  pkg_kwargs, ref_kwargs, rtol = ALIAS_CASES[name]
+  case = ALIAS_CASES[name]
+  pkg_kwargs, ref_kwargs = case if isinstance(case, tuple) else (case, case)
   pkg_kwargs = {'learning_rate': LR, **pkg_kwargs}
   ref_kwargs = {'learning_rate': LR, **ref_kwargs}
-  params, grads = _make_params(), _make_grads()
-  got = _run_package(amx.ademamix(**pkg_kwargs), params, grads)
-  want = ref.run_reference(params, _unstack(grads, N_STEPS), **ref_kwargs)
+  params, grads = common.make_params(), _make_grads()
+  got = common.run(amx.ademamix(**pkg_kwargs), params, grads)
+  want = ref.run_reference(params, common.unstack(grads), **ref_kwargs)
   if pkg_kwargs.get('b1', 0.9) == 0.0:
     assert got[2].m1 is None
-  _compare_history(got, want, ('params', 'updates', 'm1', 'm2', 'nu'), rtol)
+  _compare_history(got, want, ('params', 'updates', 'm1', 'm2', 'nu'), RTOL)
 
 
 # Observed: updates 1e-5 in each case (see above).
@@ -319,9 +160,9 @@ TRANSFORM_CASES = {
 @pytest.mark.parametrize('name', list(TRANSFORM_CASES))
 def test_transform_matches_reference(name):
   kwargs = TRANSFORM_CASES[name]
-  params, grads = _make_params(), _make_grads()
-  got = _run_package(amx.scale_by_ademamix(**kwargs), params, grads)
-  want = ref.run_reference_direction(params, _unstack(grads, N_STEPS), **kwargs)
+  params, grads = common.make_params(), _make_grads()
+  got = common.run(amx.scale_by_ademamix(**kwargs), params, grads)
+  want = ref.run_reference_direction(params, common.unstack(grads), **kwargs)
   if kwargs.get('b1', 0.9) == 0.0:
     assert got[2].m1 is None
   _compare_history(got, want, ('updates', 'm1', 'm2', 'nu'), RTOL)
@@ -329,13 +170,13 @@ def test_transform_matches_reference(name):
 
 def test_b1_zero_stores_no_fast_ema():
   tx = amx.scale_by_ademamix(b1=0.0, b3=0.999, t_alpha_beta3=50)
-  params, grads = _make_params(), _make_grads(n_steps=150)
+  params, grads = common.make_params(), _make_grads(n_steps=150)
   state = tx.init(params)
   assert state.m1 is None
-  got = _run_package(tx, params, grads)
+  got = common.run(tx, params, grads)
   assert got[2].m1 is None
   want = ref.run_reference_direction(
-      params, _unstack(grads, 150), b1=0.0, b3=0.999, t_alpha_beta3=50
+      params, common.unstack(grads), b1=0.0, b3=0.999, t_alpha_beta3=50
   )
   assert all(m1 is None for m1 in want['m1'])
   # Observed: updates 1e-5.
@@ -471,7 +312,7 @@ NARROW_CASES = {
 
 def _narrow_run(mu_dtype, nu_dtype, stochastic, reference_stochastic=None):
   kwargs = {'b3': 0.999, 'alpha': 8.0, 't_alpha_beta3': T_WARMUP}
-  params, grads = _make_params(), _make_grads()
+  params, grads = common.make_params(), _make_grads()
   tx = amx.ademamix(
       LR,
       mu_dtype=mu_dtype,
@@ -479,12 +320,12 @@ def _narrow_run(mu_dtype, nu_dtype, stochastic, reference_stochastic=None):
       stochastic_rounding=stochastic,
       **kwargs,
   )
-  got = _run_package(tx, params, grads)
+  got = common.run(tx, params, grads)
   if reference_stochastic is None:
     reference_stochastic = stochastic
   want = ref.run_reference(
       params,
-      _unstack(grads, N_STEPS),
+      common.unstack(grads),
       learning_rate=LR,
       mu_dtype=mu_dtype,
       nu_dtype=nu_dtype,
@@ -536,7 +377,7 @@ def test_bfloat16_state_update_does_not_warn():
 
 
 def _contrib_history(tx_ours, tx_theirs, params, grads):
-  ours = _run_package(tx_ours, params, grads)
+  ours = common.run(tx_ours, params, grads)
 
   def body(carry, g):
     p, s = carry
@@ -556,7 +397,7 @@ def _contrib_history(tx_ours, tx_theirs, params, grads):
 def test_transform_equals_optax_contrib():
   # optax.contrib.scale_by_ademamix defaults to alpha=6.0: pass it explicitly.
   kwargs = {'b1': 0.9, 'b2': 0.999, 'b3': 0.999, 'alpha': 5.0, 'eps': 1e-8}
-  params, grads = _make_params(), _make_grads(n_steps=150)
+  params, grads = common.make_params(), _make_grads(n_steps=150)
   ours, theirs = _contrib_history(
       amx.scale_by_ademamix(**kwargs),
       optax.contrib.scale_by_ademamix(**kwargs),
@@ -582,7 +423,7 @@ def test_alias_equals_optax_contrib():
       'weight_decay': 0.1,
       'mask': MASK,
   }
-  params, grads = _make_params(), _make_grads(n_steps=150)
+  params, grads = common.make_params(), _make_grads(n_steps=150)
   ours, theirs = _contrib_history(
       amx.ademamix(**kwargs), optax.contrib.ademamix(**kwargs), params, grads
   )
@@ -616,13 +457,13 @@ def test_pallas_kernel_matches_reference(name):
   from ademamix_optax import experimental  # pylint: disable=g-import-not-at-top
 
   kwargs, rtol = KERNEL_CASES[name]
-  params, grads = _make_params(), _make_grads()
+  params, grads = common.make_params(), _make_grads()
   tx = experimental.ademamix_pallas(LR, interpret=True, **kwargs)
-  got = _run_package(tx, params, grads)
+  got = common.run(tx, params, grads)
   narrow = 'mu_dtype' in kwargs
   want = ref.run_reference(
       params,
-      _unstack(grads, N_STEPS),
+      common.unstack(grads),
       learning_rate=LR,
       rounding_bits=_package_bits if narrow else None,
       **kwargs,

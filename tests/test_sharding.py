@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import pytest
-import strict_xla
 
 CONFIGS = ('warmup_decay', 'b1_zero_bf16', 'bf16_all')
 MESHES = ('auto', 'explicit')
@@ -26,9 +25,10 @@ PARAM_SPECS = {
 
 
 @pytest.fixture(scope='module')
-def result():
-  worker = os.path.join(os.path.dirname(__file__), 'sharding_worker.py')
-  return strict_xla.run_worker(worker, devices=8)
+def result(worker):
+  return worker(
+      os.path.join(os.path.dirname(__file__), 'sharding_worker.py'), devices=8
+  )
 
 
 def fields(config):

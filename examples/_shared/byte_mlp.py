@@ -38,7 +38,7 @@ class ModelConfig:
 
   def __post_init__(self):
     names = ('context', 'embed', 'hidden', 'depth')
-    cli.check_fields(self, integers=names, positive=names)
+    cli.check_fields(self, positive=names)
 
 
 def init(config: ModelConfig, key: jax.Array) -> Params:

@@ -173,10 +173,22 @@ def positive_int(text: str) -> int:
   return value
 
 
+def integer_fields(config: Any) -> tuple[str, ...]:
+  """The fields of a dataclass typed ``int`` or a tuple of them."""
+  names = []
+  for name, tp in typing.get_type_hints(type(config)).items():
+    tp = _unwrap_optional(tp)
+    if typing.get_origin(tp) is tuple:
+      tp = typing.get_args(tp)[0]
+    if tp is int:
+      names.append(name)
+  return tuple(names)
+
+
 def check_fields(
     config: Any,
     *,
-    integers: Sequence[str] = (),
+    integers: Optional[Sequence[str]] = None,
     positive: Sequence[str] = (),
     nonnegative: Sequence[str] = (),
     decays: Sequence[str] = (),
@@ -186,7 +198,8 @@ def check_fields(
 
   Args:
     config: The dataclass instance checked.
-    integers: Fields that must be integers (or tuples of them).
+    integers: Fields that must be integers (or tuples of them); by default
+      those typed so (:func:`integer_fields`).
     positive: Fields that must be > 0.
     nonnegative: Fields that must be >= 0.
     decays: Fields in [0, 1) (EMA decays).
@@ -194,6 +207,8 @@ def check_fields(
 
   A ``None`` value passes every rule (an optional field left unset).
   """
+  if integers is None:
+    integers = integer_fields(config)
   rules = [
       (integers, lambda v: isinstance(v, int), 'an integer'),
       (positive, lambda v: v > 0, 'positive'),

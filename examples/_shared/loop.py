@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from examples._shared import byte_mlp
+from examples._shared import corpus
 
 BatchFn = Callable[[jax.Array, Any], jax.Array]
 ProbeFn = Callable[[byte_mlp.Params], jax.Array]
@@ -70,3 +71,20 @@ def make_evaluator(windows: jax.Array) -> Callable[[Any], float]:
   """Mean loss of the parameters on a fixed set of windows."""
   evaluate = jax.jit(byte_mlp.loss)
   return lambda params: float(evaluate(params, windows))
+
+
+def corpus_batches(
+    config: Any,
+) -> tuple[corpus.Corpus, int, Callable[[jax.Array], jax.Array]]:
+  """The stdlib corpus, the window length and the training batches.
+
+  Reads ``config.max_bytes``, ``val_fraction``, ``batch_size``, ``seed`` and
+  ``model.context``; the batches of step ``k`` are drawn from
+  ``jax.random.key(seed + 1)`` (:func:`corpus.training_batches`).
+  """
+  text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
+  length = config.model.context + 1
+  batches = corpus.training_batches(
+      text.train_U8, jax.random.key(config.seed + 1), config.batch_size, length
+  )
+  return text, length, batches

@@ -24,8 +24,8 @@ import optax
 from sklearn import datasets
 from sklearn import model_selection
 
-import ademamix_optax as amx
 from examples._shared import cli
+from examples._shared import optimizers
 from examples._shared import report
 
 
@@ -68,15 +68,6 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=(
-            'steps',
-            'batch_size',
-            'warmup_steps',
-            'width',
-            'eval_every',
-            'seeds',
-            'split_seed',
-        ),
         positive=(
             'steps',
             'batch_size',
@@ -132,24 +123,7 @@ def load_split(config: Config) -> dict[str, np.ndarray]:
 
 
 def make_optimizers(config: Config) -> dict[str, optax.GradientTransformation]:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0,
-      config.learning_rate,
-      config.warmup_steps,
-      config.steps,
-      config.learning_rate / 100,
-  )
-  common = dict(b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
-  return {
-      'AdamW': optax.adamw(schedule, **common),
-      'AdEMAMix': amx.ademamix(
-          schedule,
-          b3=config.b3,
-          alpha=config.alpha,
-          t_alpha_beta3=config.steps,
-          **common,
-      ),
-  }
+  return optimizers.adamw_and_ademamix(config)
 
 
 def _loss_and_logits(params, apply_fn, x, y):

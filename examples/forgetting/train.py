@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import ademamix_optax as amx
 from examples._shared import byte_mlp
 from examples._shared import cli
 from examples._shared import corpus
 from examples._shared import loop
+from examples._shared import optimizers
 from examples._shared import report
 
 
@@ -72,15 +72,6 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=(
-            'steps',
-            'inject_at',
-            'batch_size',
-            'warmup_steps',
-            'chunk',
-            'max_bytes',
-            'seed',
-        ),
         positive=('steps', 'batch_size', 'learning_rate', 'chunk', 'max_bytes'),
         nonnegative=('warmup_steps', 'weight_decay', 'alpha', 'seed'),
         decays=('b1', 'b2', 'b3'),
@@ -94,29 +85,7 @@ class Config:
 
 
 def make_optimizers(config: Config) -> dict[str, optax.GradientTransformation]:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0,
-      config.learning_rate,
-      config.warmup_steps,
-      config.steps,
-      config.learning_rate / 100,
-  )
-  common = dict(
-      b1=config.b1,
-      b2=config.b2,
-      weight_decay=config.weight_decay,
-      mask=byte_mlp.is_decayed,
-  )
-  return {
-      'AdamW': optax.adamw(schedule, **common),
-      'AdEMAMix': amx.ademamix(
-          schedule,
-          b3=config.b3,
-          alpha=config.alpha,
-          t_alpha_beta3=config.steps,
-          **common,
-      ),
-  }
+  return optimizers.adamw_and_ademamix(config, mask=byte_mlp.is_decayed)
 
 
 def _run(config, run, tx, params, inject_at, desc) -> tuple[np.ndarray, ...]:
@@ -141,11 +110,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains each optimizer with and without the injection; JSON and PNG."""
   workdir = report.workdir_path(workdir)
-  text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
-  length = config.model.context + 1
-  batches = corpus.training_batches(
-      text.train_U8, jax.random.key(config.seed + 1), config.batch_size, length
-  )
+  text, length, batches = loop.corpus_batches(config)
   held_out = corpus.fixed_windows(
       text.val_U8, config.seed + 3, config.batch_size, length
   )

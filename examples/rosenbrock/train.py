@@ -63,7 +63,6 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=('steps', 'checkpoints'),
         positive=(
             'steps',
             'learning_rate',

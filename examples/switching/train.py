@@ -25,6 +25,7 @@ from examples._shared import byte_mlp
 from examples._shared import cli
 from examples._shared import corpus
 from examples._shared import loop
+from examples._shared import optimizers
 from examples._shared import report
 
 
@@ -77,16 +78,6 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=(
-            'steps',
-            'batch_size',
-            'warmup_steps',
-            'switch_at',
-            'eval_every',
-            'eval_windows',
-            'max_bytes',
-            'seed',
-        ),
         positive=(
             'steps',
             'batch_size',
@@ -118,49 +109,27 @@ class Config:
       )
 
 
-def _schedule(config: Config) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
-      0.0,
-      config.learning_rate,
-      config.warmup_steps,
-      config.steps,
-      config.learning_rate / 100,
-  )
-
-
 def make_adamw(config: Config) -> optax.GradientTransformation:
-  return optax.adamw(
-      _schedule(config),
-      b1=config.b1,
-      b2=config.b2,
-      weight_decay=config.weight_decay,
-      mask=byte_mlp.is_decayed,
-  )
+  return optimizers.adamw(config, mask=byte_mlp.is_decayed)
 
 
 def make_switch_ademamix(config: Config) -> optax.GradientTransformation:
   """The optimizer after the switch: no warmups, small alpha."""
-  return amx.ademamix(
-      _schedule(config),
-      b1=config.b1,
-      b2=config.b2,
-      b3=config.switch_b3,
-      alpha=config.switch_alpha,
-      weight_decay=config.weight_decay,
+  return optimizers.ademamix(
+      config,
+      config.switch_b3,
+      config.switch_alpha,
+      warmups=False,
       mask=byte_mlp.is_decayed,
   )
 
 
 def make_scratch_ademamix(config: Config) -> optax.GradientTransformation:
-  return amx.ademamix(
-      _schedule(config),
-      b1=config.b1,
-      b2=config.b2,
-      b3=config.scratch_b3,
-      alpha=config.scratch_alpha,
-      weight_decay=config.weight_decay,
+  return optimizers.ademamix(
+      config,
+      config.scratch_b3,
+      config.scratch_alpha,
       mask=byte_mlp.is_decayed,
-      t_alpha_beta3=config.steps,
   )
 
 
@@ -189,11 +158,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Runs AdamW, the switched branches and AdEMAMix; writes JSON and PNG."""
   workdir = report.workdir_path(workdir)
-  text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
-  length = config.model.context + 1
-  batches = corpus.training_batches(
-      text.train_U8, jax.random.key(config.seed + 1), config.batch_size, length
-  )
+  text, length, batches = loop.corpus_batches(config)
 
   def batch_fn(step, aux):
     del aux

@@ -142,30 +142,20 @@ def markdown(result: dict[str, Any], revision: str) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog='python -m benchmarks.before_after',
-      description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  p = C.parser('before_after', __doc__)
   p.add_argument('--baseline', required=True, help='a git revision')
   p.add_argument('--rounds', type=int, default=6)
-  p.add_argument(
-      '--quick',
-      action='store_true',
-      help='a 20-leaf tree of 64K parameters: checks that it runs',
-  )
-  p.add_argument(
-      '--out',
-      default=C.OUT_DIR,
-      help='writes before_after.json here (default %(default)s)',
+  C.add_quick_and_out(
+      p,
+      'before_after',
+      'a 20-leaf tree of 64K parameters: checks that it runs',
   )
   return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
-  info = C.machine()
-  print(f'## Before and after\n\n{C.machine_line(info)}\n', flush=True)
+  info = C.start('Before and after')
   specs = C.transformer_specs(
       2**16 if args.quick else 2**20, layers=1 if args.quick else 9
   )
@@ -174,8 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result = run(baseline, specs, args.rounds)
   print(markdown(result, args.baseline), flush=True)
   result.update(machine=info, baseline=args.baseline)
-  path = C.write_json(args.out, 'before_after', result)
-  print(f'wrote {path}', file=sys.stderr)
+  C.finish(args.out, 'before_after', result)
   return result
 
 

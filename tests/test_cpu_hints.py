@@ -91,16 +91,6 @@ def test_no_recompilation_across_steps():
   assert len(traces) == 1
 
 
-def _enable_x64():
-  # jax.enable_x64 from jax 0.9; jax.experimental's before.
-  scope = getattr(jax, 'enable_x64', None)
-  if scope is None:
-    from jax import experimental  # pylint: disable=g-import-not-at-top
-
-    scope = experimental.enable_x64
-  return scope(True)
-
-
 def test_float64_leaves_keep_float64_coefficients():
   # The hints add an exact zero to a large leaf's EMA coefficients; that zero
   # must be in the leaf's precision, or b1 = 0.9 would be rounded to float32
@@ -110,7 +100,7 @@ def test_float64_leaves_keep_float64_coefficients():
   params = {k: rng.standard_normal(s) for k, s in shapes.items()}
   kwargs = dict(learning_rate=1e-2, b3=0.999, alpha=8.0, t_alpha_beta3=10)
   reference = numpy_reference.AdEMAMixReference(params, **kwargs)
-  with _enable_x64():
+  with jax.enable_x64(True):
     tx = amx.ademamix(**kwargs)
 
     @jax.jit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,14 +105,10 @@ def _convert(name):
 def test_structure_shapes_and_dtypes_match_init(name):
   params, _, tx, converted = _convert(name)
   fresh = tx.init(params)
-  assert jax.tree.structure(converted) == jax.tree.structure(fresh)
-  for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(fresh)):
-    assert a.shape == b.shape and a.dtype == b.dtype
+  chex.assert_trees_all_equal_shapes_and_dtypes(converted, fresh)
   # The converted state is a valid carry: one update keeps it unchanged.
   _, after = _train(tx, params, converted, 1, start=7)
-  assert jax.tree.structure(after) == jax.tree.structure(fresh)
-  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(fresh)):
-    assert a.dtype == b.dtype
+  chex.assert_trees_all_equal_shapes_and_dtypes(after, fresh)
 
 
 @pytest.mark.parametrize('name', sorted(_PAIRS))

@@ -2,6 +2,7 @@
 
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -271,10 +272,7 @@ def test_bf16_state_dtypes_fixed_and_resume_bit_identical(b1):
   mid_state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), mid_state)
   mid_params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), mid_params)
   params2, state2 = _train(tx, 25, mid_state, mid_params, start=15)
-  for a, b in zip(
-      jax.tree.leaves((params, state)), jax.tree.leaves((params2, state2))
-  ):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal((params, state), (params2, state2))
 
 
 def test_bf16_state_works_as_scan_carry_with_bf16_params():

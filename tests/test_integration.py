@@ -420,4 +420,5 @@ def test_narrow_state_with_many_leaves_warns_nothing():
     state = tx.init(params)
     updates, state = jax.jit(tx.update)(params, state, params)
   assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
   assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(state[0].m2))

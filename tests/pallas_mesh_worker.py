@@ -22,7 +22,9 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import optax
+from sharding_worker import buffers
+from sharding_worker import run_jit
+from sharding_worker import specs_of
 import strict_xla
 
 import ademamix_optax as amx
@@ -54,38 +56,10 @@ CONFIGS = {
 STEPS = 2
 
 
-def _normal(spec, ndim):
-  """A spec as a list of ndim entries (P() and P(None,) are the same)."""
-  entries = tuple(spec) + (None,) * (ndim - len(spec))
-  return [None if e is None else str(e) for e in entries]
-
-
-def _loss(params):
-  return sum(
-      jnp.sum(jnp.sin(3.0 * p) + 0.5 * jnp.square(p - 0.25))
-      for p in jax.tree.leaves(params)
-  )
-
-
 def _run(tx, params):
   """A jitted init and STEPS jitted updates; the params and the buffers."""
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(_loss)(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  state = jax.jit(tx.init)(params)
-  for _ in range(STEPS):
-    params, state = step(params, state)
-  inner = state[0]
-  buffers = {
-      name: getattr(inner, name)
-      for name in ('m1', 'm2', 'nu')
-      if getattr(inner, name) is not None
-  }
-  return params, buffers
+  params, state, _ = run_jit(tx, params, steps=STEPS)
+  return params, buffers(state)
 
 
 def _auto(kwargs, host):
@@ -95,18 +69,11 @@ def _auto(kwargs, host):
   )
   shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
   params = jax.device_put(host, shardings)
-  res = {
-      'param_specs': {
-          k: _normal(p.sharding.spec, p.ndim) for k, p in params.items()
-      }
-  }
+  res = {'param_specs': specs_of(params)}
   pallas = _run(experimental.ademamix_pallas(**kwargs), params)
   xla = _run(amx.ademamix(**kwargs), params)
   trees = {'params': pallas[0], **pallas[1]}
-  res['specs'] = {
-      name: {k: _normal(x.sharding.spec, x.ndim) for k, x in tree.items()}
-      for name, tree in trees.items()
-  }
+  res['specs'] = {name: specs_of(tree) for name, tree in trees.items()}
   res['equivalent'] = {
       name: {
           k: x.sharding.is_equivalent_to(shardings[k], x.ndim)

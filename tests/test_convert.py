@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,29 +88,32 @@ _PAIRS = {
 }
 
 
-@pytest.mark.parametrize('name', sorted(_PAIRS))
-def test_structure_shapes_and_dtypes_match_init(name):
+def _convert(name):
+  """Seven steps of the pair's Adam, then its state converted."""
   make_adam, make_amx = _PAIRS[name]
   params, adam_state = _adam_run(make_adam())
   tx = make_amx()
-  converted = amx.adam_state_to_ademamix(adam_state, tx, params)
+  return (
+      params,
+      adam_state,
+      tx,
+      amx.adam_state_to_ademamix(adam_state, tx, params),
+  )
+
+
+@pytest.mark.parametrize('name', sorted(_PAIRS))
+def test_structure_shapes_and_dtypes_match_init(name):
+  params, _, tx, converted = _convert(name)
   fresh = tx.init(params)
-  assert jax.tree.structure(converted) == jax.tree.structure(fresh)
-  for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(fresh)):
-    assert a.shape == b.shape and a.dtype == b.dtype
+  chex.assert_trees_all_equal_shapes_and_dtypes(converted, fresh)
   # The converted state is a valid carry: one update keeps it unchanged.
   _, after = _train(tx, params, converted, 1, start=7)
-  assert jax.tree.structure(after) == jax.tree.structure(fresh)
-  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(fresh)):
-    assert a.dtype == b.dtype
+  chex.assert_trees_all_equal_shapes_and_dtypes(after, fresh)
 
 
 @pytest.mark.parametrize('name', sorted(_PAIRS))
 def test_values(name):
-  make_adam, make_amx = _PAIRS[name]
-  params, adam_state = _adam_run(make_adam())
-  tx = make_amx()
-  converted = amx.adam_state_to_ademamix(adam_state, tx, params)
+  _, adam_state, _, converted = _convert(name)
   adam = adam_state[0]
   core = converted[0]
   assert isinstance(core, amx.ScaleByAdEMAMixState)
@@ -200,53 +204,41 @@ def test_abstract_params_are_enough():
   assert jax.tree.structure(got) == jax.tree.structure(tx.init(params))
 
 
-def test_error_without_adam_state():
-  params = _params()
-  sgd = optax.sgd(1e-2, momentum=0.9)
-  with pytest.raises(ValueError, match='exactly one optax.ScaleByAdamState'):
-    amx.adam_state_to_ademamix(sgd.init(params), amx.ademamix(1e-2), params)
+_ADAMW, _AMX = optax.adamw(1e-2), amx.ademamix(1e-2)
+_COSINE = optax.cosine_decay_schedule(1e-2, 100)
+_INJECT = optax.inject_hyperparams
+_ADAM, _LR = 'optax.ScaleByAdamState', 'learning-rate schedule'
+# (source optimizer, target, params if not _params(), the message).
+_ERRORS = {
+    'no_adam': (optax.sgd(1e-2, 0.9), _AMX, None, f'exactly one {_ADAM}'),
+    'two_adam': (
+        optax.chain(optax.scale_by_adam(), optax.scale_by_adam()),
+        _AMX,
+        None,
+        'found 2',
+    ),
+    'not_ademamix': (_ADAMW, _ADAMW, None, 'ScaleByAdEMAMixState'),
+    'shape': (
+        _ADAMW,
+        _AMX,
+        {'w': jnp.zeros((3, 5)), 'b': jnp.zeros(5)},
+        'shape',
+    ),
+    'structure': (_ADAMW, _AMX, {'w': jnp.zeros((3, 4))}, 'tree structure'),
+    'schedule_in_target': (_ADAMW, amx.ademamix(_COSINE), None, _LR),
+    'schedule_in_source': (optax.adamw(_COSINE), _AMX, None, _LR),
+    'inject_hyperparams': (
+        _INJECT(optax.adamw)(learning_rate=1e-2),
+        _INJECT(amx.ademamix)(learning_rate=1e-2),
+        None,
+        'inject_hyperparams',
+    ),
+}
 
 
-def test_error_with_two_adam_states():
-  params = _params()
-  tx = optax.chain(optax.scale_by_adam(), optax.scale_by_adam())
-  with pytest.raises(ValueError, match='found 2'):
-    amx.adam_state_to_ademamix(tx.init(params), amx.ademamix(1e-2), params)
-
-
-def test_error_when_target_is_not_ademamix():
-  params, adam_state = _adam_run(optax.adamw(1e-2))
-  with pytest.raises(ValueError, match='ScaleByAdEMAMixState'):
-    amx.adam_state_to_ademamix(adam_state, optax.adamw(1e-2), params)
-
-
-def test_error_on_mismatched_params():
-  params, adam_state = _adam_run(optax.adamw(1e-2))
-  other = {'w': jnp.zeros((3, 5)), 'b': jnp.zeros((5,))}
-  with pytest.raises(ValueError, match='shape'):
-    amx.adam_state_to_ademamix(adam_state, amx.ademamix(1e-2), other)
-  with pytest.raises(ValueError, match='tree structure'):
-    amx.adam_state_to_ademamix(
-        adam_state, amx.ademamix(1e-2), {'w': params['w']}
-    )
-
-
-def test_error_on_schedule_on_one_side_only():
-  params, adam_state = _adam_run(optax.adamw(1e-2))
-  tx = amx.ademamix(optax.cosine_decay_schedule(1e-2, 100))
-  with pytest.raises(ValueError, match='learning-rate schedule'):
-    amx.adam_state_to_ademamix(adam_state, tx, params)
-  params, adam_state = _adam_run(
-      optax.adamw(optax.cosine_decay_schedule(1e-2, 100))
-  )
-  with pytest.raises(ValueError, match='learning-rate schedule'):
-    amx.adam_state_to_ademamix(adam_state, amx.ademamix(1e-2), params)
-
-
-def test_error_on_inject_hyperparams_names_it():
-  params = _params()
-  adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2)
-  state = adamw.init(params)
-  tx = optax.inject_hyperparams(amx.ademamix)(learning_rate=1e-2)
-  with pytest.raises(ValueError, match='inject_hyperparams'):
-    amx.adam_state_to_ademamix(state, tx, params)
+@pytest.mark.parametrize('name', _ERRORS)
+def test_error_names_the_problem(name):
+  source, target, params, message = _ERRORS[name]
+  _, state = _adam_run(source, steps=2)
+  with pytest.raises(ValueError, match=message):
+    amx.adam_state_to_ademamix(state, target, params or _params())

@@ -74,22 +74,9 @@ def _build(folder):
   out, done = folder / 'html', folder / 'built'
   if done.exists():
     return out
+  sphinx = [sys.executable, '-m', 'sphinx', '-E', '-W', '--keep-going', '-q']
   proc = subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'sphinx',
-          '-E',
-          '-W',
-          '--keep-going',
-          '-q',
-          '-b',
-          'html',
-          '-d',
-          str(folder / 'doctrees'),
-          str(DOCS),
-          str(out),
-      ],
+      [*sphinx, '-b', 'html', '-d', folder / 'doctrees', DOCS, out],
       cwd=ROOT,
       capture_output=True,
       text=True,

@@ -26,16 +26,11 @@ import pytest
 from test_docs import docs_html  # noqa: F401  # pylint: disable=unused-import
 
 _FLAGS = (
-    '--headless',
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--disable-dev-shm-usage',
-    '--remote-debugging-pipe',
+    *(
+        '--headless --no-sandbox --disable-gpu --disable-quic --no-first-run '
+        '--disable-background-networking --disable-component-update '
+        '--disable-sync --disable-dev-shm-usage --remote-debugging-pipe'
+    ).split(),
     # Hermetic: no name resolves and every http(s) request goes to a closed
     # loopback port, so a page that wants the network fails instead.
     '--host-resolver-rules=MAP * ~NOTFOUND',

@@ -72,30 +72,23 @@ def _parse(argv: list[str]) -> _Config:
   return cli.config_from_args(parser, parser.parse_args(argv), _Config())
 
 
+def _usage_error(capsys, prog, main, *args):
+  """The standard error of ``main(*args)``, a usage error of ``prog``."""
+  with pytest.raises(SystemExit) as exit_info:
+    main(*args)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'usage: {prog}')
+  return err
+
+
 def test_flags_follow_the_field_types():
   assert _parse([]) == _Config()
-  assert _parse(
-      [
-          '--steps',
-          '7',
-          '--rate',
-          '0.25',
-          '--name',
-          'b',
-          '--no-on',
-          '--sizes',
-          '4',
-          '5',
-          '6',
-          '--pair',
-          '2',
-          '3',
-          '--cap',
-          '9',
-          '--inner-width',
-          '8',
-      ]
-  ) == _Config(
+  argv = (
+      '--steps 7 --rate 0.25 --name b --no-on --sizes 4 5 6 --pair 2 3 '
+      '--cap 9 --inner-width 8'
+  )
+  assert _parse(argv.split()) == _Config(
       steps=7,
       rate=0.25,
       name='b',
@@ -140,11 +133,7 @@ def test_help_comes_from_the_docstring():
     ],
 )
 def test_bad_values_are_usage_errors(argv, message, capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    _parse(argv)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('usage: prog')
+  err = _usage_error(capsys, 'prog', _parse, argv)
   assert f'prog: error: {message}' in err
 
 
@@ -190,11 +179,10 @@ def test_bad_example_flags_are_usage_errors(name, argv, message, capsys):
   def never(config, workdir):
     raise AssertionError('trained despite a bad flag')
 
-  with pytest.raises(SystemExit) as exit_info:
-    cli.example_main(name, module.Config(), never, argv)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith(f'usage: python -m examples.{name}')
+  prog = f'python -m examples.{name}'
+  err = _usage_error(
+      capsys, prog, cli.example_main, name, module.Config(), never, argv
+  )
   assert message in err
 
 
@@ -242,25 +230,15 @@ def test_integer_fields_refuse_floats(name, field, value):
             'wants HOST:PORT',
         ),
         (
-            [
-                '--distributed',
-                '--coordinator-address',
-                '127.0.0.1:1234',
-                '--num-processes',
-                '2',
-                '--process-id',
-                '2',
-            ],
+            '--distributed --coordinator-address 127.0.0.1:1234 '
+            '--num-processes 2 --process-id 2'.split(),
             '--process-id 2 must be below --num-processes 2.',
         ),
         (['--process-id', '-1'], 'expected an integer >= 0'),
     ],
 )
 def test_bad_lm_flags_are_usage_errors(argv, message, capsys, tmp_path):
-  with pytest.raises(SystemExit) as exit_info:
-    lm_main.main(['--config', 'tiny', '--workdir', str(tmp_path)] + argv)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('usage: python -m examples.lm')
+  argv = ['--config', 'tiny', '--workdir', str(tmp_path)] + argv
+  err = _usage_error(capsys, 'python -m examples.lm', lm_main.main, argv)
   assert message in err
   assert not (tmp_path / 'checkpoints').exists()

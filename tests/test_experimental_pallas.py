@@ -25,6 +25,7 @@ which expects it.
 import platform
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +61,12 @@ def _scalars(t, b1=0.9, b3=0.999, alpha=5.0):
       eps=1e-8,
       eps_root=0.0,
   )
+
+
+def _fused(g, m1, m2, nu, scalars, **kwargs):
+  """The kernel on leaf 0, interpreted, with stochastic rounding."""
+  kwargs = dict(leaf=0, stochastic=True, interpret=True, **kwargs)
+  return experimental.fused_leaf_update(g, m1, m2, nu, scalars, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -102,62 +109,27 @@ def test_dtypes_and_shapes_like_reference():
   g = jnp.ones(shape, BF16)
   m = jnp.zeros(shape, BF16)
   nu = jnp.zeros(shape, jnp.float32)
-  s = _scalars(jnp.int32(1))
-  out = experimental.fused_leaf_update(
-      g, m, m, nu, s, leaf=0, stochastic=True, interpret=True, block_size=16
-  )
-  assert [(x.shape, x.dtype) for x in out] == [
-      (shape, BF16),
-      (shape, BF16),
-      (shape, BF16),
-      (shape, jnp.float32),
-  ]
-  out = experimental.fused_leaf_update(
-      g,
-      None,
-      m,
-      nu,
-      _scalars(jnp.int32(1), b1=0.0),
-      leaf=0,
-      stochastic=True,
-      interpret=True,
-  )
+  out = _fused(g, m, m, nu, _scalars(jnp.int32(1)), block_size=16)
+  dtypes = [x.dtype for x in out]
+  assert dtypes == [BF16, BF16, BF16, jnp.float32]
+  assert all(x.shape == shape for x in out)
+  out = _fused(g, None, m, nu, _scalars(jnp.int32(1), b1=0.0))
   assert out[1] is None
-  assert [(x.shape, x.dtype) for x in (out[0], out[2], out[3])] == [
-      (shape, BF16),
-      (shape, BF16),
-      (shape, jnp.float32),
-  ]
+  assert [x.dtype for x in (out[0], out[2], out[3])] == dtypes[1:]
+  assert all(x.shape == shape for x in (out[0], out[2], out[3]))
 
 
 def test_empty_leaf_uses_reference():
   z = jnp.zeros((0, 3), jnp.float32)
-  out = experimental.fused_leaf_update(
-      z,
-      z,
-      z,
-      z,
-      _scalars(jnp.int32(1)),
-      leaf=0,
-      stochastic=True,
-      interpret=True,
-  )
+  out = _fused(z, z, z, z, _scalars(jnp.int32(1)))
   assert all(x.shape == (0, 3) for x in out)
 
 
 def test_donated_state_is_updated_in_place():
   shape = (300,)
   step = jax.jit(
-      lambda g, m1, m2, nu, t: experimental.fused_leaf_update(
-          g,
-          m1,
-          m2,
-          nu,
-          _scalars(t),
-          leaf=0,
-          stochastic=True,
-          interpret=True,
-          block_size=128,
+      lambda g, m1, m2, nu, t: _fused(
+          g, m1, m2, nu, _scalars(t), block_size=128
       ),
       donate_argnums=(1, 2, 3),
   )
@@ -268,8 +240,7 @@ def test_alias_matches_xla(config):
     finals.append(jax.tree.map(lambda x: np.asarray(x, np.float32), (p, state)))
   # Bit-exactness is checked above under strict XLA flags; with default
   # flags the two differ by FMA contraction only (observed <= 2e-7).
-  for a, b in zip(*(jax.tree.leaves(f) for f in finals)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(*finals, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope='module')

@@ -8,6 +8,7 @@ injected integer warmup length), ``optax.chain`` with gradient clipping,
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,9 +214,7 @@ def test_chain_with_clip_by_global_norm_matches_manual_clipping():
   by_chain = run(chained, clip=False)
   by_hand = run(tx, clip=True)
   unclipped = run(tx, clip=False)
-  for u_chain, u_hand in zip(by_chain, by_hand):
-    for a, b in zip(jax.tree.leaves(u_chain), jax.tree.leaves(u_hand)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+  chex.assert_trees_all_close(by_chain, by_hand, rtol=1e-5, atol=1e-9)
   # Clipping matters: the result differs from the run without it.
   assert not all(
       np.allclose(a, b, rtol=1e-3)
@@ -229,15 +228,15 @@ def test_apply_if_finite_skips_nan_step_and_continues():
   plain = amx.ademamix(**kwargs)
   params = {'w': jnp.asarray([[1.0, -1.0], [0.5, 2.0]]), 'b': jnp.ones((3,))}
 
-  @jax.jit
-  def step(tx_state, params, grads):
-    updates, tx_state = tx.update(grads, tx_state, params)
-    return optax.apply_updates(params, updates), tx_state
+  def jitted_step(tx):
+    @jax.jit
+    def step(state, params, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
 
-  @jax.jit
-  def plain_step(plain_state, params, grads):
-    updates, plain_state = plain.update(grads, plain_state, params)
-    return optax.apply_updates(params, updates), plain_state
+    return step
+
+  step, plain_step = jitted_step(tx), jitted_step(plain)
 
   def grads_at(i):
     return jax.tree.map(lambda p: jnp.sin(p * (i + 1.0)) + 0.1 * i, params)
@@ -251,13 +250,9 @@ def test_apply_if_finite_skips_nan_step_and_continues():
   bad = grads_at(3)
   bad['w'] = bad['w'].at[0, 1].set(jnp.nan)
   p_after, state_after = step(state, p, bad)
-  for a, b in zip(jax.tree.leaves(p_after), jax.tree.leaves(p)):
-    np.testing.assert_array_equal(a, b)
-  for a, b in zip(
-      jax.tree.leaves(state_after.inner_state),
-      jax.tree.leaves(state.inner_state),
-  ):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(
+      (p_after, state_after.inner_state), (p, state.inner_state)
+  )
   assert int(state_after.notfinite_count) == 1
   assert int(state_after.total_notfinite) == 1
   assert not bool(state_after.last_finite)
@@ -271,12 +266,9 @@ def test_apply_if_finite_skips_nan_step_and_continues():
   assert int(state.notfinite_count) == 0
   assert int(state.total_notfinite) == 1
   assert int(state.inner_state[0].count) == 6
-  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_plain)):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
-  for a, b in zip(
-      jax.tree.leaves(state.inner_state), jax.tree.leaves(plain_state)
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+  chex.assert_trees_all_close(
+      (p, state.inner_state), (p_plain, plain_state), rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize(
@@ -397,8 +389,7 @@ def test_eval_shape_and_abstract_init(b1):
   assert layout(jax.eval_shape(tx.init, abstract)) == layout(concrete)
   from_abstract = tx.init(abstract)
   assert layout(from_abstract) == layout(concrete)
-  for a, b in zip(jax.tree.leaves(from_abstract), jax.tree.leaves(concrete)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(from_abstract, concrete)
   inner = shapes[0]
   assert (inner.m1 is None) == (b1 == 0.0)
   assert inner.m2['w'].dtype == jnp.bfloat16
@@ -429,4 +420,5 @@ def test_narrow_state_with_many_leaves_warns_nothing():
     state = tx.init(params)
     updates, state = jax.jit(tx.update)(params, state, params)
   assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
   assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(state[0].m2))

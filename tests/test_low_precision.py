@@ -2,6 +2,7 @@
 
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -221,14 +222,9 @@ def test_stochastic_round_derivative_is_round_to_nearest_s(dtype):
 
 
 def test_random_bits_look_uniform_and_differ_between_streams():
-  a = np.asarray(
-      _rounding.random_bits((256, 256), _rounding.stream_key(1, 0, 0))
-  )
-  b = np.asarray(
-      _rounding.random_bits((256, 256), _rounding.stream_key(2, 0, 0))
-  )
-  c = np.asarray(
-      _rounding.random_bits((256, 256), _rounding.stream_key(1, 1, 0))
+  a, b, c = (
+      np.asarray(_rounding.random_bits((256, 256), _rounding.stream_key(*k)))
+      for k in ((1, 0, 0), (2, 0, 0), (1, 1, 0))
   )
   for bits in (a, b, c):
     top = (bits >> 24).astype(np.int64)
@@ -276,10 +272,7 @@ def test_bf16_state_dtypes_fixed_and_resume_bit_identical(b1):
   mid_state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), mid_state)
   mid_params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), mid_params)
   params2, state2 = _train(tx, 25, mid_state, mid_params, start=15)
-  for a, b in zip(
-      jax.tree.leaves((params, state)), jax.tree.leaves((params2, state2))
-  ):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal((params, state), (params2, state2))
 
 
 def test_bf16_state_works_as_scan_carry_with_bf16_params():
@@ -318,10 +311,11 @@ def test_ml_dtypes_bfloat16_is_jax_bfloat16():
 # rounding's derivative is the identity, so differentiating a step with
 # narrow states gives the float32 states' derivative evaluated at the
 # rounded values; once it was exactly zero (bfloat16) or raised (float16).
+# (mu_dtype, nu_dtype, stochastic_rounding)
 STATE_DTYPES = {
-    'bf16': (BF16, BF16),
-    'fp16_mu': (jnp.float16, None),
-    'bf16_rtn': (BF16, BF16),
+    'bf16': (BF16, BF16, True),
+    'fp16_mu': (jnp.float16, None, True),
+    'bf16_rtn': (BF16, BF16, False),
 }
 
 
@@ -345,11 +339,8 @@ def _second_update_of_first_gradient(mu_dtype, nu_dtype, stochastic=True):
 
 @pytest.mark.parametrize('states', list(STATE_DTYPES))
 def test_hypergradient_through_narrow_states(states):
-  mu_dtype, nu_dtype = STATE_DTYPES[states]
   g1 = jnp.array([1.0, -0.5, 0.25, 1.0])
-  narrow = _second_update_of_first_gradient(
-      mu_dtype, nu_dtype, stochastic=states != 'bf16_rtn'
-  )
+  narrow = _second_update_of_first_gradient(*STATE_DTYPES[states])
   wide = _second_update_of_first_gradient(None, None)
   jac = np.asarray(jax.jacrev(narrow)(g1))
   jac_fwd = np.asarray(jax.jacfwd(narrow)(g1))
@@ -382,7 +373,6 @@ def test_hypergradient_through_narrow_states(states):
 
 @pytest.mark.parametrize('states', list(STATE_DTYPES))
 def test_derivative_of_the_loss_after_training_by_learning_rate(states):
-  mu_dtype, nu_dtype = STATE_DTYPES[states]
   weights = jnp.arange(1.0, 4.0)
 
   def loss(p):
@@ -408,9 +398,7 @@ def test_derivative_of_the_loss_after_training_by_learning_rate(states):
     return loss(p)
 
   lr, h = 0.05, 1e-3
-  got = jax.grad(final_loss)(
-      lr, mu_dtype, nu_dtype, stochastic=states != 'bf16_rtn'
-  )
+  got = jax.grad(final_loss)(lr, *STATE_DTYPES[states])
   want = jax.grad(final_loss)(lr, None, None)
   fd = (final_loss(lr + h, None, None) - final_loss(lr - h, None, None)) / (
       2 * h
@@ -425,14 +413,13 @@ def test_derivative_of_the_loss_after_training_by_learning_rate(states):
 # rounding noise of a tensor does not average out. With one multiply and one
 # xorshift per element, 64 elements whose m1 rounds up with probability 0.27
 # had 19 times the binomial variance of the per-step fraction rounded up.
-def _fraction_rounded_up(update_counts, steps, n):
+def _fraction_rounded_up(steps, n):
   """Per step, the fraction of the ``n`` elements of each buffer rounded up.
 
   Each step starts from m1 = m2 = nu = 1 (bfloat16) at step count ``k`` and
   a gradient whose new m1, m2, nu lie 0.27, 0.27 and 0.54 of a bfloat16 gap
   above 1; it returns the exact fractions and the per-step fractions.
   """
-  del update_counts
   gap = 2.0**-7
   delta = np.float32(2.7 * gap)  # m1 = m2 = 1 + 0.1 delta with b1 = b3 = 0.9
   g = jnp.full((n,), 1.0 + delta, jnp.float32)
@@ -464,7 +451,7 @@ def _fraction_rounded_up(update_counts, steps, n):
 @pytest.mark.parametrize('n', [64, 1000])
 def test_rounding_is_independent_across_the_elements_of_a_step(n):
   steps = 2000
-  exact, fractions = _fraction_rounded_up(None, steps, n)
+  exact, fractions = _fraction_rounded_up(steps, n)
   for name, p in exact.items():
     f = fractions[name]
     binomial_var = p * (1 - p) / n
@@ -504,17 +491,11 @@ def test_rounding_bits_independent_across_elements(dtype, half):
   assert abs(f.mean() - p) < 4 * np.sqrt(binomial_var / steps)
 
 
-@pytest.mark.parametrize(
-    'factory',
-    [
-        lambda: amx.ademamix(1e-2),
-        lambda: amx.simplified_ademamix(1e-2),
-    ],
-)
+@pytest.mark.parametrize('factory', [amx.ademamix, amx.simplified_ademamix])
 def test_float16_params_get_a_float32_second_moment(factory):
   # In float16, (1 - b2) g**2 is 0 for |g| < 5.5e-3 and the update would be
   # m / eps: one step of lr 1e-2 at g = 1e-3 moved a parameter by -1000.
-  tx = factory()
+  tx = factory(1e-2)
   params = {'h': jnp.ones((4,), jnp.float16), 'b': jnp.ones((2,), BF16)}
   state = tx.init(params)
   nu = state[0].nu

@@ -20,11 +20,13 @@ import ademamix_optax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NAME = 'ademamix_optax'
+PROJECT = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
 # The dependencies whose oldest allowed versions CI installs.
 LOWER_BOUNDED = ('chex', 'flax', 'jax', 'numpy', 'optax', 'orbax-checkpoint')
 
 
-def _installed_files():
+@pytest.fixture(name='installed', scope='module')
+def _installed():
   """The installed distribution's files, if the package is imported from it."""
   try:
     dist = importlib.metadata.distribution(NAME)
@@ -45,11 +47,6 @@ def _installed_files():
   if os.environ.get('ADEMAMIX_OPTAX_TEST_INSTALLED') == '1':
     pytest.fail(reason)
   pytest.skip(reason)
-
-
-@pytest.fixture(name='installed', scope='module')
-def _installed():
-  return _installed_files()
 
 
 def test_imported_from_site_packages(installed):
@@ -114,9 +111,8 @@ def test_wheel_has_no_tests_or_examples(installed):
 
 def test_version_comes_from_the_package():
   """pyproject.toml takes the version from ``ademamix_optax.__version__``."""
-  project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
-  assert 'version' not in project
-  assert 'version' in project['dynamic']
+  assert 'version' not in PROJECT
+  assert 'version' in PROJECT['dynamic']
   assert re.fullmatch(r'\d+\.\d+\.\d+', ademamix_optax.__version__)
   try:
     installed = importlib.metadata.version(NAME)
@@ -134,9 +130,8 @@ def test_changelog_has_the_version():
 
 def _pyproject_bounds():
   """{name: oldest allowed version} over the dependencies and the extras."""
-  project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
-  reqs = list(project['dependencies'])
-  for extra in project['optional-dependencies'].values():
+  reqs = list(PROJECT['dependencies'])
+  for extra in PROJECT['optional-dependencies'].values():
     reqs += extra
   bounds = {}
   for req in map(requirements.Requirement, reqs):

@@ -163,26 +163,9 @@ def test_transform_matches_reference(name):
   params, grads = common.make_params(), _make_grads()
   got = common.run(amx.scale_by_ademamix(**kwargs), params, grads)
   want = ref.run_reference_direction(params, common.unstack(grads), **kwargs)
-  if kwargs.get('b1', 0.9) == 0.0:
-    assert got[2].m1 is None
+  if kwargs.get('b1', 0.9) == 0.0:  # Neither side stores the fast EMA.
+    assert got[2].m1 is None and all(m1 is None for m1 in want['m1'])
   _compare_history(got, want, ('updates', 'm1', 'm2', 'nu'), RTOL)
-
-
-def test_b1_zero_stores_no_fast_ema():
-  tx = amx.scale_by_ademamix(b1=0.0, b3=0.999, t_alpha_beta3=50)
-  params, grads = common.make_params(), _make_grads(n_steps=150)
-  state = tx.init(params)
-  assert state.m1 is None
-  got = common.run(tx, params, grads)
-  assert got[2].m1 is None
-  want = ref.run_reference_direction(
-      params, common.unstack(grads), b1=0.0, b3=0.999, t_alpha_beta3=50
-  )
-  assert all(m1 is None for m1 in want['m1'])
-  # Observed: updates 1e-5.
-  _compare_history(
-      got, want, ('updates', 'm1', 'm2', 'nu'), RTOL, steps=(1, 2, 50, 51, 150)
-  )
 
 
 def _quadratic_loss(params):
@@ -362,18 +345,6 @@ def test_narrow_parity_tells_rounding_modes_apart(name):
     _compare_history(
         got, want, ('params', 'updates', 'm1', 'm2', 'nu'), FLIP_RTOL
     )
-
-
-def test_bfloat16_state_update_does_not_warn():
-  """A bfloat16 state on a tree of three or more leaves emits no warning.
-
-  Regression: the stochastic-rounding seed once multiplied NumPy ``uint32``
-  scalars, which wrap with a RuntimeWarning from the third leaf on.
-  """
-  tx = amx.scale_by_ademamix(mu_dtype=jnp.bfloat16)
-  params = {'a': jnp.ones(2), 'b': jnp.ones(2), 'c': jnp.ones(2)}
-  updates, _ = jax.jit(tx.update)(params, tx.init(params))
-  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
 
 def _contrib_history(tx_ours, tx_theirs, params, grads):

@@ -12,6 +12,7 @@ import math
 import os
 
 import _parity_common as common
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,10 +146,8 @@ def test_transform_is_the_direction():
   _, updates, alias_state = common.run(
       amx.simplified_ademamix(learning_rate=0.5, **kwargs), params, grads
   )
-  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(updates)):
-    np.testing.assert_array_equal(-0.5 * a, b)
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(alias_state)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(jax.tree.map(lambda a: -0.5 * a, u), updates)
+  chex.assert_trees_all_equal(state, alias_state)
 
 
 def test_bias_correction1_sum_of_weights():
@@ -223,8 +222,7 @@ def test_equals_optax_contrib(name):
   p_o, u_o, state_o = common.run(
       optax.contrib.simplified_ademamix(**kwargs), params, grads
   )
-  for a, b in zip(jax.tree.leaves(state.m), jax.tree.leaves(state_o.m)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(state.m, state_o.m)
   for what, a, b, rtol in (
       ('params', p, p_o, 1e-6),
       ('updates', u, u_o, 1e-6),
@@ -446,15 +444,9 @@ def test_inject_hyperparams_matches_plain(name):
     updates_injected, state_injected = update_injected(
         grads, state_injected, params
     )
-    for a, b in zip(
-        jax.tree.leaves(updates_injected), jax.tree.leaves(updates)
-    ):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    chex.assert_trees_all_close(updates_injected, updates, rtol=1e-5, atol=1e-9)
     params = optax.apply_updates(params, updates)
-  for a, b in zip(
-      jax.tree.leaves(state_injected.inner_state), jax.tree.leaves(state)
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-5)
+  chex.assert_trees_all_close(state_injected.inner_state, state, rtol=1e-5)
 
 
 def test_injected_b1_can_change():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -379,9 +380,7 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
   curves = summary['curves']
   n_seeds = len(summary['seeds'])
   tokens = config.tokens_per_step
-  header = ['budget (steps)', 'tokens'] + [
-      report.label(n) for n in optimizers
-  ]
+  header = ['budget (steps)', 'tokens'] + [report.label(n) for n in optimizers]
   adamw = curves.get('adamw')
   others = [n for n in optimizers if n != 'adamw']
   if adamw is not None:
@@ -390,7 +389,9 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
         row['budget'] for row in adamw['budgets'] if row['val_losses']
     ]
     adamw_losses = [
-        _mean(row['val_losses']) for row in adamw['budgets'] if row['val_losses']
+        _mean(row['val_losses'])
+        for row in adamw['budgets']
+        if row['val_losses']
     ]
   rows = []
   for i, budget in enumerate(summary['budgets']):
@@ -423,15 +424,17 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
   time_rows = []
   for name in optimizers:
     times = curves[name]['ms_per_step']
-    time_rows.append([
-        report.label(name),
-        f'{np.median(times):.1f}' if times else '-',
-        f'{min(times):.1f}-{max(times):.1f}' if times else '-',
-        len(times),
-    ])
+    time_rows.append(
+        [
+            report.label(name),
+            f'{np.median(times):.1f}' if times else '-',
+            f'{min(times):.1f}-{max(times):.1f}' if times else '-',
+            len(times),
+        ]
+    )
   lines += [
       'Wall time per training step (ms), measured in this scan: the median '
-      'over runs of each run\'s mean step time, compilation, evaluation '
+      "over runs of each run's mean step time, compilation, evaluation "
       'and checkpoints left out.',
       '',
       shared_report.markdown_table(
@@ -462,7 +465,7 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
       'checkpoints included)'
       + (
           f'; 1-minute load average {load[0]:.2f}-{load[1]:.2f} at the '
-          'runs\' starts and ends'
+          "runs' starts and ends"
           if load
           else ''
       )
@@ -547,9 +550,7 @@ def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_xticks(x)
     ax.set_xticklabels([f'{a:g}' for a in sweep['alphas']])
     ax.set_xlabel('alpha')
-    ax.set_title(
-        f'Simplified AdEMAMix, {sweep["budget"]} steps', fontsize=9
-    )
+    ax.set_title(f'Simplified AdEMAMix, {sweep["budget"]} steps', fontsize=9)
     ax.grid(alpha=0.3)
   fig.tight_layout()
   shared_report.save_figure(fig, path, dpi=90)
@@ -641,7 +642,7 @@ def make_parser() -> argparse.ArgumentParser:
       '--sweep-budget',
       type=cli.positive_int,
       default=DEFAULT_SWEEP_BUDGET,
-      help='Steps of the sweep\'s runs. Default: 1000.',
+      help="Steps of the sweep's runs. Default: 1000.",
   )
   parser.add_argument(
       '--sweep-seeds',
@@ -725,7 +726,7 @@ def scan(
   start = time.perf_counter()
   workdir = shared_report.workdir_path(workdir)
   trained, skipped, results = [], [], []
-  say = lambda text: _say(out, text)
+  say = functools.partial(_say, out)
 
   def do(specs: list[RunSpec], what: str) -> None:
     for i, spec in enumerate(specs):

@@ -408,15 +408,21 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
           row.append(format_match(match, budget))
     rows.append(row)
   alpha = summary['simplified_alpha']
+  windows = config.eval_batches * config.batch
   lines = [
-      f'Final validation loss (nats per byte, {config.eval_batches * config.batch}'
-      ' held-out windows) after each budget: mean over seeds '
+      f'Final validation loss (nats per byte, {windows} held-out windows) '
+      'after each budget: mean over seeds '
       f'{", ".join(map(str, summary["seeds"]))} (min-max). Model: '
       f'd_model={config.d_model}, layers={config.layers}, '
       f'heads={config.heads}, context={config.context}, batch '
-      f'{config.batch} ({tokens:,} bytes a step); Simplified AdEMAMix alpha '
-      f'{alpha:g}. The AdamW budget to match is read off the AdamW curve '
-      '(mean over seeds), linear in log(budget) between the scanned budgets.',
+      f'{config.batch} ({tokens:,} bytes a step)'
+      + (
+          f'; Simplified AdEMAMix alpha {alpha:g}'
+          if 'simplified_ademamix' in optimizers
+          else ''
+      )
+      + '. The AdamW budget to match is read off the AdamW curve (mean over '
+      'seeds), linear in log(budget) between the scanned budgets.',
       '',
       shared_report.markdown_table(header, rows),
       '',
@@ -541,7 +547,8 @@ def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
       fontsize=9,
   )
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
   if sweep:
     ax = axes[0][1]
     x = np.arange(len(sweep['alphas']))

@@ -21,6 +21,8 @@ from examples.lm import configs
 from examples.lm import scan
 from examples.lm import train
 
+pytestmark = pytest.mark.slow
+
 _BUDGETS = (4, 6)
 _SEEDS = (0, 1)
 _ALPHAS = (0.0, 3.0)
@@ -210,7 +212,6 @@ def tiny_scan(tmp_path_factory: pytest.TempPathFactory) -> tuple:
   return workdir, summary, text
 
 
-@pytest.mark.slow
 def test_tiny_scan_end_to_end(tiny_scan):
   workdir, summary, text = tiny_scan
   alpha = summary['simplified_alpha']
@@ -248,7 +249,6 @@ def test_tiny_scan_end_to_end(tiny_scan):
   assert 'found finished' in text  # The sweep's best, reused by the scan.
 
 
-@pytest.mark.slow
 def test_rerun_skips_finished_runs(tiny_scan, monkeypatch):
   workdir, first, _ = tiny_scan
   results = sorted((workdir / 'runs').glob('*/result.json'))
@@ -278,7 +278,6 @@ def test_rerun_skips_finished_runs(tiny_scan, monkeypatch):
     )
 
 
-@pytest.mark.slow
 def test_a_changed_config_is_refused(tiny_scan):
   workdir, _, _ = tiny_scan
   with pytest.raises(Exception, match='another config'):
@@ -292,7 +291,6 @@ def test_a_changed_config_is_refused(tiny_scan):
     )
 
 
-@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
   steps_trained = []
   make_program = train.make_program

@@ -1,0 +1,867 @@
+"""The budgets scan: final validation loss against the length of training.
+
+``python -m examples.lm.scan`` from the repository root. Every (optimizer,
+budget, seed) is a full run of :func:`examples.lm.train.train_and_evaluate`
+with ``steps`` = the budget, so every schedule (the learning rate, and
+AdEMAMix's ``t_alpha_beta3`` and Simplified AdEMAMix's ``t_b1``, both wired
+to ``steps``) spans the whole run. Before the scan, an optional sweep of
+Simplified AdEMAMix's ``alpha`` at one budget picks the ``alpha`` the scan
+uses (``--alphas``).
+
+Each run lives in ``<workdir>/runs/<name>/`` and writes ``result.json`` when
+it is done. Rerunning the command skips the runs that have one; a run that
+was interrupted resumes from its latest checkpoint (every
+``checkpoint_every`` steps), exactly as ``python -m examples.lm --resume``
+does. Once the runs are done (or with ``--report-only``, from the ones that
+are), it writes ``scan.md`` (the tables), ``scan.png`` (the plot) and
+``scan.json`` (every run's numbers) to ``workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, NamedTuple, Optional, Sequence, TextIO
+
+import numpy as np
+
+from examples._shared import cli
+from examples._shared import report as shared_report
+from examples.lm import configs
+from examples.lm import report
+
+# Config fields that may differ between a finished run and the command that
+# finds it (they do not change the results).
+_IRRELEVANT = frozenset(
+    {'log_every', 'checkpoint_every', 'mesh_data', 'mesh_model'}
+)
+DEFAULT_BUDGETS = (500, 1000, 2000, 4000)
+DEFAULT_SEEDS = (0, 1)
+DEFAULT_ALPHAS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
+DEFAULT_SWEEP_BUDGET = 1000
+
+
+# ----------------------------------------------------------------------------
+# The runs.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One run of the scan or of the sweep.
+
+  Attributes:
+    optimizer: One of ``configs.OPTIMIZERS``.
+    steps: The budget.
+    seed: Seeds the init and the data order.
+    alpha: Simplified AdEMAMix's ``alpha``; ``None`` for the others.
+  """
+
+  optimizer: str
+  steps: int
+  seed: int
+  alpha: Optional[float] = None
+
+  @property
+  def name(self) -> str:
+    name = f'{self.optimizer}_steps{self.steps}_seed{self.seed}'
+    if self.alpha is not None:
+      name += f'_alpha{self.alpha:g}'
+    return name
+
+  def config(self, base: configs.Config) -> configs.Config:
+    changes = {}
+    if self.alpha is not None:
+      changes['simplified_alpha'] = self.alpha
+    return dataclasses.replace(
+        base,
+        steps=self.steps,
+        seed=self.seed,
+        optimizers=(self.optimizer,),
+        eval_every=self.steps,
+        **changes,
+    )
+
+
+def sweep_specs(
+    alphas: Sequence[float], budget: int, seeds: Sequence[int]
+) -> list[RunSpec]:
+  return [
+      RunSpec('simplified_ademamix', budget, seed, float(alpha))
+      for seed in seeds
+      for alpha in alphas
+  ]
+
+
+def scan_specs(
+    optimizers: Sequence[str],
+    budgets: Sequence[int],
+    seeds: Sequence[int],
+    simplified_alpha: float,
+) -> list[RunSpec]:
+  """Seed by seed, budget by budget: a partial scan is a whole curve."""
+  return [
+      RunSpec(
+          name,
+          budget,
+          seed,
+          float(simplified_alpha) if name == 'simplified_ademamix' else None,
+      )
+      for seed in seeds
+      for budget in sorted(budgets)
+      for name in optimizers
+  ]
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+  config = json.loads(json.dumps(config))
+  return {k: v for k, v in config.items() if k not in _IRRELEVANT}
+
+
+def load_result(
+    rundir: pathlib.Path, config: configs.Config
+) -> Optional[dict[str, Any]]:
+  """The finished run's ``result.json``; ``None`` if it has none.
+
+  Raises:
+    cli.UsageError: The run was made with another configuration.
+  """
+  path = rundir / 'result.json'
+  if not path.exists():
+    return None
+  result = json.loads(path.read_text())
+  saved = _comparable(result['config'])
+  current = _comparable(dataclasses.asdict(config))
+  if saved != current:
+    changes = ', '.join(
+        f'{k}: {saved.get(k)!r} -> {current.get(k)!r}'
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    )
+    raise cli.UsageError(
+        f'{path} was made with another config ({changes}); use another '
+        '--workdir.'
+    )
+  return result
+
+
+def run_one(
+    spec: RunSpec,
+    base: configs.Config,
+    workdir: pathlib.Path,
+    *,
+    stop_after: Optional[int] = None,
+) -> tuple[Optional[dict[str, Any]], bool]:
+  """Trains ``spec`` unless it is finished; resumes it if it was started.
+
+  Returns:
+    The run's result (``None`` if it stopped early: ``stop_after``) and
+    whether it was trained now (``False``: found finished).
+  """
+  from examples.lm import train  # pylint: disable=g-import-not-at-top
+
+  config = spec.config(base)
+  rundir = workdir / 'runs' / spec.name
+  result = load_result(rundir, config)
+  if result is not None:
+    return result, False
+  rundir.mkdir(parents=True, exist_ok=True)
+  load_before = os.getloadavg()[0]
+  start = time.perf_counter()
+  with open(rundir / 'train.log', 'a') as log:
+    out = train.train_and_evaluate(
+        config, rundir, resume=True, stop_after=stop_after, out=log
+    )
+  session_s = time.perf_counter() - start
+  run = out['runs'][spec.optimizer]
+  if run['step'] < config.steps:
+    return None, True
+  row = out['summary']['rows'][spec.optimizer]
+  steps_per_s = run['steps_per_s']
+  result = {
+      'name': spec.name,
+      'optimizer': spec.optimizer,
+      'steps': spec.steps,
+      'seed': spec.seed,
+      'alpha': spec.alpha,
+      'final_val_loss': row['final_val_loss'],
+      'final_train_loss': row['final_train_loss'],
+      'tokens': row['tokens'],
+      'num_params': run.get('num_params'),
+      # This session's training steps, compilation and evaluation excluded;
+      # None if the run was found at its last step.
+      'ms_per_step': None if steps_per_s is None else 1000 / steps_per_s,
+      'wall_time_s': row['wall_time_s'],  # All sessions, everything in.
+      'session_s': session_s,
+      'loadavg': [load_before, os.getloadavg()[0]],
+      'finished_at': _now(),
+      'config': dataclasses.asdict(config),
+  }
+  shared_report.write_json(rundir / 'result.json', result)
+  return result, True
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='seconds'
+  )
+
+
+def best_alpha(sweep: dict[float, list[float]]) -> Optional[float]:
+  """The ``alpha`` of the lowest mean loss (the smaller one on a tie)."""
+  done = {a: np.mean(v) for a, v in sweep.items() if v}
+  if not done:
+    return None
+  return min(done, key=lambda a: (done[a], a))
+
+
+# ----------------------------------------------------------------------------
+# Reading the AdamW curve.
+
+
+class Match(NamedTuple):
+  """The AdamW budget that reaches a loss.
+
+  Attributes:
+    relation: ``'='``: ``budget`` interpolated on the AdamW curve; ``'<'``:
+      AdamW's smallest budget (``budget``) already ends lower; ``'>'``:
+      AdamW never gets that low, up to its largest budget (``budget``).
+    budget: See ``relation``.
+  """
+
+  relation: str
+  budget: float
+
+
+def adamw_budget_to_match(
+    budgets: Sequence[int], losses: Sequence[float], target: float
+) -> Match:
+  """The AdamW budget whose final loss is ``target``, read off its curve.
+
+  The curve is piecewise linear in log(budget) between the scanned budgets;
+  the first crossing counts if it is not monotone.
+
+  Args:
+    budgets: AdamW's budgets, increasing.
+    losses: AdamW's final loss at each (e.g. the mean over seeds).
+    target: The loss to reach.
+  """
+  if list(budgets) != sorted(budgets) or len(budgets) != len(losses):
+    raise ValueError('budgets must increase, one loss each.')
+  if losses[0] < target:
+    return Match('<', float(budgets[0]))
+  if losses[0] == target:
+    return Match('=', float(budgets[0]))
+  for i in range(1, len(budgets)):
+    if losses[i] <= target:
+      b0, b1 = math.log(budgets[i - 1]), math.log(budgets[i])
+      l0, l1 = losses[i - 1], losses[i]
+      frac = (l0 - target) / (l0 - l1)
+      return Match('=', math.exp(b0 + frac * (b1 - b0)))
+  return Match('>', float(budgets[-1]))
+
+
+def format_match(match: Match, budget: int) -> str:
+  if match.relation == '<':
+    return f'< {match.budget:.0f} (AdamW at {match.budget:.0f} is lower)'
+  if match.relation == '>':
+    return f'not reached within {match.budget:.0f}'
+  return f'{match.budget:.0f} ({match.budget / budget:.2f}x)'
+
+
+# ----------------------------------------------------------------------------
+# The report.
+
+
+def summarize(
+    results: list[dict[str, Any]],
+    *,
+    optimizers: Sequence[str],
+    budgets: Sequence[int],
+    seeds: Sequence[int],
+    simplified_alpha: Optional[float],
+    sweep: Optional[dict[str, Any]],
+) -> dict[str, Any]:
+  """The numbers of the tables and the plot, JSON-friendly.
+
+  Args:
+    results: Every finished run's result (scan and sweep).
+    optimizers: The scan's.
+    budgets: The scan's.
+    seeds: The scan's.
+    simplified_alpha: The ``alpha`` of the scan's Simplified AdEMAMix.
+    sweep: ``{'budget', 'seeds', 'alphas'}`` of the sweep, or ``None``.
+  """
+  by_name = {r['name']: r for r in results}
+  curves: dict[str, dict[str, Any]] = {}
+  missing = []
+  for name in optimizers:
+    alpha = simplified_alpha if name == 'simplified_ademamix' else None
+    rows = []
+    for budget in sorted(budgets):
+      losses = []
+      for seed in seeds:
+        spec = RunSpec(name, budget, seed, alpha)
+        r = by_name.get(spec.name)
+        if r is None:
+          missing.append(spec.name)
+        else:
+          losses.append(r['final_val_loss'])
+      rows.append({'budget': budget, 'val_losses': losses})
+    times = [
+        r['ms_per_step']
+        for r in results
+        if r['optimizer'] == name
+        and r['ms_per_step'] is not None
+        and (name != 'simplified_ademamix' or r['alpha'] == alpha)
+    ]
+    curves[name] = {
+        'alpha': alpha,
+        'budgets': rows,
+        'ms_per_step': times,
+    }
+  summary: dict[str, Any] = {
+      'optimizers': list(optimizers),
+      'budgets': sorted(budgets),
+      'seeds': list(seeds),
+      'simplified_alpha': simplified_alpha,
+      'curves': curves,
+      'missing': missing,
+  }
+  if sweep is not None:
+    losses = {}
+    for alpha in sweep['alphas']:
+      losses[float(alpha)] = [
+          by_name[s.name]['final_val_loss']
+          for s in sweep_specs([alpha], sweep['budget'], sweep['seeds'])
+          if s.name in by_name
+      ]
+    summary['sweep'] = {
+        'budget': sweep['budget'],
+        'seeds': list(sweep['seeds']),
+        'alphas': [float(a) for a in sweep['alphas']],
+        'val_losses': [losses[float(a)] for a in sweep['alphas']],
+        'best_alpha': best_alpha(losses),
+    }
+  summary['runs_done'] = len(results)
+  summary['wall_time_s'] = float(sum(r['wall_time_s'] for r in results))
+  loads = [x for r in results for x in r['loadavg']]
+  summary['loadavg_range'] = [min(loads), max(loads)] if loads else None
+  params = {r['num_params'] for r in results if r.get('num_params')}
+  summary['num_params'] = sorted(params)
+  return summary
+
+
+def _mean(values: list[float]) -> Optional[float]:
+  return float(np.mean(values)) if values else None
+
+
+def _loss_cell(values: list[float], seeds: int) -> str:
+  if not values:
+    return '-'
+  text = f'{np.mean(values):.4f}'
+  if len(values) > 1:
+    text += f' ({min(values):.4f}-{max(values):.4f})'
+  if len(values) < seeds:
+    text += f' [{len(values)}/{seeds} seeds]'
+  return text
+
+
+def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
+  """The Markdown of ``scan.md``: losses, matches, times, sweep."""
+  optimizers = summary['optimizers']
+  curves = summary['curves']
+  n_seeds = len(summary['seeds'])
+  tokens = config.tokens_per_step
+  header = ['budget (steps)', 'tokens'] + [report.label(n) for n in optimizers]
+  adamw = curves.get('adamw')
+  others = [n for n in optimizers if n != 'adamw']
+  if adamw is not None:
+    header += [f'AdamW budget to match {report.label(n)}' for n in others]
+    adamw_budgets = [
+        row['budget'] for row in adamw['budgets'] if row['val_losses']
+    ]
+    adamw_losses = [
+        _mean(row['val_losses'])
+        for row in adamw['budgets']
+        if row['val_losses']
+    ]
+  rows = []
+  for i, budget in enumerate(summary['budgets']):
+    row: list[Any] = [budget, f'{budget * tokens:,}']
+    for name in optimizers:
+      row.append(_loss_cell(curves[name]['budgets'][i]['val_losses'], n_seeds))
+    if adamw is not None:
+      for name in others:
+        target = _mean(curves[name]['budgets'][i]['val_losses'])
+        if target is None or not adamw_budgets:
+          row.append('-')
+        else:
+          match = adamw_budget_to_match(adamw_budgets, adamw_losses, target)
+          row.append(format_match(match, budget))
+    rows.append(row)
+  alpha = summary['simplified_alpha']
+  windows = config.eval_batches * config.batch
+  lines = [
+      f'Final validation loss (nats per byte, {windows} held-out windows) '
+      'after each budget: mean over seeds '
+      f'{", ".join(map(str, summary["seeds"]))} (min-max). Model: '
+      f'd_model={config.d_model}, layers={config.layers}, '
+      f'heads={config.heads}, context={config.context}, batch '
+      f'{config.batch} ({tokens:,} bytes a step)'
+      + (
+          f'; Simplified AdEMAMix alpha {alpha:g}'
+          if 'simplified_ademamix' in optimizers
+          else ''
+      )
+      + '. The AdamW budget to match is read off the AdamW curve (mean over '
+      'seeds), linear in log(budget) between the scanned budgets.',
+      '',
+      shared_report.markdown_table(header, rows),
+      '',
+  ]
+  time_rows = []
+  for name in optimizers:
+    times = curves[name]['ms_per_step']
+    time_rows.append(
+        [
+            report.label(name),
+            f'{np.median(times):.1f}' if times else '-',
+            f'{min(times):.1f}-{max(times):.1f}' if times else '-',
+            len(times),
+        ]
+    )
+  lines += [
+      'Wall time per training step (ms), measured in this scan: the median '
+      "over runs of each run's mean step time, compilation, evaluation "
+      'and checkpoints left out.',
+      '',
+      shared_report.markdown_table(
+          ['optimizer', 'median ms/step', 'range over runs', 'runs'],
+          time_rows,
+      ),
+      '',
+  ]
+  if 'sweep' in summary:
+    sweep = summary['sweep']
+    sweep_rows = []
+    for a, losses in zip(sweep['alphas'], sweep['val_losses']):
+      mark = ' (best)' if a == sweep['best_alpha'] else ''
+      sweep_rows.append(
+          [f'{a:g}{mark}', _loss_cell(losses, len(sweep['seeds']))]
+      )
+    lines += [
+        f'Simplified AdEMAMix alpha sweep: {sweep["budget"]} steps, seeds '
+        f'{", ".join(map(str, sweep["seeds"]))}; final validation loss.',
+        '',
+        shared_report.markdown_table(['alpha', 'val loss'], sweep_rows),
+        '',
+    ]
+  load = summary['loadavg_range']
+  lines.append(
+      f'{summary["runs_done"]} runs, {summary["wall_time_s"] / 60:.1f} '
+      'minutes of run wall time in all (compilation, evaluation and '
+      'checkpoints included)'
+      + (
+          f'; 1-minute load average {load[0]:.2f}-{load[1]:.2f} at the '
+          "runs' starts and ends"
+          if load
+          else ''
+      )
+      + '.'
+  )
+  invocations = summary.get('invocations') or []
+  if invocations:
+    total = sum(e['elapsed_s'] for e in invocations)
+    lines.append(
+        f"The scan's command took {total / 60:.1f} minutes of wall time in "
+        f'{len(invocations)} invocation(s).'
+    )
+  if summary['missing']:
+    lines.append(
+        f'Missing ({len(summary["missing"])} runs): '
+        + ', '.join(summary['missing'])
+        + '.'
+    )
+  return '\n'.join(lines)
+
+
+_COLORS = {
+    'adamw': 'tab:blue',
+    'ademamix': 'tab:red',
+    'simplified_ademamix': 'tab:green',
+}
+
+
+def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
+  """Loss against budget (left); the alpha sweep (right), if any."""
+  sweep = summary.get('sweep')
+  fig, axes = shared_report.subplots(
+      1,
+      2 if sweep else 1,
+      figsize=(10, 3.8) if sweep else (6, 3.8),
+      gridspec_kw={'width_ratios': [2, 1]} if sweep else None,
+      squeeze=False,
+  )
+  ax = axes[0][0]
+  for name in summary['optimizers']:
+    curve = summary['curves'][name]
+    rows = [r for r in curve['budgets'] if r['val_losses']]
+    if not rows:
+      continue
+    x = [r['budget'] for r in rows]
+    text = report.label(name)
+    if curve['alpha'] is not None:
+      text += f' (alpha {curve["alpha"]:g})'
+    ax.plot(
+        x,
+        [np.mean(r['val_losses']) for r in rows],
+        'o-',
+        color=_COLORS.get(name),
+        label=text,
+    )
+    ax.fill_between(
+        x,
+        [min(r['val_losses']) for r in rows],
+        [max(r['val_losses']) for r in rows],
+        color=_COLORS.get(name),
+        alpha=0.2,
+        lw=0,
+    )
+  ax.set_xscale('log')
+  ax.set_xticks(summary['budgets'])
+  ax.set_xticklabels([str(b) for b in summary['budgets']])
+  ax.minorticks_off()
+  ax.set_xlabel('budget (steps; schedules span the run)')
+  ax.set_ylabel('final val loss (nats / byte)')
+  ax.set_title(
+      f'Byte-level LM: loss vs budget (mean, band: min-max over '
+      f'{len(summary["seeds"])} seeds)',
+      fontsize=9,
+  )
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
+  if sweep:
+    ax = axes[0][1]
+    x = np.arange(len(sweep['alphas']))
+    means = [np.mean(v) if v else np.nan for v in sweep['val_losses']]
+    ax.plot(x, means, 'o-', color=_COLORS['simplified_ademamix'])
+    ax.set_xticks(x)
+    ax.set_xticklabels([f'{a:g}' for a in sweep['alphas']])
+    ax.set_xlabel('alpha')
+    ax.set_title(f'Simplified AdEMAMix, {sweep["budget"]} steps', fontsize=9)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  shared_report.save_figure(fig, path, dpi=90)
+
+
+# ----------------------------------------------------------------------------
+# The command.
+
+
+def _int_list(text: str, minimum: int = 0) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in text.split(',') if v.strip())
+  except ValueError:
+    values = ()
+  if not values or min(values) < minimum or len(set(values)) != len(values):
+    raise argparse.ArgumentTypeError(
+        f'expected distinct integers >= {minimum}, comma-separated, got '
+        f'{text!r}'
+    )
+  return values
+
+
+def _budget_list(text: str) -> tuple[int, ...]:
+  return _int_list(text, minimum=1)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(v) for v in text.split(',') if v.strip())
+  except ValueError:
+    values = ()
+  if not values or min(values) < 0 or len(set(values)) != len(values):
+    raise argparse.ArgumentTypeError(
+        f'expected distinct numbers >= 0, comma-separated, got {text!r}'
+    )
+  return values
+
+
+def _optimizer_list(text: str) -> tuple[str, ...]:
+  values = tuple(v.strip() for v in text.split(',') if v.strip())
+  if not values or set(values) - set(configs.OPTIMIZERS):
+    raise argparse.ArgumentTypeError(
+        f'expected some of {",".join(configs.OPTIMIZERS)}, got {text!r}'
+    )
+  return values
+
+
+def make_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m examples.lm.scan',
+      description='Final validation loss against the training budget: '
+      'every (optimizer, budget, seed) a full run with its own schedules; '
+      'optionally a sweep of Simplified AdEMAMix alpha first, whose best '
+      'alpha the scan uses. Resumable: rerun the same command.',
+  )
+  parser.add_argument(
+      '--config',
+      choices=sorted(configs.SCAN_CONFIGS),
+      default='scan',
+      help='Base configuration. Default: scan.',
+  )
+  parser.add_argument(
+      '--budgets',
+      type=_budget_list,
+      default=DEFAULT_BUDGETS,
+      help='Steps of each run, comma-separated. Default: 500,1000,2000,4000.',
+  )
+  parser.add_argument(
+      '--seeds',
+      type=_int_list,
+      default=DEFAULT_SEEDS,
+      help='Seeds, comma-separated. Default: 0,1.',
+  )
+  parser.add_argument(
+      '--optimizers',
+      type=_optimizer_list,
+      default=configs.OPTIMIZERS,
+      help='Optimizers, comma-separated. Default: all three.',
+  )
+  parser.add_argument(
+      '--alphas',
+      type=_float_list,
+      default=None,
+      help='Sweep Simplified AdEMAMix alpha over these values first (e.g. '
+      '0,1,3,10,30,100), and scan with the best. Default: no sweep; the '
+      'scan uses --simplified-alpha.',
+  )
+  parser.add_argument(
+      '--sweep-budget',
+      type=cli.positive_int,
+      default=DEFAULT_SWEEP_BUDGET,
+      help="Steps of the sweep's runs. Default: 1000.",
+  )
+  parser.add_argument(
+      '--sweep-seeds',
+      type=_int_list,
+      default=(0,),
+      help='Seeds of the sweep. Default: 0.',
+  )
+  cli.add_config_flags(
+      parser,
+      configs.SCAN,
+      exclude=(
+          'steps',
+          'seed',
+          'optimizers',
+          'eval_every',
+          'mesh_data',
+          'mesh_model',
+      ),
+  )
+  parser.add_argument(
+      '--workdir',
+      default='runs/lm_scan',
+      help='Output directory. Default: runs/lm_scan.',
+  )
+  parser.add_argument(
+      '--report-only',
+      action='store_true',
+      help='Train nothing: write the report from the runs already finished.',
+  )
+  parser.add_argument(
+      '--stop-after',
+      type=cli.positive_int,
+      default=None,
+      help='Stop each run after this many steps (saving a checkpoint), as '
+      'if interrupted; rerun without it to finish.',
+  )
+  return parser
+
+
+def _say(out: TextIO, text: str) -> None:
+  out.write(text + '\n')
+  out.flush()
+
+
+def scan(
+    base: configs.Config,
+    workdir: str | os.PathLike[str],
+    *,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    optimizers: Sequence[str] = configs.OPTIMIZERS,
+    alphas: Optional[Sequence[float]] = None,
+    sweep_budget: int = DEFAULT_SWEEP_BUDGET,
+    sweep_seeds: Sequence[int] = (0,),
+    report_only: bool = False,
+    stop_after: Optional[int] = None,
+    out: TextIO = sys.stdout,
+) -> dict[str, Any]:
+  """Runs the sweep (if ``alphas``), then the scan; writes the report.
+
+  Args:
+    base: The configuration of every run but ``steps``, ``seed``,
+      ``optimizers`` and ``eval_every`` (= ``steps``).
+    workdir: Where the runs and the report go.
+    budgets: Steps of the scan's runs.
+    seeds: The scan's seeds.
+    optimizers: The scan's optimizers.
+    alphas: Simplified AdEMAMix alphas to sweep; the scan uses the best
+      (else ``base.simplified_alpha``).
+    sweep_budget: Steps of the sweep's runs.
+    sweep_seeds: The sweep's seeds.
+    report_only: Train nothing; report what is finished.
+    stop_after: Stop each run after this many steps, as if interrupted.
+    out: Where the progress lines go (each run's own log goes to its
+      directory's ``train.log``).
+
+  Returns:
+    The summary (see :func:`summarize`), with ``trained`` and ``skipped``
+    (the names of the runs trained now and of those found finished).
+  """
+  start = time.perf_counter()
+  workdir = shared_report.workdir_path(workdir)
+  trained, skipped, results = [], [], []
+  say = functools.partial(_say, out)
+
+  def do(specs: list[RunSpec], what: str) -> None:
+    for i, spec in enumerate(specs):
+      rundir = workdir / 'runs' / spec.name
+      if report_only:
+        result = load_result(rundir, spec.config(base))
+        if result is not None:
+          results.append(result)
+        continue
+      result, now = run_one(spec, base, workdir, stop_after=stop_after)
+      (trained if now else skipped).append(spec.name)
+      head = f'[{what} {i + 1}/{len(specs)}] {spec.name}:'
+      if result is None:
+        say(f'{head} stopped at --stop-after {stop_after}.')
+        continue
+      results.append(result)
+      ms = result['ms_per_step']
+      say(
+          f'{head} {"trained" if now else "found finished"}, val loss '
+          f'{result["final_val_loss"]:.4f}, '
+          + ('-' if ms is None else f'{ms:.1f}')
+          + f' ms/step, {result["wall_time_s"]:.0f}s, load '
+          f'{result["loadavg"][0]:.2f}-{result["loadavg"][1]:.2f}'
+      )
+
+  sweep = None
+  alpha = base.simplified_alpha
+  if alphas:
+    sweep = {'budget': sweep_budget, 'seeds': sweep_seeds, 'alphas': alphas}
+    do(sweep_specs(alphas, sweep_budget, sweep_seeds), 'sweep')
+    losses = {
+        float(a): [
+            r['final_val_loss']
+            for r in results
+            if r['optimizer'] == 'simplified_ademamix'
+            and r['alpha'] == float(a)
+            and r['steps'] == sweep_budget
+            and r['seed'] in sweep_seeds
+        ]
+        for a in alphas
+    }
+    complete = all(len(v) == len(sweep_seeds) for v in losses.values())
+    if not complete and not report_only:
+      say('The sweep is not finished; no scan yet.')
+      return {'trained': trained, 'skipped': skipped, 'finished': False}
+    found = best_alpha(losses)
+    if found is None:
+      say('No sweep run finished; nothing to report.')
+      return {'trained': trained, 'skipped': skipped, 'finished': False}
+    alpha = found
+    say(f'Best Simplified AdEMAMix alpha at {sweep_budget} steps: {alpha:g}')
+  specs = scan_specs(optimizers, budgets, seeds, alpha)
+  do(specs, 'scan')
+  # A sweep run may also be a scan run: count it once.
+  results = list({r['name']: r for r in results}.values())
+  summary = summarize(
+      results,
+      optimizers=optimizers,
+      budgets=budgets,
+      seeds=seeds,
+      simplified_alpha=alpha,
+      sweep=sweep,
+  )
+  summary['finished'] = not summary['missing']
+  elapsed = time.perf_counter() - start
+  if not report_only:
+    _log_invocation(workdir, elapsed, trained)
+  summary['invocations'] = _read_invocations(workdir)
+  tables = scan_tables(summary, base)
+  shared_report.write_json(
+      workdir / 'scan.json',
+      {
+          'config': dataclasses.asdict(base),
+          'environment': shared_report.environment(),
+          'summary': summary,
+          'runs': sorted(results, key=lambda r: r['name']),
+      },
+  )
+  plot_scan(summary, workdir / 'scan.png')
+  (workdir / 'scan.md').write_text(tables + '\n')
+  say('')
+  say(tables)
+  say(
+      f'\nWrote {workdir}/scan.md, scan.png, scan.json; this invocation '
+      f'{elapsed:.0f}s ({len(trained)} runs trained, {len(skipped)} found '
+      'finished).'
+  )
+  return {**summary, 'trained': trained, 'skipped': skipped}
+
+
+def _log_invocation(
+    workdir: pathlib.Path, elapsed: float, trained: list[str]
+) -> None:
+  """Appends this invocation's wall time to ``invocations.json``."""
+  entries = _read_invocations(workdir)
+  entries.append(
+      {'ended_at': _now(), 'elapsed_s': elapsed, 'runs_trained': len(trained)}
+  )
+  shared_report.write_json(workdir / 'invocations.json', entries)
+
+
+def _read_invocations(workdir: pathlib.Path) -> list[dict[str, Any]]:
+  path = workdir / 'invocations.json'
+  return json.loads(path.read_text()) if path.exists() else []
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  parser = make_parser()
+  args = parser.parse_args(argv)
+  if args.alphas is not None and 'simplified_alpha' in vars(args):
+    parser.error('--simplified-alpha and --alphas exclude each other.')
+  base = cli.config_from_args(parser, args, configs.SCAN_CONFIGS[args.config])
+  try:
+    return scan(
+        base,
+        args.workdir,
+        budgets=args.budgets,
+        seeds=args.seeds,
+        optimizers=args.optimizers,
+        alphas=args.alphas,
+        sweep_budget=args.sweep_budget,
+        sweep_seeds=args.sweep_seeds,
+        report_only=args.report_only,
+        stop_after=args.stop_after,
+    )
+  except cli.UsageError as e:
+    parser.error(str(e))
+
+
+if __name__ == '__main__':
+  main()

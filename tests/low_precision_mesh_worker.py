@@ -42,7 +42,11 @@ def main() -> None:
       'v': jnp.linspace(0, 1, 16),
   }
   single = run(base)
-  mesh = jax.make_mesh((4, 2), ('data', 'model'))
+  mesh = jax.make_mesh(
+      (4, 2),
+      ('data', 'model'),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
   with jax.set_mesh(mesh):
     sharded = {
         'w': jax.device_put(base['w'], NamedSharding(mesh, P('data', 'model'))),

@@ -10,6 +10,7 @@ import os
 import pathlib
 import platform
 import sys
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -175,6 +176,20 @@ def make_step(tx: optax.GradientTransformation, name: str) -> Any:
 
   step.__name__ = step.__qualname__ = name
   return jax.jit(step, donate_argnums=(0, 1))
+
+
+def lower_and_compile(
+    tx: optax.GradientTransformation, specs: Any, name: str
+) -> tuple[float, float]:
+  """Seconds to lower and to compile ``tx``'s step on ``specs``, from a fresh
+  ``jax.jit`` (see :func:`make_step`)."""
+  state = jax.eval_shape(tx.init, specs)
+  fn = make_step(tx, name)
+  start = time.perf_counter()
+  lowered = fn.lower(specs, state, specs)
+  middle = time.perf_counter()
+  lowered.compile()
+  return middle - start, time.perf_counter() - middle
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -70,18 +69,6 @@ def import_baseline(revision: str, directory: str) -> Any:
     sys.path.remove(str(root))
 
 
-def lower_and_compile(module: Any, kwargs: dict, specs: Any, name: str):
-  """Seconds to lower and to compile ``module``'s step on ``specs``."""
-  tx = module.ademamix(C.LEARNING_RATE, weight_decay=C.WEIGHT_DECAY, **kwargs)
-  state = jax.eval_shape(tx.init, specs)
-  fn = C.make_step(tx, name)
-  start = time.perf_counter()
-  lowered = fn.lower(specs, state, specs)
-  middle = time.perf_counter()
-  lowered.compile()
-  return middle - start, time.perf_counter() - middle
-
-
 def run(baseline: Any, specs: Any, rounds: int) -> dict[str, Any]:
   """Both versions' times for every configuration, ``rounds`` times."""
   times: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -92,8 +79,11 @@ def run(baseline: Any, specs: Any, rounds: int) -> dict[str, Any]:
       for version, module in versions if r % 2 == 0 else versions[::-1]:
         gc.collect()
         name = f'step_{version}_{k}_{r}'
+        tx = module.ademamix(
+            C.LEARNING_RATE, weight_decay=C.WEIGHT_DECAY, **kwargs
+        )
         times.setdefault((config, version), []).append(
-            lower_and_compile(module, kwargs, specs, name)
+            C.lower_and_compile(tx, specs, name)
         )
   rows = []
   for config in CONFIGS:

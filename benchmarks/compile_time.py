@@ -19,7 +19,6 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -27,18 +26,6 @@ import jax
 from benchmarks import _common as C
 
 REFERENCE = 'contrib'
-
-
-def compile_once(key: str, specs: Any, name: str) -> tuple[float, float]:
-  """Seconds to lower and to compile ``key``'s step on ``specs``."""
-  tx = C.make_tx(key)
-  state = jax.eval_shape(tx.init, specs)
-  fn = C.make_step(tx, name)
-  start = time.perf_counter()
-  lowered = fn.lower(specs, state, specs)
-  middle = time.perf_counter()
-  lowered.compile()
-  return middle - start, time.perf_counter() - middle
 
 
 def run(specs: Any, rounds: int) -> dict[str, Any]:
@@ -51,7 +38,7 @@ def run(specs: Any, rounds: int) -> dict[str, Any]:
       print(f'round {r + 1}/{rounds}', file=sys.stderr, flush=True)
       for key in keys if r % 2 == 0 else keys[::-1]:
         gc.collect()
-        lo, co = compile_once(key, specs, f'step_{key}_{r}')
+        lo, co = C.lower_and_compile(C.make_tx(key), specs, f'step_{key}_{r}')
         lower[key].append(lo)
         compile_[key].append(co)
   rows = []

@@ -109,23 +109,6 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        integers=(
-            'max_bytes',
-            'd_model',
-            'layers',
-            'heads',
-            'context',
-            'mlp_ratio',
-            'steps',
-            'batch',
-            'seed',
-            'eval_every',
-            'eval_batches',
-            'log_every',
-            'checkpoint_every',
-            'mesh_data',
-            'mesh_model',
-        ),
         positive=(
             'max_bytes',
             'd_model',

@@ -105,8 +105,11 @@ def _spec_axes(entry: Any) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def element_index(g: jax.Array, spec: Optional[PartitionSpec]) -> jax.Array:
-  r"""The uint32 index that seeds the rounding bits of each element of ``g``.
+def element_index(
+    g: jax.Array, spec: Optional[PartitionSpec]
+) -> tuple[jax.Array, int]:
+  r"""The uint32 index that seeds the rounding bits of each element of ``g``,
+  and the number of indices there are (a static bound on them).
 
   Outside :func:`jax.shard_map` (and along any axis that is not manual), the
   element's row-major index in the whole leaf: the same under any sharding.
@@ -122,16 +125,17 @@ def element_index(g: jax.Array, spec: Optional[PartitionSpec]) -> jax.Array:
   with ``psum``) gets the same bits on every shard, so its copies stay equal.
   """
   manual = _manual_axes()
+  size = math.prod(g.shape)
   if not manual:
-    return _rounding.flat_index(g.shape)
+    return _rounding.flat_index(g.shape), size
   if spec is None:
     varying = _varying_axes(g)
     axes = [a for a in manual if a in varying]
     index = _rounding.flat_index(g.shape)
     if not axes:
-      return index
-    pos, _ = _position(axes)
-    return index + pos * np.uint32(math.prod(g.shape) % (1 << 32))
+      return index, size
+    pos, count = _position(axes)
+    return index + pos * np.uint32(size % (1 << 32)), size * count
   entries = tuple(spec) + (None,) * (g.ndim - len(spec))
   if len(entries) > g.ndim:
     raise ValueError(
@@ -144,7 +148,8 @@ def element_index(g: jax.Array, spec: Optional[PartitionSpec]) -> jax.Array:
     pos, count = _position(axes)
     global_shape.append(size * count)
     offsets.append(pos * np.uint32(size % (1 << 32)))
-  return _rounding.flat_index(tuple(global_shape), g.shape, offsets)
+  index = _rounding.flat_index(tuple(global_shape), g.shape, offsets)
+  return index, math.prod(global_shape)
 
 
 def _specs_for(specs: Any, treedef: Any, n: int) -> list:
@@ -211,7 +216,8 @@ def map_leaves(
 
     @functools.cache  # m1 and m2 read the same stream.
     def bits(stream, i=i, index=index):
-      return _rounding.mix_index(index(), keys[i][stream])
+      element, size = index()
+      return _rounding.mix_index(element, keys[i][stream], size)
 
     out.append(leaf_fn(*args, s, stochastic=stochastic, bits=bits))
   return join_leaves(treedef, out, buffers)

@@ -25,8 +25,18 @@ SPECS = {
     'scale': P(),
     'v': P(None, 'model'),
     'r': P('data'),
+    'big': P('data'),
 }
-SHAPES = {'w': (8, 6), 'b': (4,), 'scale': (3,), 'v': (5, 4), 'r': (12, 2)}
+# 'big' has more than 2**16 elements, each of its shards fewer: its rounding
+# bits hash indices of 17 bits, which a shard's own size would not bound.
+SHAPES = {
+    'w': (8, 6),
+    'b': (4,),
+    'scale': (3,),
+    'v': (5, 4),
+    'r': (12, 2),
+    'big': (1024, 80),
+}
 CONFIGS = {
     'warmup_decay': dict(
         learning_rate=1e-2,
@@ -34,7 +44,14 @@ CONFIGS = {
         alpha=8.0,
         weight_decay=0.1,
         t_alpha_beta3=3,
-        mask={'w': True, 'b': False, 'scale': False, 'v': True, 'r': True},
+        mask={
+            'w': True,
+            'b': False,
+            'scale': False,
+            'v': True,
+            'r': True,
+            'big': True,
+        },
     ),
     'b1_zero_bf16': dict(
         learning_rate=1e-2,
@@ -213,14 +230,14 @@ def element_indices(mesh):
   out = {}
   for name, spec in (('default', None), ('with_spec', P('data', 'model'))):
     fn = jax.shard_map(
-        lambda g, spec=spec: _leaves.element_index(g, spec),
+        lambda g, spec=spec: _leaves.element_index(g, spec)[0],
         mesh=mesh,
         in_specs=P('data', 'model'),
         out_specs=P('data', 'model'),
     )
     out[name] = np.asarray(jax.jit(fn)(x)).tolist()
   replicated = jax.shard_map(
-      lambda g: _leaves.element_index(g, None)[None],
+      lambda g: _leaves.element_index(g, None)[0][None],
       mesh=mesh,
       in_specs=P(),
       out_specs=P(('data', 'model')),
@@ -309,8 +326,8 @@ def main():
         for f, t in buffers(compiled.output_shardings).items()
     }
     m2 = buffers(state)['m2']
-    res['shard_map_m2'] = host(m2)
-    res['reference_m2'] = host(reference[1]['m2'])
+    res['shard_map_m2'] = {'w': host(m2['w'])}
+    res['reference_m2'] = {'w': host(reference[1]['m2']['w'])}
   out['indices'] = element_indices(auto)
   # Simplified AdEMAMix shares the machinery: the same guarantee in shard_map.
   kwargs = dict(

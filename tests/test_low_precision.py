@@ -221,6 +221,86 @@ def test_stochastic_round_derivative_is_round_to_nearest_s(dtype):
   np.testing.assert_array_equal(grad, np.ones(4, np.float32))
 
 
+def _lowbias32(x):
+  """The "lowbias32" avalanche hash, in NumPy's wrapping uint32 arithmetic."""
+  x = x ^ (x >> np.uint32(16))
+  x = x * np.uint32(0x7FEB352D)
+  x = x ^ (x >> np.uint32(15))
+  x = x * np.uint32(0x846CA68B)
+  return x ^ (x >> np.uint32(16))
+
+
+def _documented_bits(t, leaf, stream, size):
+  """The rounding bits the module docstring of _rounding describes, written
+  independently: a key mixed twice from (step, leaf, stream), and each
+  element's bits the hash of its row-major index xor the key."""
+  seed = (t * 0x9E3779B1 + leaf * 0x85EBCA77 + stream * 0xC2B2AE3D) % 2**32
+  key = _lowbias32(_lowbias32(np.array([seed], np.uint32)))
+  return _lowbias32(np.arange(size, dtype=np.uint32) ^ key)
+
+
+# Around 2**16 elements, where the package stops leaving out the index's
+# share of the hash's first xorshift (its high half is zero below).
+HASH_SHAPES = ((3, 5), (256, 256), (257, 256), (70_000,))
+
+
+@pytest.mark.parametrize('shape', HASH_SHAPES, ids=str)
+def test_random_bits_are_the_documented_hash(shape):
+  for t, leaf, stream in ((1, 0, 0), (7, 3, 1), (123_456, 40, 0)):
+    got = _rounding.random_bits(shape, _rounding.stream_key(t, leaf, stream))
+    want = _documented_bits(t, leaf, stream, int(np.prod(shape)))
+    np.testing.assert_array_equal(np.asarray(got).ravel(), want)
+
+
+def _bf16_stochastic(x, bits):
+  """bfloat16 stochastic rounding as documented: 16 random bits added to the
+  float32 pattern, which is then cut to its high half."""
+  raw = np.asarray(x, np.float32).view(np.uint32)
+  cut = (raw + (bits >> np.uint32(16))) & np.uint32(0xFFFF0000)
+  return cut.view(np.float32).astype(ml_dtypes.bfloat16)
+
+
+def test_first_step_rounds_with_the_documented_bits():
+  """A whole jitted step: each leaf's stored bfloat16 moments are its EMAs
+  rounded with the documented bits of its stream (m1 the high half of stream
+  0, m2 the low half, nu stream 1), whatever the leaf's size."""
+  b1, b2, b3 = 0.9, 0.999, 0.99
+  rng = np.random.default_rng(3)
+  grads = [rng.standard_normal(s).astype(np.float32) for s in HASH_SHAPES]
+  tx = amx.scale_by_ademamix(
+      b1, b2, b3, mu_dtype=BF16, nu_dtype=BF16, stochastic_rounding=True
+  )
+  state = tx.init(grads)
+  _, state = jax.jit(tx.update)(grads, state)
+  for leaf, g in enumerate(grads):
+    bits0, bits1 = (_documented_bits(1, leaf, k, g.size) for k in (0, 1))
+    want = {
+        'm1': _bf16_stochastic(np.float32(1 - b1) * g.ravel(), bits0),
+        'm2': _bf16_stochastic(
+            np.float32(1 - b3) * g.ravel(), bits0 << np.uint32(16)
+        ),
+        'nu': _bf16_stochastic(np.float32(1 - b2) * (g * g).ravel(), bits1),
+    }
+    for name, value in want.items():
+      got = np.asarray(getattr(state, name)[leaf]).ravel()
+      np.testing.assert_array_equal(
+          got.view(np.uint16), value.view(np.uint16), err_msg=name
+      )
+
+
+def test_rounding_is_traced_once_per_shape_and_dtype():
+  """Every buffer of one shape and dtype is rounded by the same traced
+  function (one jaxpr object), so its lowering is done once and looked up
+  after: 12 leaves of 3 shapes, 36 roundings, 3 traces."""
+  shapes = [(8,), (4, 6), (5, 5, 2)] * 4
+  grads = [jnp.ones(s) for s in shapes]
+  tx = amx.scale_by_ademamix(mu_dtype=BF16, nu_dtype=BF16)
+  jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(grads))
+  calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'custom_jvp_call']
+  assert len(calls) == 3 * len(shapes)
+  assert len({id(e.params['call_jaxpr']) for e in calls}) == 3
+
+
 def test_random_bits_look_uniform_and_differ_between_streams():
   a, b, c = (
       np.asarray(_rounding.random_bits((256, 256), _rounding.stream_key(*k)))

@@ -21,6 +21,7 @@ PARAM_SPECS = {
     'scale': [None],
     'v': [None, 'model'],
     'r': ['data', None],
+    'big': ['data', None],
 }
 
 
@@ -99,7 +100,7 @@ def test_shard_map_without_specs(result, config):
   diffs = result['configs'][config]['shard_map_default_diff']
   # Leaves split along their first dimension only, or not at all, get the
   # global indices, hence the global run's bits.
-  for leaf in ('r', 'b', 'scale'):
+  for leaf in ('r', 'big', 'b', 'scale'):
     assert diffs[leaf] == 0.0, leaf
   if config == 'warmup_decay':  # float32 states: nothing is rounded.
     assert max(diffs.values()) == 0.0

@@ -44,14 +44,7 @@ CONFIGS = {
         alpha=8.0,
         weight_decay=0.1,
         t_alpha_beta3=3,
-        mask={
-            'w': True,
-            'b': False,
-            'scale': False,
-            'v': True,
-            'r': True,
-            'big': True,
-        },
+        mask={k: k not in ('b', 'scale') for k in SHAPES},
     ),
     'b1_zero_bf16': dict(
         learning_rate=1e-2,

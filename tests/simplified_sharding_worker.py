@@ -40,7 +40,7 @@ CONFIGS = {
         t_b1=3,
         bias_correction1=True,
         weight_decay=0.1,
-        mask={'w': True, 'b': False, 'scale': False, 'v': True, 'r': True},
+        mask={k: k not in ('b', 'scale') for k in SHAPES},
     ),
     'bf16': dict(
         learning_rate=1e-2,

@@ -125,17 +125,17 @@ def element_index(
   with ``psum``) gets the same bits on every shard, so its copies stay equal.
   """
   manual = _manual_axes()
-  size = math.prod(g.shape)
+  n = math.prod(g.shape)  # This block's elements (see above).
   if not manual:
-    return _rounding.flat_index(g.shape), size
+    return _rounding.flat_index(g.shape), n
   if spec is None:
     varying = _varying_axes(g)
     axes = [a for a in manual if a in varying]
     index = _rounding.flat_index(g.shape)
     if not axes:
-      return index, size
+      return index, n
     pos, count = _position(axes)
-    return index + pos * np.uint32(size % (1 << 32)), size * count
+    return index + pos * np.uint32(n % (1 << 32)), n * count
   entries = tuple(spec) + (None,) * (g.ndim - len(spec))
   if len(entries) > g.ndim:
     raise ValueError(

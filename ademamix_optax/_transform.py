@@ -2,7 +2,7 @@ r"""The AdEMAMix gradient transformation."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -172,36 +172,6 @@ def scale_by_ademamix(
     Pagliardini et al, `The AdEMAMix Optimizer: Better, Faster, Older
     <https://arxiv.org/abs/2409.03137>`_, 2024
   """
-  return build(
-      b1,
-      b2,
-      b3,
-      alpha,
-      eps,
-      eps_root,
-      mu_dtype,
-      t_alpha_beta3,
-      nu_dtype,
-      stochastic_rounding,
-      partition_specs,
-  )
-
-
-def build(
-    b1,
-    b2,
-    b3,
-    alpha,
-    eps,
-    eps_root,
-    mu_dtype,
-    t_alpha_beta3,
-    nu_dtype,
-    stochastic_rounding,
-    partition_specs,
-    map_leaves: Callable[..., Any] = _leaves.map_leaves,
-) -> optax.GradientTransformation:
-  """:func:`scale_by_ademamix` with another way to map the leaves."""
   _validation.check_interval('b1', b1, low=0.0, high=1.0)
   _validation.check_interval('b2', b2, low=0.0, high=1.0)
   _validation.check_interval('b3', b3, low=0.0, high=1.0, schedule=True)
@@ -249,7 +219,7 @@ def build(
         eps=eps,
         eps_root=eps_root,
     )
-    u, (m1, m2, nu) = map_leaves(
+    u, (m1, m2, nu) = _leaves.map_leaves(
         _update.leaf_update,
         scalars,
         updates,

@@ -34,7 +34,7 @@ extensions = [
 
 # The API pages: every name of each module's __all__ (docs/_ext/amx_docs.py).
 # A module that does not exist yet is skipped.
-amx_api_modules = ['ademamix_optax', 'ademamix_optax.experimental']
+amx_api_modules = ['ademamix_optax']
 # Markdown files of the repository shown as they are, each at its own path
 # under docs/ (so that the links between them, and from the README, work).
 amx_mirrored_folders = ['examples', 'benchmarks']

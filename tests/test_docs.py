@@ -23,7 +23,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / 'docs'
 # The modules whose __all__ the API reference documents (docs/conf.py).
-API_MODULES = ('ademamix_optax', 'ademamix_optax.experimental')
+API_MODULES = ('ademamix_optax',)
 _DOCS_PACKAGES = ('sphinx', 'furo', 'myst_parser', 'sphinx-mathjax-offline')
 
 

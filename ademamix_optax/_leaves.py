@@ -7,8 +7,9 @@ them:
 
 * **Buffers sharded like their parameters** (:func:`zeros_like`): a zero
   buffer does not depend on its parameter's values, so under :func:`jax.jit`
-  on a mesh of ``Auto`` axes nothing would tell XLA where to put it;
-  ``shard_alike`` ties each buffer to its parameter's sharding.
+  on a mesh of ``Auto`` axes nothing would tell XLA where to put it; each
+  buffer is computed from its parameter (see :func:`zeros_reading`), so
+  that sharding propagation places it like the parameter.
 * **Global element indices** (:func:`element_index`): the rounding bits
   hash each element's row-major index in its leaf, the step and the leaf's
   position. Under ``jit`` the arrays are global and so are the indices,
@@ -27,7 +28,6 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-from jax.experimental.shard_alike import shard_alike
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -61,13 +61,30 @@ def zeros_like(
     leaf_dtype = dtype
     if leaf_dtype is None and squares:
       leaf_dtype = _validation.second_moment_dtype(p.dtype)
-    z = jnp.zeros_like(p, dtype=leaf_dtype)
     if isinstance(p, jax.Array) and _manual_axes() == ():
       # Only outside shard_map: there every array is a local block anyway.
-      z, _ = shard_alike(z, p)
-    return z
+      return zeros_reading(p, leaf_dtype)
+    return jnp.zeros_like(p, dtype=leaf_dtype)
 
   return jax.tree.map(zeros, params)
+
+
+def zeros_reading(p: jax.Array, dtype: Optional[jnp.dtype]) -> jax.Array:
+  """Zeros like ``p`` (in ``dtype`` if given), computed from ``p``.
+
+  ``jnp.zeros_like(p)`` is a constant: under :func:`jax.jit` on a mesh of
+  ``Auto`` axes its sharding is left to XLA, which puts it on one device.
+  An expression of ``p`` is placed like ``p`` by sharding propagation; this
+  one is zero for every value of ``p`` (``x & ~x``, with ``x`` the NaN mask
+  of a floating ``p`` or the bits of an integer one) and is not folded
+  into a constant before propagation, as ``x ^ x`` or ``x & 0`` are. A
+  public stand-in for ``shard_alike``, which left ``jax.experimental`` in
+  jax 0.11.2; ``tests/test_sharding.py`` checks the placement on every
+  supported JAX.
+  """
+  x = jax.lax.ne(p, p) if jnp.issubdtype(p.dtype, jnp.inexact) else p
+  zero = jax.lax.bitwise_and(x, jax.lax.bitwise_not(x))
+  return zero.astype(p.dtype if dtype is None else dtype)
 
 
 def _manual_axes() -> tuple[str, ...]:

@@ -166,12 +166,21 @@ def random_bits(shape: tuple[int, ...], key: jax.Array) -> jax.Array:
   return mix_index(flat_index(shape), key, math.prod(shape))
 
 
+@functools.cache
 def unsupported_reason(dtype: jnp.dtype) -> Optional[str]:
-  """Why :func:`stochastic_round` cannot round to ``dtype``, or ``None``.
+  """Why :func:`stochastic_round` cannot store a moment in ``dtype``, or
+  ``None``.
 
-  It serves the floating dtypes narrower than 32 bits that have a sign, a
-  zero and a NaN and that XLA converts to and from float32: bfloat16,
-  float16 and the float8 formats but one.
+  Judged by the format's properties, not by a list, so that a format JAX
+  adds later is judged without a change here. Every floating dtype of 32
+  bits or more serves. A narrower one must have a sign (moments are signed:
+  :func:`jax.numpy.finfo`'s ``min`` below 0), a zero and a NaN (a NaN stored
+  in a format without one reads back as a number, hiding a divergence),
+  both checked by converting them to the format and back in NumPy, and XLA
+  must convert float32 to and from it on the default backend (checked once
+  by compiling the conversion). That leaves bfloat16, float16 and the float8
+  formats with a sign; the float4 and float6 formats (no NaN),
+  ``float8_e8m0fnu`` and the unsigned ``float8_e5m3fnu`` are refused.
   """
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -179,18 +188,33 @@ def unsupported_reason(dtype: jnp.dtype) -> Optional[str]:
   info = jnp.finfo(dtype)
   if info.bits >= 32:
     return None
-  if info.nmant < 1:
-    # float8_e8m0fnu: powers of two only, no sign, no zero.
-    return f'{dtype} has no sign and no zero'
-  if info.bits < 8 and info.bits != 4:
-    return f'XLA cannot convert to or from {dtype}'
-  if info.bits == 4:
-    # float4_e2m1fn: a NaN converts to -0.0, infinities to 6.
+  if not float(info.min) < 0:
+    return f'{dtype} has no sign, and moments are signed'
+  zero, nan = (
+      np.array([0.0, np.nan], np.float32).astype(dtype).astype(np.float32)
+  )
+  if zero != 0:
+    return f'{dtype} has no zero'
+  if not np.isnan(nan):
     return (
-        f'{dtype} has no NaN and no infinity: a NaN stored in it reads '
-        'back as zero, hiding a divergence'
+        f'{dtype} has no NaN: a NaN stored in it reads back as {nan}, '
+        'hiding a divergence'
     )
+  if not _xla_converts(dtype):
+    return f'XLA cannot convert to or from {dtype} on this backend'
   return None
+
+
+def _xla_converts(dtype: jnp.dtype) -> bool:
+  """Whether XLA compiles a conversion of float32 to ``dtype`` and back."""
+  convert = jax.jit(lambda x: x.astype(dtype).astype(jnp.float32))
+  try:
+    convert.lower(jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+  except Exception:  # pylint: disable=broad-except
+    # XLA reports an unsupported type as a lowering or a runtime error,
+    # depending on the version and the backend.
+    return False
+  return True
 
 
 def _pow2(exponent: jax.Array) -> jax.Array:

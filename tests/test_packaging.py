@@ -6,6 +6,7 @@ wheel job of ``.ci/run`` sets ``ADEMAMIX_OPTAX_TEST_INSTALLED=1``, which turns
 that skip into a failure. The other checks run everywhere.
 """
 
+import ast
 import importlib.metadata
 import os
 import pathlib
@@ -175,3 +176,48 @@ def test_slow_marker_on_example_and_benchmark_tests():
     assert re.search(
         r'^pytestmark = pytest\.mark\.slow$', path.read_text(), flags=re.M
     ), path
+
+
+def _jax_modules_used(source: str) -> set[str]:
+  """The ``jax`` modules a Python source imports or reaches by attribute."""
+  used = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      used.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      used.add(node.module)
+      used.update(f'{node.module}.{alias.name}' for alias in node.names)
+    elif isinstance(node, ast.Attribute):
+      used.add(ast.unparse(node))
+  return {name for name in used if name.split('.')[0] == 'jax'}
+
+
+def test_package_uses_only_public_stable_jax_apis():
+  """No ``jax.experimental`` or ``jax._src`` in the package (as installed):
+  their removal broke the import once (``shard_alike``, jax 0.11.2)."""
+  package = pathlib.Path(ademamix_optax.__file__).resolve().parent
+  sources = sorted(package.rglob('*.py'))
+  assert len(sources) >= 5
+  private = re.compile(r'^jax\.(experimental|_src)(\.|$)')
+  for path in sources:
+    used = _jax_modules_used(path.read_text())
+    assert not [u for u in used if private.match(u)], path
+  # The check sees what it must refuse.
+  assert _jax_modules_used(
+      'from jax.experimental.shard_alike import shard_alike\n'
+      'import jax\nx = jax._src.core\n'
+  ) >= {'jax.experimental.shard_alike', 'jax._src.core'}
+
+
+def test_classifiers_name_the_tested_pythons():
+  """``requires-python``'s lower bound, the one CI's lower-bounds leg runs
+  on, is among the classifiers' Python versions."""
+  oldest = re.fullmatch(r'>=\s*(\d+\.\d+)', PROJECT['requires-python'])
+  assert oldest, PROJECT['requires-python']
+  versions = {
+      c.rsplit(' :: ', 1)[1]
+      for c in PROJECT['classifiers']
+      if re.fullmatch(r'Programming Language :: Python :: 3\.\d+', c)
+  }
+  assert oldest.group(1) in versions
+  assert len(versions) >= 2, versions

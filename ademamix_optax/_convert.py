@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ademamix_optax import _transform
+from ademamix_optax import _ademamix
 
 
 def _is_adam(node: Any) -> bool:
@@ -16,7 +16,7 @@ def _is_adam(node: Any) -> bool:
 
 
 def _is_ademamix(node: Any) -> bool:
-  return isinstance(node, _transform.ScaleByAdEMAMixState)
+  return isinstance(node, _ademamix.ScaleByAdEMAMixState)
 
 
 def _split(state: Any, is_core: Any, what: str, arg: str):
@@ -144,7 +144,7 @@ def adam_state_to_ademamix(
       template, _is_ademamix, 'ScaleByAdEMAMixState', 'ademamix_tx.init(params)'
   )
   adam: optax.ScaleByAdamState = src_leaves[src_core]
-  target: _transform.ScaleByAdEMAMixState = dst_leaves[dst_core]
+  target: _ademamix.ScaleByAdEMAMixState = dst_leaves[dst_core]
 
   moments_def: Any = jax.tree.structure(target.m2)
   for name in ('mu', 'nu'):
@@ -167,7 +167,7 @@ def adam_state_to_ademamix(
   m1 = None
   if target.m1 is not None:
     m1 = jax.tree.map(cast, adam.mu, target.m1)
-  core = _transform.ScaleByAdEMAMixState(
+  core = _ademamix.ScaleByAdEMAMixState(
       count=cast(adam.count, target.count),
       m1=m1,
       # zeros_like keeps the placement (sharding) of Adam's moments.

@@ -169,3 +169,15 @@ def beta3_warmup(
     return jnp.where(s >= 1.0, final, jnp.minimum(beta, final))
 
   return schedule
+
+
+def maybe_warmup(
+    value: Any, warmup_steps: Optional[Any], make_schedule: Any
+) -> Any:
+  """``make_schedule(value)`` for a constant ``value`` and a positive
+  ``warmup_steps``; ``value`` itself for a schedule or no warmup."""
+  if callable(value) or warmup_steps is None:
+    return value
+  if _validation.is_concrete_zero(warmup_steps):
+    return value
+  return make_schedule(value)

@@ -3,11 +3,10 @@ r"""Simplified AdEMAMix: one theory-style momentum plus the current gradient.
 Morwani, Vyas, Zhang, Kakade (arXiv 2502.02431) show that AdEMAMix's two
 first-moment EMAs can be replaced by a single momentum without the
 :math:`1 - \beta_1` factor, mixed with the current gradient: Adam's memory
-(two buffers) instead of AdEMAMix's three. This module shares AdEMAMix's
-machinery: the per-leaf helpers of :mod:`ademamix_optax._update`, the leaf
-mapping of :mod:`ademamix_optax._leaves` (stochastic rounding, sharding, the
-XLA:CPU hints), the validation and the half-life warmup of
-:func:`ademamix_optax.beta3_warmup`.
+(two buffers) instead of AdEMAMix's three. Its state, transformation and
+alias are here; the moment buffers (sharded zeros, stochastic rounding),
+the validation and the half-life warmup of :func:`ademamix_optax.beta3_warmup`
+are AdEMAMix's.
 """
 
 from __future__ import annotations
@@ -18,10 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ademamix_optax import _leaves
+from ademamix_optax import _moments
 from ademamix_optax import _schedules
-from ademamix_optax import _transform
-from ademamix_optax import _update
 from ademamix_optax import _validation
 
 
@@ -48,80 +45,6 @@ class ScaleBySimplifiedAdEMAMixState(NamedTuple):
   m: optax.Updates  # Like the params, in mu_dtype.
   nu: optax.Updates  # Like the params, in nu_dtype.
   s: Optional[jax.typing.ArrayLike]  # shape=(), dtype=jnp.float32, or None.
-
-
-class SimplifiedStepScalars(NamedTuple):
-  """The scalars of one step, shared by all leaves.
-
-  The field names ``count``, ``eps`` and ``eps_root`` and the
-  :class:`ademamix_optax._update.Decay` fields are those of
-  :class:`ademamix_optax._update.StepScalars`, which the XLA:CPU hints read.
-  """
-
-  # int32, shape (): the 1-based step t (a field named like tuple.count,
-  # as in optax's states).
-  count: jax.Array  # type: ignore[assignment]
-  m: _update.Decay  # (b1(t), 1): the theory-style momentum.
-  nu: _update.Decay  # (b2, 1 - b2).
-  alpha: _update.Scalar  # alpha(t), the weight of the current gradient.
-  s: Optional[_update.Scalar]  # s_t, or None without bias_correction1.
-  bc2: _update.Scalar  # 1 - b2**t.
-  eps: _update.Scalar
-  eps_root: _update.Scalar
-
-
-def leaf_update(
-    g: jax.Array,
-    m: jax.Array,
-    nu: jax.Array,
-    s: SimplifiedStepScalars,
-    *,
-    stochastic: bool,
-    bits: _update.Bits,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  r"""One Simplified AdEMAMix step for one leaf (or one block of it).
-
-  .. math::
-
-    m \leftarrow \beta_1(t)\, m + g, \quad
-    \nu \leftarrow \beta_2 \nu + (1 - \beta_2) |g|^2, \quad
-    u = \frac{\alpha g + m}
-             {\sqrt{\nu / (1 - \beta_2^t) + \bar\varepsilon} + \varepsilon}
-    \ (/\, s_t)
-
-  Args:
-    g: the incoming gradient values.
-    m: the stored momentum.
-    nu: the stored EMA of squared gradients.
-    s: the step's scalars.
-    stochastic: whether narrow buffers are rounded stochastically.
-    bits: the rounding bits of each stream (``m`` reads stream 0, as
-      AdEMAMix's first moments, ``nu`` stream 1).
-
-  Returns:
-    ``(update, m, nu)`` with the new moments in their storage dtypes.
-  """
-  cdt = jnp.promote_types(g.dtype, jnp.float32)  # At least float32.
-  g_c = g.astype(cdt)
-  m, m_c = _update.store(
-      _update.ema(s.m, g_c, m, cdt),
-      m.dtype,
-      stochastic,
-      lambda: bits(_update.STREAMS['m1']),
-  )
-  nu, nu_c = _update.store(
-      _update.ema(s.nu, _update.abs_sq(g_c), nu, cdt),
-      nu.dtype,
-      stochastic,
-      lambda: bits(_update.STREAMS['nu']),
-  )
-  nu_hat = nu_c / _update.like(s.bc2, nu_c)
-  u = (_update.like(s.alpha, g_c) * g_c + m_c) / (
-      jnp.sqrt(nu_hat + s.eps_root) + s.eps
-  )
-  if s.s is not None:
-    u = u / _update.like(s.s, u)
-  return u.astype(g.dtype), m, nu
 
 
 def scale_by_simplified_ademamix(
@@ -249,15 +172,15 @@ def scale_by_simplified_ademamix(
   mu_dtype = _validation.check_state_dtype('mu_dtype', mu_dtype)
   nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
 
-  b1_fn = _transform._maybe_warmup(  # pylint: disable=protected-access
+  b1_fn = _schedules.maybe_warmup(
       b1, t_b1, lambda b: _schedules.beta3_warmup(b, t_b1, b_start=b1_start)
   )
 
   def init_fn(params: optax.Params) -> ScaleBySimplifiedAdEMAMixState:
     return ScaleBySimplifiedAdEMAMixState(
         count=jnp.zeros([], jnp.int32),
-        m=_leaves.zeros_like(params, mu_dtype),
-        nu=_leaves.zeros_like(params, nu_dtype, squares=True),
+        m=_moments.zeros(params, mu_dtype),
+        nu=_moments.zeros(params, nu_dtype, squares=True),
         s=jnp.zeros([], jnp.float32) if bias_correction1 else None,
     )
 
@@ -269,24 +192,34 @@ def scale_by_simplified_ademamix(
     s_t = None
     if bias_correction1:
       s_t = (b1_t * state.s + 1).astype(jnp.float32)
-    scalars = SimplifiedStepScalars(
-        count=count_inc,
-        m=_update.Decay(keep=b1_t, take=1.0),
-        nu=_update.ema_decay(b2),
-        alpha=alpha_t,
-        s=s_t,
-        bc2=1 - b2**count_inc,  # As optax.tree.bias_correction computes it.
-        eps=eps,
-        eps_root=eps_root,
-    )
-    u, (m, nu) = _leaves.map_leaves(
-        leaf_update,
-        scalars,
+    bc2 = 1 - b2**count_inc  # As optax.tree.bias_correction computes it.
+    g = _moments.compute(updates)  # At least float32.
+    store = _moments.Writer(
         updates,
-        (state.m, state.nu),
+        count_inc,
         stochastic=stochastic_rounding,
         partition_specs=partition_specs,
     )
+    # m <- b1(t) m + g (no 1 - b1 factor); nu as in Adam. Each is computed in
+    # g's dtype, stored in its buffer's dtype (``m``) and read back as stored
+    # (``m_c``).
+    m, m_c = store(_moments.ema(b1_t, 1.0, g, state.m), state.m, _moments.FIRST)
+    nu, nu_c = store(
+        _moments.ema(b2, 1 - b2, _moments.abs_sq(g), state.nu),
+        state.nu,
+        _moments.SECOND,
+    )
+
+    def update(g_c, m, nu, g):
+      nu_hat = nu / _moments.like(bc2, nu)
+      u = (_moments.like(alpha_t, g_c) * g_c + m) / (
+          jnp.sqrt(nu_hat + eps_root) + eps
+      )
+      if s_t is not None:
+        u = u / _moments.like(s_t, u)
+      return u.astype(g.dtype)
+
+    u = jax.tree.map(update, g, m_c, nu_c, updates)
     return u, ScaleBySimplifiedAdEMAMixState(count=count_inc, m=m, nu=nu, s=s_t)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -166,14 +166,6 @@ def check_bool(name: str, value: Any) -> None:
     )
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-  """Raises a ``ValueError`` naming ``name`` unless ``value`` is a choice."""
-  if not isinstance(value, str) or value not in choices:
-    listed = ', '.join(repr(c) for c in choices[:-1])
-    listed = f'{listed} or {choices[-1]!r}' if listed else repr(choices[-1])
-    raise ValueError(f'{name} must be {listed}, got {name}={_describe(value)}.')
-
-
 def check_steps(name: str, value: Any) -> None:
   """Checks that ``value`` is ``None`` or a non-negative integer number.
 

@@ -51,6 +51,10 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[], Any]]] = {
         'ours bf16 m1,m2,nu',
         _ours(mu_dtype=_BF16, nu_dtype=_BF16),
     ),
+    'ours_bf16_nu_warmup': (
+        'ours bf16 m1,m2,nu, t_alpha_beta3',
+        _ours(mu_dtype=_BF16, nu_dtype=_BF16, t_alpha_beta3=T_ALPHA_BETA3),
+    ),
     'adamw': (
         'optax.adamw',
         lambda: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),

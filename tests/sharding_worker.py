@@ -217,20 +217,20 @@ def nnx_specs(mesh, kwargs):
 
 def element_indices(mesh):
   """The rounding indices that shard_map hands each element of (8, 6)."""
-  from ademamix_optax import _leaves  # pylint: disable=g-import-not-at-top
+  from ademamix_optax import _moments  # pylint: disable=g-import-not-at-top
 
   x = jax.device_put(jnp.zeros((8, 6)), NamedSharding(mesh, P('data', 'model')))
   out = {}
   for name, spec in (('default', None), ('with_spec', P('data', 'model'))):
     fn = jax.shard_map(
-        lambda g, spec=spec: _leaves.element_index(g, spec)[0],
+        lambda g, spec=spec: _moments.element_index(g, spec)[0],
         mesh=mesh,
         in_specs=P('data', 'model'),
         out_specs=P('data', 'model'),
     )
     out[name] = np.asarray(jax.jit(fn)(x)).tolist()
   replicated = jax.shard_map(
-      lambda g: _leaves.element_index(g, None)[0][None],
+      lambda g: _moments.element_index(g, None)[0][None],
       mesh=mesh,
       in_specs=P(),
       out_specs=P(('data', 'model')),

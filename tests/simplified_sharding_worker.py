@@ -5,10 +5,7 @@
 asserts on the JSON it prints last: the jitted ``init`` shards ``m`` and
 ``nu`` like the parameters, the steps keep those shardings, and the sharded
 run equals the single-device run bit for bit (the stochastic rounding of the
-bfloat16 config included). It also runs steps on one device with and
-without the XLA:CPU layout hints (as ``cpu_hints_worker.py`` does for
-AdEMAMix), leaves above and below ``_cpu.ANCHOR_MIN_SIZE`` included: the
-hints must leave every bit unchanged.
+bfloat16 config included).
 """
 
 import json
@@ -19,10 +16,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 import numpy as np
-import optax
 from sharding_worker import SHAPES
 from sharding_worker import SPECS
-from sharding_worker import STEPS
 from sharding_worker import buffers  # The shared sharding checks.
 from sharding_worker import equal
 from sharding_worker import max_diff
@@ -51,78 +46,6 @@ CONFIGS = {
         nu_dtype=jnp.bfloat16,
     ),
 }
-HINT_SHAPES = {'big': (200, 130), 'mid': (40, 33), 'vec': (7,), 'scalar': ()}
-HINT_CONFIGS = {
-    'constant': dict(learning_rate=1e-3, alpha=2.0),
-    'warmup_bc': dict(
-        learning_rate=1e-3,
-        b1=0.999,
-        alpha=4.0,
-        t_b1=10,
-        bias_correction1=True,
-        weight_decay=0.1,
-    ),
-    'bf16_all': dict(
-        learning_rate=1e-3,
-        b1=0.999,
-        t_b1=5,
-        mu_dtype=jnp.bfloat16,
-        nu_dtype=jnp.bfloat16,
-    ),
-}
-
-
-def hint_bits(tx, params, grads):
-  # A new function each call: jax.jit(tx.update) would reuse the executable
-  # compiled for the other path.
-  step = jax.jit(lambda g, state, p: tx.update(g, state, p))
-  state, out = tx.init(params), []
-  for g in grads:
-    updates, state = step(g, state, params)
-    params = optax.apply_updates(params, updates)
-    out += [np.asarray(x).tobytes() for x in jax.tree.leaves((params, state))]
-  return out
-
-
-def cpu_hints():
-  """Per config: how many leaves (over all steps) differ with the hints."""
-  rng = np.random.default_rng(1)
-  device = jax.devices()[0]
-  params = jax.device_put(
-      {
-          k: rng.standard_normal(s).astype(np.float32)
-          for k, s in HINT_SHAPES.items()
-      },
-      device,
-  )
-  grads = [
-      jax.device_put(
-          {
-              k: rng.standard_normal(s).astype(np.float32)
-              for k, s in HINT_SHAPES.items()
-          },
-          device,
-      )
-      for _ in range(STEPS)
-  ]
-  txs = {k: amx.simplified_ademamix(**kw) for k, kw in HINT_CONFIGS.items()}
-  txs['injected'] = optax.inject_hyperparams(amx.simplified_ademamix)(
-      learning_rate=1e-3, b1=0.99, alpha=2.0, t_b1=4
-  )
-  hinted = {k: hint_bits(tx, params, grads) for k, tx in txs.items()}
-  platform_dependent = jax.lax.platform_dependent
-  jax.lax.platform_dependent = lambda *a, default, **kw: default(*a)
-  try:
-    plain = {k: hint_bits(tx, params, grads) for k, tx in txs.items()}
-  finally:
-    jax.lax.platform_dependent = platform_dependent
-  return {
-      k: {
-          'leaves': len(hinted[k]),
-          'differ': sum(a != b for a, b in zip(hinted[k], plain[k])),
-      }
-      for k in txs
-  }
 
 
 def main():
@@ -153,7 +76,6 @@ def main():
         'equal_to_single_device': equal(got, want),
         'diff': max_diff(got, want),
     }
-  out['cpu_hints'] = cpu_hints()
   print(json.dumps(out))
 
 

@@ -4,8 +4,7 @@ XLA:CPU contracts multiply-adds into FMA instructions and rewrites some
 arithmetic, depending on how the loops are fused, so two layouts of the same
 arithmetic can differ by an ulp. Under ``STRICT_XLA_FLAGS`` (no FMA
 instructions, no algebraic rewrites) they give the same bits, which is how
-the tests compare the anchored loops and the plain
-arithmetic exactly.
+the tests compare a sharded run with a single-device run exactly.
 """
 
 import builtins

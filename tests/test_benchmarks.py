@@ -23,6 +23,7 @@ STATE_BYTES = {
     'ours_b1_0': 8,
     'ours_bf16': 8,
     'ours_bf16_nu': 6,
+    'ours_bf16_nu_warmup': 6,
     'adamw': 8,
     step_time.CONTROL: 8,
 }

@@ -107,7 +107,7 @@ def test_wheel_has_no_tests_or_examples(installed):
   )
   # The package itself is there.
   assert f'{NAME}/__init__.py' in files
-  assert f'{NAME}/_transform.py' in files
+  assert f'{NAME}/_ademamix.py' in files
 
 
 def test_version_comes_from_the_package():

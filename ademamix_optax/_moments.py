@@ -1,0 +1,343 @@
+r"""Moment buffers: created sharded like their parameters, read and written
+back in their storage dtypes.
+
+This is the one place that decides how a moment is stored. An optimizer's
+``update_fn`` computes each moving average in at least float32
+(:func:`compute`, :func:`ema`) and writes it back with one call to a
+:class:`Writer`, which returns the stored buffer and the value the update
+reads (the stored one, in the compute dtype). A buffer narrower than float32
+is written back with stochastic rounding, whose bits hash each element's
+global index (:func:`element_index`), the step, the leaf and the buffer's
+stream (:mod:`ademamix_optax._rounding`).
+
+Sharding: a zero buffer does not depend on its parameter's values, so under
+:func:`jax.jit` on a mesh of ``Auto`` axes nothing would tell XLA where to
+put it; :func:`zeros` computes each buffer from its parameter, which sharding
+propagation places like the parameter. The element indices are global under
+``jit`` whatever the sharding, and inside :func:`jax.shard_map` they are
+computed from each shard's position (see :func:`element_index`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ademamix_optax import _rounding
+from ademamix_optax import _validation
+
+PartitionSpec = jax.sharding.PartitionSpec
+# A hyperparameter or step scalar: a Python number (compiled in, weakly typed)
+# or a scalar JAX array (a schedule's value, an injected hyperparameter).
+Scalar = Union[float, jax.Array]
+
+# The rounding streams: the first moments share stream 0 (m1 takes the high
+# and m2 the low half of each word), the second moment has stream 1.
+FIRST, SECOND = 0, 1
+# Streams of this many keys or fewer are handed out by one reduction.
+_KEYS_PER_REDUCE = 128
+
+
+def zeros(
+    params: optax.Params,
+    dtype: Optional[jnp.dtype] = None,
+    *,
+    squares: bool = False,
+) -> optax.Params:
+  """Zeros shaped (and sharded) like ``params``, in ``dtype`` if given.
+
+  With ``squares`` (a moving average of squared gradients) and no ``dtype``,
+  a parameter whose dtype cannot hold small squares (float16, float8: see
+  :func:`ademamix_optax._validation.second_moment_dtype`) gets a float32
+  buffer instead of one in its own dtype.
+  """
+
+  def zero(p):
+    leaf_dtype = dtype
+    if leaf_dtype is None and squares:
+      leaf_dtype = _validation.second_moment_dtype(p.dtype)
+    if isinstance(p, jax.Array) and not _manual_axes():
+      return _zeros_reading(p, leaf_dtype)
+    # Inside shard_map every array is a local block anyway.
+    return jnp.zeros_like(p, dtype=leaf_dtype)
+
+  return jax.tree.map(zero, params)
+
+
+def _zeros_reading(p: jax.Array, dtype: Optional[jnp.dtype]) -> jax.Array:
+  """Zeros like ``p`` (in ``dtype`` if given), computed from ``p``.
+
+  ``jnp.zeros_like(p)`` is a constant: under :func:`jax.jit` on a mesh of
+  ``Auto`` axes XLA puts it on one device. An expression of ``p`` is placed
+  like ``p`` by sharding propagation; this one is zero for every value of
+  ``p`` (``x & ~x``, with ``x`` the NaN mask of a floating ``p`` or the bits
+  of an integer one) and is not folded into a constant before propagation,
+  as ``x ^ x`` or ``x & 0`` are. It stands in for ``shard_alike``, which left
+  ``jax.experimental`` in jax 0.11.2; the sharding tests check the placement
+  on every supported JAX.
+  """
+  x = jax.lax.ne(p, p) if jnp.issubdtype(p.dtype, jnp.inexact) else p
+  zero = jax.lax.bitwise_and(x, jax.lax.bitwise_not(x))
+  return zero.astype(p.dtype if dtype is None else dtype)
+
+
+def compute(updates: optax.Updates) -> optax.Updates:
+  """The gradients in their compute dtype: their own, at least float32."""
+  return jax.tree.map(
+      lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), updates
+  )
+
+
+def like(x: Scalar, a: jax.Array) -> Scalar:
+  """A scalar in the dtype of the array it meets.
+
+  Python numbers are left alone (JAX gives them ``a``'s dtype); arrays are
+  cast, as JAX would cast them were they weakly typed, so that no step
+  scalar can promote the arithmetic (a float64 scalar under
+  ``jax_enable_x64``, say).
+  """
+  return x.astype(a.dtype) if isinstance(x, jax.Array) else x
+
+
+def abs_sq(updates: optax.Updates) -> optax.Updates:
+  """:math:`|g|^2` of each leaf, real also for complex ``g``."""
+
+  def leaf(g):
+    return (g.conj() * g).real if jnp.iscomplexobj(g) else g * g
+
+  return jax.tree.map(leaf, updates)
+
+
+def ema(
+    keep: Scalar, take: Scalar, new: optax.Updates, old: optax.Updates
+) -> optax.Updates:
+  """``take * new + keep * old`` of each leaf, in ``new``'s dtypes (``old``
+  is read in them)."""
+
+  def leaf(n, o):
+    o = o.astype(n.dtype)
+    return like(take, n) * n + like(keep, o) * o
+
+  return jax.tree.map(leaf, new, old)
+
+
+def _needs_rounding(dtype: jnp.dtype, stochastic: bool) -> bool:
+  return (
+      stochastic
+      and jnp.issubdtype(dtype, jnp.floating)
+      and jnp.finfo(dtype).bits < 32
+  )
+
+
+class Writer:
+  """Writes a step's new moments back in their buffers' dtypes.
+
+  Made once a step, for the step's gradients and 1-based ``count``. Calling
+  it with a new moment (in its compute dtype), the buffer it replaces and
+  the buffer's rounding stream returns ``(stored, read)``: the new buffer in
+  the old one's dtypes, and the stored values in the compute dtype, which
+  the update reads (so that the update needs only the new buffers, never
+  the old ones). A buffer of float32 or wider is kept as computed; a
+  narrower one is rounded stochastically (or to nearest, without
+  ``stochastic``).
+
+  Args:
+    updates: the step's gradients (their tree structure and shapes).
+    count: the 1-based step, an int32 scalar.
+    stochastic: whether narrow buffers are rounded stochastically.
+    partition_specs: inside :func:`jax.shard_map`, the leaves' partition
+      specs there (one :class:`jax.sharding.PartitionSpec`, or a tree of
+      them like ``updates``), for the global element indices; ``None``
+      otherwise.
+  """
+
+  def __init__(
+      self,
+      updates: optax.Updates,
+      count: jax.Array,
+      *,
+      stochastic: bool,
+      partition_specs: Any = None,
+  ):
+    self._treedef: Any  # A jax.tree_util.PyTreeDef.
+    self._leaves, self._treedef = jax.tree.flatten(updates)
+    self._specs = _specs_for(partition_specs, self._treedef, len(self._leaves))
+    self._count = count
+    self._stochastic = stochastic
+    self._keys: dict[int, dict[int, jax.Array]] = {}
+    self._index = [
+        functools.cache(functools.partial(element_index, g, spec))
+        for g, spec in zip(self._leaves, self._specs)
+    ]
+
+  def __call__(
+      self,
+      new: optax.Updates,
+      old: optax.Updates,
+      stream: int,
+      *,
+      low_half: bool = False,
+  ) -> tuple[optax.Updates, optax.Updates]:
+    """Stores ``new`` in ``old``'s dtypes; see the class docstring.
+
+    ``low_half``: round with the low 16 bits of each word of ``stream``
+    (moved up), where another buffer uses its high bits.
+    """
+    new_leaves = self._treedef.flatten_up_to(new)
+    dtypes = [o.dtype for o in self._treedef.flatten_up_to(old)]
+    narrow = [
+        i
+        for i, (n, d) in enumerate(zip(new_leaves, dtypes))
+        if n.dtype != d and _needs_rounding(d, self._stochastic)
+    ]
+    keys = self._stream_keys(stream, narrow)
+    stored, read = [], []
+    for i, (n, d) in enumerate(zip(new_leaves, dtypes)):
+      if n.dtype == d:
+        s = n
+      elif i in keys:
+        index, size = self._index[i]()
+        bits = _rounding.mix_index(index, keys[i], size)
+        if low_half:
+          bits = bits << 16
+        s = _rounding.stochastic_round(n, d, bits)
+      else:
+        s = n.astype(d)
+      stored.append(s)
+      read.append(s.astype(n.dtype))
+    return self._treedef.unflatten(stored), self._treedef.unflatten(read)
+
+  def _stream_keys(self, stream: int, leaves: list[int]) -> dict[int, Any]:
+    """The keys of ``stream`` for ``leaves``, hashed together and handed out
+    as separate scalars (:func:`hand_out`); cached for the step."""
+    cached = self._keys.setdefault(stream, {})
+    todo = [i for i in leaves if i not in cached]
+    if todo:
+      vector = _rounding.stream_key_array(
+          self._count, [(i, stream) for i in todo]
+      )
+      cached.update(zip(todo, hand_out(vector)))
+    return {i: cached[i] for i in leaves}
+
+
+def hand_out(vector: jax.Array) -> list[jax.Array]:
+  """The elements of ``vector`` as scalars, each an output of a reduction.
+
+  The same values. A reduction is not copied into the loops that read it,
+  so each leaf's loop reads its key as an input instead of computing (or
+  slicing) it: the loops of same-shaped leaves are then the same loop, and
+  XLA compiles them once (see ``benchmarks/README.md``). Each key is
+  ``key | 0`` over a pair, in one variadic :func:`jax.lax.reduce` per
+  ``_KEYS_PER_REDUCE`` keys (XLA's compile time grows faster than linearly
+  with one reduction's outputs).
+  """
+  out = []
+  for start in range(0, vector.shape[0], _KEYS_PER_REDUCE):
+    chunk = vector[start : start + _KEYS_PER_REDUCE]
+    zero = jnp.zeros((), chunk.dtype)
+    pairs = [jnp.stack([k, zero]) for k in chunk]
+    out.extend(
+        jax.lax.reduce(
+            pairs,
+            [np.asarray(0, chunk.dtype)] * len(pairs),
+            lambda xs, ys: [jax.lax.bitwise_or(x, y) for x, y in zip(xs, ys)],
+            (0,),
+        )
+    )
+  return out
+
+
+def _specs_for(specs: Any, treedef: Any, n: int) -> list:
+  if specs is None:
+    return [None] * n
+  if isinstance(specs, PartitionSpec):
+    return [specs] * n
+  return treedef.flatten_up_to(specs)
+
+
+def _manual_axes() -> tuple[str, ...]:
+  """The mesh axes over which the code being traced runs per shard."""
+  return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def _varying_axes(x: jax.Array) -> frozenset[str]:
+  """The manual mesh axes along which ``x``'s value varies between shards.
+
+  Known where :func:`jax.shard_map` checks it (``check_vma=True``, the
+  default); empty otherwise.
+  """
+  aval = jax.typeof(x)
+  vma = getattr(aval, 'vma', None)  # jax < 0.10
+  if vma is None:
+    vma = aval.manual_axis_type.varying
+  return frozenset(vma)
+
+
+def _position(axes: Sequence[str]) -> tuple[jax.Array, int]:
+  """This shard's row-major position along ``axes``, and their total size."""
+  mesh = jax.sharding.get_abstract_mesh()
+  pos, total = jnp.zeros((), jnp.uint32), 1
+  for name in axes:
+    size = mesh.shape[name]
+    pos = pos * np.uint32(size) + jax.lax.axis_index(name).astype(jnp.uint32)
+    total *= size
+  return pos, total
+
+
+def _spec_axes(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def element_index(
+    g: jax.Array, spec: Optional[PartitionSpec]
+) -> tuple[jax.Array, int]:
+  r"""The uint32 index that seeds the rounding bits of each element of ``g``,
+  and the number of indices there are (a static bound on them).
+
+  Outside :func:`jax.shard_map` (and along any axis that is not manual), the
+  element's row-major index in the whole leaf: the same under any sharding.
+
+  Inside ``shard_map``, with ``spec`` the leaf's partition spec (as given to
+  ``shard_map``), the element's index in the global leaf, computed from this
+  shard's :func:`jax.lax.axis_index`: the bits, and so the results, are those
+  of the unsplit run. Without a spec, shard :math:`p` (its row-major position
+  along the manual axes over which ``g`` varies) of ``n`` local elements
+  uses indices :math:`pn + i`: no two shards share bits, and the result
+  equals the unsplit run's where the leaf is split along its first dimension
+  only. A leaf that does not vary between shards (replicated, or reduced
+  with ``psum``) gets the same bits on every shard, so its copies stay equal.
+  """
+  manual = _manual_axes()
+  n = math.prod(g.shape)  # This block's elements (see above).
+  if not manual:
+    return _rounding.flat_index(g.shape), n
+  if spec is None:
+    varying = _varying_axes(g)
+    axes = [a for a in manual if a in varying]
+    index = _rounding.flat_index(g.shape)
+    if not axes:
+      return index, n
+    pos, count = _position(axes)
+    return index + pos * np.uint32(n % (1 << 32)), n * count
+  entries = tuple(spec) + (None,) * (g.ndim - len(spec))
+  if len(entries) > g.ndim:
+    raise ValueError(
+        f'partition spec {spec} has more entries than the leaf of shape '
+        f'{g.shape} has dimensions.'
+    )
+  global_shape, offsets = [], []
+  for size, entry in zip(g.shape, entries):
+    axes = [a for a in _spec_axes(entry) if a in manual]
+    pos, count = _position(axes)
+    global_shape.append(size * count)
+    offsets.append(pos * np.uint32(size % (1 << 32)))
+  index = _rounding.flat_index(tuple(global_shape), g.shape, offsets)
+  return index, math.prod(global_shape)

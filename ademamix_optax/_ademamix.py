@@ -199,8 +199,19 @@ def scale_by_ademamix(
     count_inc = optax.safe_increment(state.count)
     alpha_t = alpha_fn(count_inc) if callable(alpha_fn) else alpha_fn
     b3_t = b3_fn(count_inc) if callable(b3_fn) else b3_fn
-    # As optax.tree.bias_correction computes them.
-    bc1, bc2 = 1 - b1**count_inc, 1 - b2**count_inc
+    # The step's scalars, computed once for all leaves: each EMA's (keep,
+    # take) coefficients, alpha(t) and the bias corrections (as
+    # optax.tree.bias_correction computes them).
+    c = _moments.once(
+        {
+            'm1': (b1, 1 - b1),
+            'm2': (b3_t, 1 - b3_t),
+            'nu': (b2, 1 - b2),
+            'alpha': alpha_t,
+            'bc1': 1 - b1**count_inc,
+            'bc2': 1 - b2**count_inc,
+        }
+    )
     g = _moments.compute(updates)  # At least float32.
     store = _moments.Writer(
         updates,
@@ -212,27 +223,27 @@ def scale_by_ademamix(
     # and read back as stored (``m_c``).
     if use_m1:
       m1, m1_c = store(
-          _moments.ema(b1, 1 - b1, g, state.m1), state.m1, _moments.FIRST
+          _moments.ema(*c['m1'], g, state.m1), state.m1, _moments.FIRST
       )
-      m1_hat = jax.tree.map(lambda m: m / _moments.like(bc1, m), m1_c)
+      m1_hat = jax.tree.map(lambda m: m / _moments.like(c['bc1'], m), m1_c)
     else:
       m1, m1_hat = None, g
     m2, m2_c = store(
-        _moments.ema(b3_t, 1 - b3_t, g, state.m2),
+        _moments.ema(*c['m2'], g, state.m2),
         state.m2,
         _moments.FIRST,
         low_half=True,
     )
     nu, nu_c = store(
-        _moments.ema(b2, 1 - b2, _moments.abs_sq(g), state.nu),
+        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu),
         state.nu,
         _moments.SECOND,
     )
 
     def update(m1_hat, m2, nu, g):
-      nu_hat = nu / _moments.like(bc2, nu)
+      nu_hat = nu / _moments.like(c['bc2'], nu)
       like = functools.partial(_moments.like, a=nu_hat)
-      u = (m1_hat + _moments.like(alpha_t, m2) * m2) / (
+      u = (m1_hat + _moments.like(c['alpha'], m2) * m2) / (
           jnp.sqrt(nu_hat + like(eps_root)) + like(eps)
       )
       return u.astype(g.dtype)

@@ -40,8 +40,8 @@ Scalar = Union[float, jax.Array]
 # The rounding streams: the first moments share stream 0 (m1 takes the high
 # and m2 the low half of each word), the second moment has stream 1.
 FIRST, SECOND = 0, 1
-# Streams of this many keys or fewer are handed out by one reduction.
-_KEYS_PER_REDUCE = 128
+# Scalars handed out by one reduction (see hand_out).
+_KEYS_PER_REDUCE = 64
 
 
 def zeros(
@@ -227,30 +227,56 @@ class Writer:
 
 
 def hand_out(vector: jax.Array) -> list[jax.Array]:
-  """The elements of ``vector`` as scalars, each an output of a reduction.
+  """The elements of ``vector`` as scalars, each read from a reduction.
 
-  The same values. A reduction is not copied into the loops that read it,
-  so each leaf's loop reads its key as an input instead of computing (or
-  slicing) it: the loops of same-shaped leaves are then the same loop, and
-  XLA compiles them once (see ``benchmarks/README.md``). Each key is
-  ``key | 0`` over a pair, in one variadic :func:`jax.lax.reduce` per
-  ``_KEYS_PER_REDUCE`` keys (XLA's compile time grows faster than linearly
-  with one reduction's outputs).
+  The same values. XLA copies cheap scalar arithmetic into every loop that
+  reads it, but never a reduction: each leaf's loop then reads its key as an
+  input instead of computing or slicing it, the loops of same-shaped leaves
+  are the same loop, and XLA compiles them once (see
+  ``benchmarks/README.md``). Each value is ``x | 0`` over a pair of its
+  bits, in one variadic :func:`jax.lax.reduce` per ``_KEYS_PER_REDUCE``
+  values (XLA fuses the pairs into the reduction only up to about that
+  many).
   """
-  out = []
-  for start in range(0, vector.shape[0], _KEYS_PER_REDUCE):
-    chunk = vector[start : start + _KEYS_PER_REDUCE]
-    zero = jnp.zeros((), chunk.dtype)
-    pairs = [jnp.stack([k, zero]) for k in chunk]
-    out.extend(
-        jax.lax.reduce(
-            pairs,
-            [np.asarray(0, chunk.dtype)] * len(pairs),
-            lambda xs, ys: [jax.lax.bitwise_or(x, y) for x, y in zip(xs, ys)],
-            (0,),
-        )
+  return _once([vector[i] for i in range(vector.shape[0])])
+
+
+def once(tree: Any) -> Any:
+  """``tree`` of scalars as it is, each array read from a reduction (see
+  :func:`hand_out`): a step's scalars (the EMAs' coefficients, schedules'
+  values, bias corrections) are then computed once, not in every leaf's
+  loop. Python numbers are left alone; arrays keep their values bit for bit
+  (their bits pass through ``x | 0``) and dtypes."""
+  scalars, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, _once(scalars))
+
+
+def _once(scalars: Sequence[Any]) -> list[Any]:
+  out = list(scalars)
+  arrays = [i for i, x in enumerate(scalars) if isinstance(x, jax.Array)]
+  for start in range(0, len(arrays), _KEYS_PER_REDUCE):
+    chunk = arrays[start : start + _KEYS_PER_REDUCE]
+    bits = [_as_bits(scalars[i]) for i in chunk]
+    pairs = [jnp.stack([b, jnp.zeros_like(b)]) for b in bits]
+    reduced = jax.lax.reduce(
+        pairs,
+        [np.zeros((), b.dtype) for b in bits],
+        lambda xs, ys: [jax.lax.bitwise_or(x, y) for x, y in zip(xs, ys)],
+        (0,),
     )
+    for i, r in zip(chunk, reduced):
+      dtype = scalars[i].dtype
+      out[i] = r if r.dtype == dtype else jax.lax.bitcast_convert_type(r, dtype)
   return out
+
+
+def _as_bits(x: jax.Array) -> jax.Array:
+  """A real or integer scalar as an unsigned integer of its width."""
+  if jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+    return x
+  return jax.lax.bitcast_convert_type(
+      x, jnp.dtype(f'uint{8 * x.dtype.itemsize}')
+  )
 
 
 def _specs_for(specs: Any, treedef: Any, n: int) -> list:

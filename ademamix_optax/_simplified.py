@@ -192,7 +192,18 @@ def scale_by_simplified_ademamix(
     s_t = None
     if bias_correction1:
       s_t = (b1_t * state.s + 1).astype(jnp.float32)
-    bc2 = 1 - b2**count_inc  # As optax.tree.bias_correction computes it.
+    # The step's scalars, computed once for all leaves: each EMA's (keep,
+    # take) coefficients, alpha(t), the bias correction (as
+    # optax.tree.bias_correction computes it) and the sum of weights.
+    c = _moments.once(
+        {
+            'm': (b1_t, 1.0),
+            'nu': (b2, 1 - b2),
+            'alpha': alpha_t,
+            'bc2': 1 - b2**count_inc,
+            's': s_t,
+        }
+    )
     g = _moments.compute(updates)  # At least float32.
     store = _moments.Writer(
         updates,
@@ -203,20 +214,20 @@ def scale_by_simplified_ademamix(
     # m <- b1(t) m + g (no 1 - b1 factor); nu as in Adam. Each is computed in
     # g's dtype, stored in its buffer's dtype (``m``) and read back as stored
     # (``m_c``).
-    m, m_c = store(_moments.ema(b1_t, 1.0, g, state.m), state.m, _moments.FIRST)
+    m, m_c = store(_moments.ema(*c['m'], g, state.m), state.m, _moments.FIRST)
     nu, nu_c = store(
-        _moments.ema(b2, 1 - b2, _moments.abs_sq(g), state.nu),
+        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu),
         state.nu,
         _moments.SECOND,
     )
 
     def update(g_c, m, nu, g):
-      nu_hat = nu / _moments.like(bc2, nu)
-      u = (_moments.like(alpha_t, g_c) * g_c + m) / (
+      nu_hat = nu / _moments.like(c['bc2'], nu)
+      u = (_moments.like(c['alpha'], g_c) * g_c + m) / (
           jnp.sqrt(nu_hat + eps_root) + eps
       )
       if s_t is not None:
-        u = u / _moments.like(s_t, u)
+        u = u / _moments.like(c['s'], u)
       return u.astype(g.dtype)
 
     u = jax.tree.map(update, g, m_c, nu_c, updates)

@@ -2,7 +2,8 @@
 
 ``tests/test_sharding.py`` runs ``python tests/sharding_worker.py`` with 8
 emulated devices (the device count is fixed when JAX starts) and asserts on
-the JSON it prints last.
+the JSON it prints last. Every check runs for each configuration of both
+optimizers (``CONFIGS``).
 """
 
 import json
@@ -37,29 +38,62 @@ SHAPES = {
     'r': (12, 2),
     'big': (1024, 80),
 }
+# name -> (optimizer, its arguments).
 CONFIGS = {
-    'warmup_decay': dict(
-        learning_rate=1e-2,
-        b3=0.999,
-        alpha=8.0,
-        weight_decay=0.1,
-        t_alpha_beta3=3,
-        mask={k: k not in ('b', 'scale') for k in SHAPES},
+    'warmup_decay': (
+        amx.ademamix,
+        dict(
+            learning_rate=1e-2,
+            b3=0.999,
+            alpha=8.0,
+            weight_decay=0.1,
+            t_alpha_beta3=3,
+            mask={k: k not in ('b', 'scale') for k in SHAPES},
+        ),
     ),
-    'b1_zero_bf16': dict(
-        learning_rate=1e-2,
-        b1=0.0,
-        b3=0.99,
-        mu_dtype=jnp.bfloat16,
-        weight_decay=0.01,
-        t_alpha_beta3=4,
+    'b1_zero_bf16': (
+        amx.ademamix,
+        dict(
+            learning_rate=1e-2,
+            b1=0.0,
+            b3=0.99,
+            mu_dtype=jnp.bfloat16,
+            weight_decay=0.01,
+            t_alpha_beta3=4,
+        ),
     ),
-    'bf16_all': dict(
-        learning_rate=1e-2,
-        b3=0.99,
-        mu_dtype=jnp.bfloat16,
-        nu_dtype=jnp.bfloat16,
-        t_alpha_beta3=4,
+    'bf16_all': (
+        amx.ademamix,
+        dict(
+            learning_rate=1e-2,
+            b3=0.99,
+            mu_dtype=jnp.bfloat16,
+            nu_dtype=jnp.bfloat16,
+            t_alpha_beta3=4,
+        ),
+    ),
+    'simplified_warmup_bc_decay': (
+        amx.simplified_ademamix,
+        dict(
+            learning_rate=1e-2,
+            b1=0.999,
+            alpha=4.0,
+            t_b1=3,
+            bias_correction1=True,
+            weight_decay=0.1,
+            mask={k: k not in ('b', 'scale') for k in SHAPES},
+        ),
+    ),
+    'simplified_bf16': (
+        amx.simplified_ademamix,
+        dict(
+            learning_rate=1e-2,
+            b1=0.99,
+            alpha=2.0,
+            t_b1=4,
+            mu_dtype=jnp.bfloat16,
+            nu_dtype=jnp.bfloat16,
+        ),
     ),
 }
 STEPS = 5
@@ -89,12 +123,17 @@ def loss(params):
 
 
 def buffers(state):
+  """The parameter-sized buffers, and Simplified AdEMAMix's sum ``s``."""
   inner = state[0]
   return {
       k: getattr(inner, k)
       for k in ('m', 'm1', 'm2', 'nu')
       if getattr(inner, k, None) is not None
   }
+
+
+def scalars(state):
+  return [state[0].count, getattr(state[0], 's', None)]
 
 
 def host(tree):
@@ -158,7 +197,7 @@ def equal(a, b):
   )
 
 
-def nnx_specs(mesh, kwargs):
+def nnx_specs(mesh, optimizer, kwargs):
   """Specs of an nnx.Optimizer's moments and of the parameters they track."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -202,12 +241,12 @@ def nnx_specs(mesh, kwargs):
 
   with jax.set_mesh(mesh):
     model = create()
-    opt = nnx.Optimizer(model, amx.ademamix(**kwargs), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, optimizer(**kwargs), wrt=nnx.Param)
     params = by_path(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
     opt_specs = by_path(nnx.get_partition_spec(nnx.state(opt)))
     opt_arrays = arrays_by_path(nnx.state(opt))
   out = {}
-  for field in ('m1', 'm2', 'nu'):
+  for field in ('m', 'm1', 'm2', 'nu'):
     for path, spec in params.items():
       keys = [k for k in opt_specs if f"'{field}'" in k and k.endswith(path)]
       if keys:
@@ -253,13 +292,13 @@ def main():
   explicit = jax.make_mesh(
       (4, 2), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2
   )
-  for name, kwargs in CONFIGS.items():
+  for name, (optimizer, kwargs) in CONFIGS.items():
     res = out['configs'][name] = {}
-    tx = amx.ademamix(**kwargs)
+    tx = optimizer(**kwargs)
     ref_params, ref_state, _ = run_jit(
         tx, jax.device_put(data, jax.devices()[0])
     )
-    reference = (ref_params, buffers(ref_state))
+    reference = (ref_params, buffers(ref_state), scalars(ref_state))
 
     for mesh_name, mesh in (('auto', auto), ('explicit', explicit)):
       r = res[mesh_name] = {}
@@ -274,8 +313,9 @@ def main():
       r['step_specs'] = {f: specs_of(t) for f, t in buffers(state).items()}
       r['step_param_specs'] = specs_of(final)
       r['count'] = int(state[0].count)
-      r['equal_to_single_device'] = equal((final, buffers(state)), reference)
-      r['diff_to_single_device'] = max_diff((final, buffers(state)), reference)
+      got = (final, buffers(state), scalars(state))
+      r['equal_to_single_device'] = equal(got, reference)
+      r['diff_to_single_device'] = max_diff(got, reference)
       abstract = {
           k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=shardings[k])
           for k, s in SHAPES.items()
@@ -293,9 +333,11 @@ def main():
     # Inside shard_map, with and without the partition specs.
     shardings = {k: NamedSharding(auto, s) for k, s in SPECS.items()}
     params = jax.device_put(data, shardings)
-    with_specs = amx.ademamix(**kwargs, partition_specs=SPECS)
+    with_specs = optimizer(**kwargs, partition_specs=SPECS)
     final, state = run_shard_map(with_specs, params, auto, SPECS)
-    res['shard_map_specs_equal'] = equal((final, buffers(state)), reference)
+    res['shard_map_specs_equal'] = equal(
+        (final, buffers(state), scalars(state)), reference
+    )
     final, state = run_shard_map(tx, params, auto, SPECS)
     res['shard_map_default_diff'] = {
         k: max_diff(
@@ -307,7 +349,7 @@ def main():
     # Within each sharded leaf, do two shards hold bitwise-equal blocks of m2?
     # They would where all shards drew the same bits.
     res['nnx'] = nnx_specs(
-        auto, {k: v for k, v in kwargs.items() if k != 'mask'}
+        auto, optimizer, {k: v for k, v in kwargs.items() if k != 'mask'}
     )
     abstract = {
         k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=shardings[k])
@@ -318,32 +360,10 @@ def main():
         f: {k: spec_list(x.spec, len(SHAPES[k])) for k, x in t.items()}
         for f, t in buffers(compiled.output_shardings).items()
     }
-    m2 = buffers(state)['m2']
-    res['shard_map_m2'] = {'w': host(m2['w'])}
-    res['reference_m2'] = {'w': host(reference[1]['m2']['w'])}
+    slow = 'm' if 'm' in buffers(state) else 'm2'  # The slow momentum.
+    res['shard_map_m2'] = {'w': host(buffers(state)[slow]['w'])}
+    res['reference_m2'] = {'w': host(reference[1][slow]['w'])}
   out['indices'] = element_indices(auto)
-  # Simplified AdEMAMix shares the machinery: the same guarantee in shard_map.
-  kwargs = dict(
-      learning_rate=1e-2,
-      b1=0.99,
-      alpha=2.0,
-      t_b1=4,
-      mu_dtype=jnp.bfloat16,
-      nu_dtype=jnp.bfloat16,
-  )
-  ref_params, ref_state, _ = run_jit(
-      amx.simplified_ademamix(**kwargs), jax.device_put(data, jax.devices()[0])
-  )
-  shardings = {k: NamedSharding(auto, s) for k, s in SPECS.items()}
-  final, state = run_shard_map(
-      amx.simplified_ademamix(**kwargs, partition_specs=SPECS),
-      jax.device_put(data, shardings),
-      auto,
-      SPECS,
-  )
-  out['simplified_shard_map_equal'] = equal(
-      (final, state[0]), (ref_params, ref_state[0])
-  )
   print(json.dumps(out))
 
 

@@ -523,20 +523,5 @@ def test_edge_values_are_accepted():
     assert bool(jnp.all(jnp.isfinite(u))), kwargs
 
 
-# Sharding (8 emulated devices, in a subprocess), and the XLA:CPU hints.
-
-
-def test_sharded_init_and_steps(worker):
-  result = worker(
-      os.path.join(os.path.dirname(__file__), 'simplified_sharding_worker.py'),
-      devices=8,
-  )
-  assert result['num_devices'] == 8
-  assert set(result['configs']) == {'warmup_bc_decay', 'bf16'}
-  for name, res in result['configs'].items():
-    for field in ('m', 'nu'):
-      assert res['init_specs'][field] == res['param_specs'], (name, field)
-      assert res['step_specs'][field] == res['param_specs'], (name, field)
-    assert res['step_param_specs'] == res['param_specs'], name
-    assert res['count'] == 5, name
-    assert res['equal_to_single_device'], (name, res['diff'])
+# Sharding, under jit and in shard_map: tests/test_sharding.py runs its
+# checks on Simplified AdEMAMix too.

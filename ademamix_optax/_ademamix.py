@@ -96,8 +96,10 @@ def scale_by_ademamix(
   and independent across elements and steps, deterministic, identical after a
   resume, independent of how :func:`jax.jit` shards the arrays, and computed
   inside the fused update. The rounding's derivative is the identity (as for
-  round-to-nearest), so gradients flow through narrow states. ``nu_dtype``
-  must be bfloat16 or wider: in float16 or float8 ``(1 - b2) * g**2``
+  round-to-nearest), so gradients flow through narrow states. A finite value
+  beyond a narrow format's range is stored as its largest finite value
+  (saturated), so that one gradient spike does not leave an inf or NaN
+  moment for good. ``nu_dtype`` must be bfloat16 or wider: in float16 or float8 ``(1 - b2) * g**2``
   underflows to 0.
 
   The state's buffers are sharded like the parameters they belong to, also
@@ -123,13 +125,15 @@ def scale_by_ademamix(
       written back with stochastic rounding (default) or round-to-nearest
       (which stalls slow EMAs; kept for comparison).
     partition_specs: Only for updates run inside :func:`jax.shard_map`: the
-      partition specs with which the leaves are split there (one
-      :class:`jax.sharding.PartitionSpec`, or a tree of them like the
-      parameters), so that each element's stochastic rounding uses its index
-      in the whole leaf and the results equal the unsplit run's bit for bit.
-      Ignored outside ``shard_map``, where the arrays are global anyway.
-      Without it, shards of a leaf still get distinct bits (see the README's
-      section on sharding).
+      partition specs with which the leaves are split there, as
+      :func:`jax.shard_map` takes ``in_specs`` (one
+      :class:`jax.sharding.PartitionSpec`, a tree of them like the
+      parameters, or a prefix of it; leaves masked out by
+      :func:`optax.masked` need none), so that each element's stochastic
+      rounding uses its index in the whole leaf and the results equal the
+      unsplit run's bit for bit. Ignored outside ``shard_map``, where the
+      arrays are global anyway. Without it, shards of a leaf still get
+      distinct bits (see the README's section on sharding).
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -147,7 +151,12 @@ def scale_by_ademamix(
       ``float8_e8m0fnu`` (no sign, no zero), ``float4_e2m1fn`` (no NaN),
       the float6 formats (XLA cannot convert them), and for ``nu_dtype``
       every narrow dtype but bfloat16 (float16 and float8 underflow:
-      ``(1 - b2) * g**2`` is 0 in float16 for ``|g| < 5.5e-3``).
+      ``(1 - b2) * g**2`` is 0 in float16 for ``|g| < 5.5e-3``); a value
+      that is out of range in float32, the precision the step computes in
+      (``b2=0.99999999`` is 1.0 there); a ``partition_specs`` that is not
+      specs. At ``init``: a real ``mu_dtype`` for complex parameters. When
+      an update is traced in ``shard_map``: a spec naming an axis the mesh
+      does not have.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -171,6 +180,7 @@ def scale_by_ademamix(
   _validation.check_interval('eps_root', eps_root, low=0.0)
   _validation.check_steps('t_alpha_beta3', t_alpha_beta3)
   _validation.check_bool('stochastic_rounding', stochastic_rounding)
+  _validation.check_partition_specs('partition_specs', partition_specs)
   mu_dtype = _validation.check_state_dtype('mu_dtype', mu_dtype)
   nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
 
@@ -246,7 +256,7 @@ def scale_by_ademamix(
       u = (m1_hat + _moments.like(c['alpha'], m2) * m2) / (
           jnp.sqrt(nu_hat + like(eps_root)) + like(eps)
       )
-      return u.astype(g.dtype)
+      return u.astype(jnp.result_type(g))
 
     u = jax.tree.map(update, m1_hat, m2_c, nu_c, updates)
     return u, ScaleByAdEMAMixState(count=count_inc, m1=m1, m2=m2, nu=nu)

@@ -49,6 +49,7 @@ def zeros(
     dtype: Optional[jnp.dtype] = None,
     *,
     squares: bool = False,
+    name: str = 'mu_dtype',
 ) -> optax.Params:
   """Zeros shaped (and sharded) like ``params``, in ``dtype`` if given.
 
@@ -56,12 +57,30 @@ def zeros(
   a parameter whose dtype cannot hold small squares (float16, float8: see
   :func:`ademamix_optax._validation.second_moment_dtype`) gets a float32
   buffer instead of one in its own dtype.
+
+  Raises:
+    ValueError: naming the argument ``name`` (whose value ``dtype`` is),
+      for a real ``dtype`` of a first moment of complex parameters: its
+      imaginary part would be dropped.
   """
 
   def zero(p):
+    if not hasattr(p, 'dtype'):  # A Python number among the parameters.
+      p = jnp.asarray(p)
     leaf_dtype = dtype
     if leaf_dtype is None and squares:
       leaf_dtype = _validation.second_moment_dtype(p.dtype)
+    if (
+        not squares
+        and leaf_dtype is not None
+        and jnp.iscomplexobj(p)
+        and not jnp.issubdtype(leaf_dtype, jnp.complexfloating)
+    ):
+      raise ValueError(
+          f'{name}={jnp.dtype(leaf_dtype).name} cannot store the moments of '
+          f'complex parameters (of dtype {p.dtype.name}): their imaginary '
+          f'parts would be dropped. Use {name}=None or a complex dtype.'
+      )
     if isinstance(p, jax.Array) and not _manual_axes():
       return _zeros_reading(p, leaf_dtype)
     # Inside shard_map every array is a local block anyway.
@@ -87,10 +106,21 @@ def _zeros_reading(p: jax.Array, dtype: Optional[jnp.dtype]) -> jax.Array:
   return zero.astype(p.dtype if dtype is None else dtype)
 
 
+def compute_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
+  """The dtype a leaf of ``dtype`` is updated in: its own, at least float32
+  (float32 for the narrow floats, whose promotion with float32 JAX refuses
+  for the 8-bit formats)."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    return jnp.dtype(jnp.float32)
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def compute(updates: optax.Updates) -> optax.Updates:
-  """The gradients in their compute dtype: their own, at least float32."""
+  """The gradients in their compute dtypes (:func:`compute_dtype`)."""
   return jax.tree.map(
-      lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), updates
+      lambda g: jnp.asarray(g).astype(compute_dtype(jnp.result_type(g))),
+      updates,
   )
 
 
@@ -117,14 +147,34 @@ def abs_sq(updates: optax.Updates) -> optax.Updates:
 def ema(
     keep: Scalar, take: Scalar, new: optax.Updates, old: optax.Updates
 ) -> optax.Updates:
-  """``take * new + keep * old`` of each leaf, in ``new``'s dtypes (``old``
-  is read in them)."""
+  """``take * new + keep * old`` of each leaf, with ``old`` read in its
+  compute dtype (:func:`compute_dtype`), promoted with ``new``'s (the EMA of
+  squares of complex parameters is kept complex, as stored)."""
 
   def leaf(n, o):
-    o = o.astype(n.dtype)
+    o = o.astype(jnp.promote_types(n.dtype, compute_dtype(o.dtype)))
     return like(take, n) * n + like(keep, o) * o
 
   return jax.tree.map(leaf, new, old)
+
+
+def _saturate(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Finite ``x`` clipped to the finite range of the narrower ``dtype``.
+
+  A moment stays finite through a gradient spike beyond a narrow format's
+  range (about 4.5e3 for ``float8_e4m3fn`` with ``b1 = 0.9``): it is stored
+  as the format's largest finite value, as a float32 moment would take the
+  spike in its stride, where it would otherwise become inf or, in formats
+  without infinities, NaN for good. Infinities and NaNs stay what they are,
+  as in float32. A format with ``x``'s exponent range (bfloat16 for
+  float32) needs no clipping.
+  """
+  if jnp.iscomplexobj(x) or not jnp.issubdtype(dtype, jnp.floating):
+    return x
+  if jnp.finfo(dtype).maxexp >= jnp.finfo(x.dtype).maxexp:
+    return x
+  top = np.asarray(jnp.finfo(dtype).max, x.dtype)
+  return jnp.where(jnp.isfinite(x), jnp.clip(x, -top, top), x)
 
 
 def _needs_rounding(dtype: jnp.dtype, stochastic: bool) -> bool:
@@ -166,8 +216,11 @@ class Writer:
       partition_specs: Any = None,
   ):
     self._treedef: Any  # A jax.tree_util.PyTreeDef.
-    self._leaves, self._treedef = jax.tree.flatten(updates)
-    self._specs = _specs_for(partition_specs, self._treedef, len(self._leaves))
+    paths, self._treedef = jax.tree_util.tree_flatten_with_path(updates)
+    self._leaves = [jnp.asarray(g) for _, g in paths]
+    self._specs = [None] * len(paths)
+    if partition_specs is not None and _manual_axes():  # Else ignored.
+      self._specs = leaf_specs(partition_specs, [path for path, _ in paths])
     self._count = count
     self._stochastic = stochastic
     self._keys: dict[int, dict[int, jax.Array]] = {}
@@ -206,9 +259,9 @@ class Writer:
         bits = _rounding.mix_index(index, keys[i], size)
         if low_half:
           bits = bits << 16
-        s = _rounding.stochastic_round(n, d, bits)
+        s = _rounding.stochastic_round(_saturate(n, d), d, bits)
       else:
-        s = n.astype(d)
+        s = _saturate(n, d).astype(d)
       stored.append(s)
       read.append(s.astype(n.dtype))
     return self._treedef.unflatten(stored), self._treedef.unflatten(read)
@@ -279,12 +332,27 @@ def _as_bits(x: jax.Array) -> jax.Array:
   )
 
 
-def _specs_for(specs: Any, treedef: Any, n: int) -> list:
-  if specs is None:
-    return [None] * n
-  if isinstance(specs, PartitionSpec):
-    return [specs] * n
-  return treedef.flatten_up_to(specs)
+def is_spec(x: Any) -> bool:
+  """Whether ``x`` is a leaf of a tree of partition specs."""
+  return x is None or isinstance(x, PartitionSpec)
+
+
+def leaf_specs(specs: Any, paths: Sequence[tuple]) -> list:
+  """The partition spec of each leaf at ``paths``, from ``specs``: one
+  :class:`jax.sharding.PartitionSpec` for all, or a tree of them like the
+  parameters or a prefix of it (as :func:`jax.shard_map` takes ``in_specs``):
+  a leaf gets the spec at the longest prefix of its path. Leaves masked out
+  of the updates (``optax.masked``, ``optax.multi_transform``) are simply
+  not asked for; a spec that covers no leaf is ignored.
+  """
+  by_path = dict(
+      jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+  )
+  out = []
+  for path in paths:
+    prefixes = [path[:k] for k in range(len(path), -1, -1)]
+    out.append(next((by_path[q] for q in prefixes if q in by_path), None))
+  return out
 
 
 def _manual_axes() -> tuple[str, ...]:
@@ -356,8 +424,20 @@ def element_index(
   entries = tuple(spec) + (None,) * (g.ndim - len(spec))
   if len(entries) > g.ndim:
     raise ValueError(
-        f'partition spec {spec} has more entries than the leaf of shape '
-        f'{g.shape} has dimensions.'
+        f'partition_specs: the spec {spec} has more entries than the leaf of '
+        f'shape {g.shape} has dimensions.'
+    )
+  names = jax.sharding.get_abstract_mesh().axis_names
+  unknown = [
+      a
+      for e in entries
+      for a in _spec_axes(e)
+      if isinstance(a, str) and a not in names
+  ]
+  if unknown:
+    raise ValueError(
+        f'partition_specs: the spec {spec} names {unknown}, not an axis of '
+        f'the mesh (its axes: {list(names)}).'
     )
   global_shape, offsets = [], []
   for size, entry in zip(g.shape, entries):

@@ -34,7 +34,8 @@ class ScaleBySimplifiedAdEMAMixState(NamedTuple):
     nu: EMA of the squared gradients, stored in ``nu_dtype`` (default: the
       parameters' dtypes).
     s: The sum of the momentum's weights, :math:`s_t = \beta_1(t)\, s_{t-1}
-      + 1`; a float32 scalar, present only with ``bias_correction1=True``
+      + 1`; a scalar in the parameters' widest real dtype, at least
+      float32, present only with ``bias_correction1=True``
       (``None`` otherwise, so that the default state holds what optax's
       does).
   """
@@ -44,7 +45,17 @@ class ScaleBySimplifiedAdEMAMixState(NamedTuple):
   count: jax.typing.ArrayLike  # type: ignore[assignment]
   m: optax.Updates  # Like the params, in mu_dtype.
   nu: optax.Updates  # Like the params, in nu_dtype.
-  s: Optional[jax.typing.ArrayLike]  # shape=(), dtype=jnp.float32, or None.
+  s: Optional[jax.typing.ArrayLike]  # shape=(), at least float32, or None.
+
+
+def _sum_dtype(params: optax.Params) -> jnp.dtype:
+  """The dtype of the sum of weights: the parameters' widest real floating
+  dtype, at least float32 (float64 parameters under ``jax_enable_x64``)."""
+  widths = [jnp.dtype(jnp.float32)] + [
+      jnp.finfo(_moments.compute_dtype(jnp.result_type(p))).dtype
+      for p in jax.tree.leaves(params)
+  ]
+  return max(widths, key=lambda d: d.itemsize)
 
 
 def scale_by_simplified_ademamix(
@@ -86,8 +97,9 @@ def scale_by_simplified_ademamix(
   ``bias_correction1=True`` :math:`u_t` is also divided by the sum of the
   momentum's weights, :math:`s_t = \beta_1(t)\, s_{t-1} + 1`
   (:math:`s_0 = 0`; :math:`(1 - \beta_1^t) / (1 - \beta_1)` for a constant
-  :math:`\beta_1`, and exact while :math:`\beta_1` warms up), kept as a
-  float32 scalar in the state (``state.s``, ``None`` without the option).
+  :math:`\beta_1`, and exact while :math:`\beta_1` warms up), kept in the
+  state (``state.s``, ``None`` without the option) as a scalar of the
+  parameters' precision: float32, or float64 for float64 parameters.
 
   ``b1`` may be a schedule, called with the 1-based step :math:`t`. When
   ``t_b1`` is a positive integer :math:`T`, a constant ``b1`` becomes
@@ -130,17 +142,21 @@ def scale_by_simplified_ademamix(
       written back with stochastic rounding (default) or round-to-nearest
       (which stalls slow EMAs; kept for comparison).
     partition_specs: Only inside :func:`jax.shard_map`: the leaves'
-      partition specs there, so that stochastic rounding uses global element
-      indices; see :func:`ademamix_optax.scale_by_ademamix`.
+      partition specs there (as ``shard_map`` takes ``in_specs``), so that
+      stochastic rounding uses global element indices; see
+      :func:`ademamix_optax.scale_by_ademamix`.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
     :class:`ScaleBySimplifiedAdEMAMixState`.
 
   Raises:
-    ValueError: at construction, for a concrete hyperparameter outside its
-      range or an unknown ``mu_dtype`` or ``nu_dtype``; the message names the
-      argument.
+    ValueError: naming the argument, as
+      :func:`ademamix_optax.scale_by_ademamix` raises them: at construction
+      for a hyperparameter out of range (in float32 too), a ``mu_dtype`` or
+      ``nu_dtype`` the state cannot be stored in, or a ``partition_specs``
+      that is not specs; at ``init`` for a real ``mu_dtype`` of complex
+      parameters; in ``shard_map`` for a spec naming an unknown axis.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -169,6 +185,7 @@ def scale_by_simplified_ademamix(
   _validation.check_interval('b1_start', b1_start, low=0.0, high=1.0)
   _validation.check_bool('bias_correction1', bias_correction1)
   _validation.check_bool('stochastic_rounding', stochastic_rounding)
+  _validation.check_partition_specs('partition_specs', partition_specs)
   mu_dtype = _validation.check_state_dtype('mu_dtype', mu_dtype)
   nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
 
@@ -181,7 +198,7 @@ def scale_by_simplified_ademamix(
         count=jnp.zeros([], jnp.int32),
         m=_moments.zeros(params, mu_dtype),
         nu=_moments.zeros(params, nu_dtype, squares=True),
-        s=jnp.zeros([], jnp.float32) if bias_correction1 else None,
+        s=jnp.zeros([], _sum_dtype(params)) if bias_correction1 else None,
     )
 
   def update_fn(updates, state, params=None):
@@ -191,7 +208,7 @@ def scale_by_simplified_ademamix(
     alpha_t = alpha(count_inc) if callable(alpha) else alpha
     s_t = None
     if bias_correction1:
-      s_t = (b1_t * state.s + 1).astype(jnp.float32)
+      s_t = (b1_t * state.s + 1).astype(state.s.dtype)
     # The step's scalars, computed once for all leaves: each EMA's (keep,
     # take) coefficients, alpha(t), the bias correction (as
     # optax.tree.bias_correction computes it) and the sum of weights.
@@ -228,7 +245,7 @@ def scale_by_simplified_ademamix(
       )
       if s_t is not None:
         u = u / _moments.like(c['s'], u)
-      return u.astype(g.dtype)
+      return u.astype(jnp.result_type(g))
 
     u = jax.tree.map(update, g, m_c, nu_c, updates)
     return u, ScaleBySimplifiedAdEMAMixState(count=count_inc, m=m, nu=nu, s=s_t)

@@ -83,7 +83,8 @@ def _real_scalar(name: str, value: Any, kind: str) -> Optional[float]:
     ):
       fail(f' (a real scalar, not of dtype {dtype})')
     return float(value)
-  if isinstance(value, numbers.Real):
+  if isinstance(value, (int, float)):
+    # Not any numbers.Real: JAX cannot take a fractions.Fraction, say.
     return float(value)
   fail()
   return None  # Unreachable.
@@ -141,6 +142,35 @@ def check_interval(
     ok = ok and (v < high if high_open else v <= high)
   if not ok:
     raise ValueError(f'{name} must be {interval}, got {name}={value!r}.')
+  # The step computes in float32 (at least): the value must be in range
+  # there too (0.99999999 is 1.0 in float32, 1e39 is inf).
+  with np.errstate(over='ignore'):
+    v32 = float(np.float32(v))
+  ok = math.isfinite(v32) and v32 >= low
+  if high is not None:
+    ok = ok and (v32 < high if high_open else v32 <= high)
+  if not ok:
+    raise ValueError(
+        f'{name} must be {interval} also in float32, the precision the '
+        f'step computes in, got {name}={value!r} (in float32: {v32!r}).'
+    )
+
+
+def check_partition_specs(name: str, value: Any) -> None:
+  """Checks ``None``, one :class:`jax.sharding.PartitionSpec`, or a tree of
+  them (or ``None``) like the parameters or a prefix of them."""
+  spec = jax.sharding.PartitionSpec
+  leaves = jax.tree.leaves(
+      value, is_leaf=lambda x: x is None or isinstance(x, spec)
+  )
+  bad = [x for x in leaves if not (x is None or isinstance(x, spec))]
+  if bad:
+    raise ValueError(
+        f'{name} must be None, a jax.sharding.PartitionSpec or a tree of '
+        'them (like the parameters, or a prefix of them, as jax.shard_map '
+        f'takes in_specs), got {name}={_describe(value)} holding '
+        f'{_describe(bad[0])}.'
+    )
 
 
 def check_learning_rate(name: str, value: Any) -> None:

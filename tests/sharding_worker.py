@@ -279,6 +279,92 @@ def element_indices(mesh):
   return out
 
 
+def partition_spec_cases(mesh, data):
+  """``partition_specs`` as ``jax.shard_map`` takes ``in_specs``: under
+  ``optax.masked``, as a prefix tree; and a misspelt axis, refused."""
+  kwargs = dict(b1=0.99, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+  out = {}
+  # Masked leaves (MaskedNode in the inner updates) and a tree of specs.
+  mask = {k: k != 'b' for k in SHAPES}
+  for name, transform in (
+      ('ademamix', amx.scale_by_ademamix),
+      ('simplified', amx.scale_by_simplified_ademamix),
+  ):
+    plain = optax.masked(transform(**kwargs), mask)
+    in_shard_map = optax.masked(
+        transform(**kwargs, partition_specs=SPECS), mask
+    )
+    params = jax.device_put(
+        data, {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+    )
+    want = jax.jit(plain.update)(params, plain.init(params), params)
+    state = jax.jit(in_shard_map.init)(params)
+    state_specs = jax.tree.map(
+        lambda x: x.sharding.spec,
+        state,
+        is_leaf=lambda x: isinstance(x, jax.Array),
+    )
+    got = jax.jit(
+        jax.shard_map(
+            in_shard_map.update,
+            mesh=mesh,
+            in_specs=(SPECS, state_specs, SPECS),
+            out_specs=(SPECS, state_specs),
+        )
+    )(params, state, params)
+    out[f'masked_{name}'] = equal(got, want)
+  # A prefix tree: one spec for a whole subtree.
+  nested = {'group': {'r': data['r'], 'big': data['big']}, 'w': data['w']}
+  prefix = {'group': P('data'), 'w': SPECS['w']}
+  tx = amx.scale_by_ademamix(**kwargs)
+  with_prefix = amx.scale_by_ademamix(**kwargs, partition_specs=prefix)
+  params = jax.device_put(
+      nested,
+      jax.tree.map(
+          lambda s, x: NamedSharding(mesh, s),
+          prefix,
+          nested,
+          is_leaf=lambda x: isinstance(x, P),
+      ),
+  )
+  want = jax.jit(tx.update)(params, tx.init(params), params)
+  state = jax.jit(with_prefix.init)(params)
+  state_specs = jax.tree.map(
+      lambda x: x.sharding.spec,
+      state,
+      is_leaf=lambda x: isinstance(x, jax.Array),
+  )
+  got = jax.jit(
+      jax.shard_map(
+          with_prefix.update,
+          mesh=mesh,
+          in_specs=(prefix, state_specs, prefix),
+          out_specs=(prefix, state_specs),
+      )
+  )(params, state, params)
+  out['prefix'] = equal(got, want)
+  # A misspelt axis.
+  typo = amx.scale_by_ademamix(**kwargs, partition_specs=P('dta'))
+  x = jax.device_put(data['r'], NamedSharding(mesh, P('data')))
+  state = typo.init(x)
+  try:
+    jax.jit(
+        jax.shard_map(
+            lambda g, s: typo.update(g, s)[0],
+            mesh=mesh,
+            in_specs=(
+                P('data'),
+                jax.tree.map(lambda a: P('data') if a.ndim else P(), state),
+            ),
+            out_specs=P('data'),
+        )
+    )(x, state)
+    out['typo'] = 'accepted'
+  except ValueError as e:
+    out['typo'] = str(e)
+  return out
+
+
 def main():
   strict_xla.apply_warning_filters()
   rng = np.random.default_rng(0)
@@ -364,6 +450,7 @@ def main():
     res['shard_map_m2'] = {'w': host(buffers(state)[slow]['w'])}
     res['reference_m2'] = {'w': host(reference[1][slow]['w'])}
   out['indices'] = element_indices(auto)
+  out['partition_specs'] = partition_spec_cases(auto, data)
   print(json.dumps(out))
 
 

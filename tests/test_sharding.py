@@ -150,3 +150,19 @@ def test_nnx_optimizer_state_specs_match_params(result, config):
   for path, (param, state, array) in res.items():
     assert state == param, path
     assert array == [e for e in param if e is not None] or array == param, path
+
+
+@pytest.mark.parametrize('case', ['masked_ademamix', 'masked_simplified'])
+def test_partition_specs_under_optax_masked(result, case):
+  """Masked leaves (MaskedNode) take no spec; the others' bits are those of
+  the global run."""
+  assert result['partition_specs'][case] is True
+
+
+def test_partition_specs_as_a_prefix_tree(result):
+  assert result['partition_specs']['prefix'] is True
+
+
+def test_partition_specs_with_a_misspelt_axis_is_refused(result):
+  message = result['partition_specs']['typo']
+  assert 'partition_specs' in message and "'dta'" in message, message

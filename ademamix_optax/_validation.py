@@ -250,7 +250,8 @@ def canonicalize_float_dtype(name: str, dtype: Any) -> Optional[jnp.dtype]:
     canonical = jax.dtypes.canonicalize_dtype(dtype)
   except (TypeError, ValueError) as e:
     raise ValueError(
-        f'{name} must be None or a floating dtype, got {name}={dtype!r}.'
+        f'{name} must be None or a floating dtype that this JAX '
+        f'({jax.__version__}) supports, got {name}={dtype!r}.'
     ) from e
   if not jnp.issubdtype(canonical, jnp.inexact):
     raise ValueError(

@@ -2,7 +2,6 @@ r"""AdEMAMix: its state, its gradient transformation and its optax alias."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -252,9 +251,9 @@ def scale_by_ademamix(
 
     def update(m1_hat, m2, nu, g):
       nu_hat = nu / _moments.like(c['bc2'], nu)
-      like = functools.partial(_moments.like, a=nu_hat)
       u = (m1_hat + _moments.like(c['alpha'], m2) * m2) / (
-          jnp.sqrt(nu_hat + like(eps_root)) + like(eps)
+          jnp.sqrt(nu_hat + _moments.like(eps_root, nu_hat))
+          + _moments.like(eps, nu_hat)
       )
       return u.astype(jnp.result_type(g))
 

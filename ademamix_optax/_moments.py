@@ -291,7 +291,7 @@ def hand_out(vector: jax.Array) -> list[jax.Array]:
   values (XLA fuses the pairs into the reduction only up to about that
   many).
   """
-  return _once([vector[i] for i in range(vector.shape[0])])
+  return once([vector[i] for i in range(vector.shape[0])])
 
 
 def once(tree: Any) -> Any:
@@ -301,10 +301,6 @@ def once(tree: Any) -> Any:
   loop. Python numbers are left alone; arrays keep their values bit for bit
   (their bits pass through ``x | 0``) and dtypes."""
   scalars, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(treedef, _once(scalars))
-
-
-def _once(scalars: Sequence[Any]) -> list[Any]:
   out = list(scalars)
   arrays = [i for i, x in enumerate(scalars) if isinstance(x, jax.Array)]
   for start in range(0, len(arrays), _KEYS_PER_REDUCE):
@@ -320,7 +316,7 @@ def _once(scalars: Sequence[Any]) -> list[Any]:
     for i, r in zip(chunk, reduced):
       dtype = scalars[i].dtype
       out[i] = r if r.dtype == dtype else jax.lax.bitcast_convert_type(r, dtype)
-  return out
+  return jax.tree.unflatten(treedef, out)
 
 
 def _as_bits(x: jax.Array) -> jax.Array:
@@ -332,11 +328,6 @@ def _as_bits(x: jax.Array) -> jax.Array:
   )
 
 
-def is_spec(x: Any) -> bool:
-  """Whether ``x`` is a leaf of a tree of partition specs."""
-  return x is None or isinstance(x, PartitionSpec)
-
-
 def leaf_specs(specs: Any, paths: Sequence[tuple]) -> list:
   """The partition spec of each leaf at ``paths``, from ``specs``: one
   :class:`jax.sharding.PartitionSpec` for all, or a tree of them like the
@@ -346,7 +337,9 @@ def leaf_specs(specs: Any, paths: Sequence[tuple]) -> list:
   not asked for; a spec that covers no leaf is ignored.
   """
   by_path = dict(
-      jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+      jax.tree_util.tree_flatten_with_path(specs, is_leaf=_validation.is_spec)[
+          0
+      ]
   )
   out = []
   for path in paths:

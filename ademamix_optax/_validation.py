@@ -137,33 +137,34 @@ def check_interval(
     return
   if not math.isfinite(v):
     raise ValueError(f'{name} must be finite, got {name}={value!r}.')
-  ok = v >= low
-  if high is not None:
-    ok = ok and (v < high if high_open else v <= high)
-  if not ok:
+
+  def in_range(x: float) -> bool:
+    if not (math.isfinite(x) and x >= low):
+      return False
+    return high is None or (x < high if high_open else x <= high)
+
+  if not in_range(v):
     raise ValueError(f'{name} must be {interval}, got {name}={value!r}.')
   # The step computes in float32 (at least): the value must be in range
   # there too (0.99999999 is 1.0 in float32, 1e39 is inf).
   with np.errstate(over='ignore'):
     v32 = float(np.float32(v))
-  ok = math.isfinite(v32) and v32 >= low
-  if high is not None:
-    ok = ok and (v32 < high if high_open else v32 <= high)
-  if not ok:
+  if not in_range(v32):
     raise ValueError(
         f'{name} must be {interval} also in float32, the precision the '
         f'step computes in, got {name}={value!r} (in float32: {v32!r}).'
     )
 
 
+def is_spec(x: Any) -> bool:
+  """Whether ``x`` is a leaf of a tree of partition specs."""
+  return x is None or isinstance(x, jax.sharding.PartitionSpec)
+
+
 def check_partition_specs(name: str, value: Any) -> None:
   """Checks ``None``, one :class:`jax.sharding.PartitionSpec`, or a tree of
   them (or ``None``) like the parameters or a prefix of them."""
-  spec = jax.sharding.PartitionSpec
-  leaves = jax.tree.leaves(
-      value, is_leaf=lambda x: x is None or isinstance(x, spec)
-  )
-  bad = [x for x in leaves if not (x is None or isinstance(x, spec))]
+  bad = [x for x in jax.tree.leaves(value, is_leaf=is_spec) if not is_spec(x)]
   if bad:
     raise ValueError(
         f'{name} must be None, a jax.sharding.PartitionSpec or a tree of '

@@ -85,24 +85,19 @@ def scale_by_ademamix(
   change.
 
   Arithmetic runs in at least float32; ``m1`` and ``m2`` are stored in
-  ``mu_dtype`` and ``nu`` in ``nu_dtype`` (both default to the parameters'
-  dtypes), and the state's dtypes never change from one step to the next.
-  A buffer stored in a dtype narrower than float32 (bfloat16, float16,
-  float8) is written back with stochastic rounding: with round-to-nearest a
-  bfloat16 EMA with ``b3 = 0.9999`` stalls (each step's change is below half
-  an ulp), while stochastic rounding keeps it unbiased. The random bits are a
-  full-avalanche hash of the element's index, the step and the leaf: uniform
-  and independent across elements and steps, deterministic, identical after a
-  resume, independent of how :func:`jax.jit` shards the arrays, and computed
-  inside the fused update. The rounding's derivative is the identity (as for
-  round-to-nearest), so gradients flow through narrow states. A finite value
-  beyond a narrow format's range is stored as its largest finite value
-  (saturated), so that one gradient spike does not leave an inf or NaN
-  moment for good. ``nu_dtype`` must be bfloat16 or wider: in float16 or float8 ``(1 - b2) * g**2``
-  underflows to 0.
-
-  The state's buffers are sharded like the parameters they belong to, also
-  when ``init`` is jitted on a mesh.
+  ``mu_dtype`` and ``nu`` in ``nu_dtype`` (by default the parameters'
+  dtypes), and the state's dtypes never change. A buffer narrower than
+  float32 (bfloat16, float16, float8; ``nu`` only bfloat16, in which small
+  squares do not underflow) is written back with stochastic rounding: with
+  round-to-nearest a bfloat16 EMA with ``b3 = 0.9999`` stalls (each step's
+  change is below half an ulp); stochastic rounding keeps it unbiased. Its
+  random bits hash the element's global index, the step and the leaf:
+  deterministic, the same after a resume and under any sharding, computed
+  inside the fused update. Its derivative is the identity, so gradients flow
+  through narrow states. A finite value beyond a narrow format's range is
+  stored as its largest finite value, so that a gradient spike does not
+  leave an inf or NaN moment for good. The buffers are sharded like their
+  parameters, also when ``init`` is jitted on a mesh.
 
   Args:
     b1: Decay rate of the fast EMA, in [0, 1); 0 drops the fast EMA.
@@ -139,23 +134,16 @@ def scale_by_ademamix(
     :class:`ScaleByAdEMAMixState`.
 
   Raises:
-    ValueError: at construction, naming the argument and its value: for a
-      hyperparameter that is not a real number (``None``, a string, a list,
-      a complex number, a bool, an array that is not a scalar), a callable
-      where no schedule is accepted (every argument but ``alpha`` and
-      ``b3``), a concrete value outside its range (NaN and infinities
-      included), a ``stochastic_rounding`` that is not a bool, or a
-      ``mu_dtype`` / ``nu_dtype`` that is not a
-      floating dtype or that the state cannot be stored in:
-      ``float8_e8m0fnu`` (no sign, no zero), ``float4_e2m1fn`` (no NaN),
-      the float6 formats (XLA cannot convert them), and for ``nu_dtype``
-      every narrow dtype but bfloat16 (float16 and float8 underflow:
-      ``(1 - b2) * g**2`` is 0 in float16 for ``|g| < 5.5e-3``); a value
-      that is out of range in float32, the precision the step computes in
-      (``b2=0.99999999`` is 1.0 there); a ``partition_specs`` that is not
-      specs. At ``init``: a real ``mu_dtype`` for complex parameters. When
-      an update is traced in ``shard_map``: a spec naming an axis the mesh
-      does not have.
+    ValueError: naming the argument and its value. At construction: a
+      hyperparameter that is not a real scalar (or a schedule, for ``alpha``
+      and ``b3``), or out of its range, NaN and infinities included, also
+      once rounded to float32 (``b2=0.99999999`` is 1.0 there); a
+      ``mu_dtype`` or ``nu_dtype`` the state cannot be stored in (not
+      floating, without a sign, a zero or a NaN, not convertible by XLA, or
+      for ``nu_dtype`` narrower than bfloat16's range); a
+      ``stochastic_rounding`` that is not a bool; a ``partition_specs``
+      that is not specs. At ``init``: a real ``mu_dtype`` for complex
+      parameters. In ``shard_map``: a spec naming an axis the mesh lacks.
 
   Examples:
     >>> import jax.numpy as jnp

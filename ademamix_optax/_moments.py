@@ -40,7 +40,7 @@ Scalar = Union[float, jax.Array]
 # The rounding streams: the first moments share stream 0 (m1 takes the high
 # and m2 the low half of each word), the second moment has stream 1.
 FIRST, SECOND = 0, 1
-# Scalars handed out by one reduction (see hand_out).
+# Scalars handed out by one reduction (see once).
 _KEYS_PER_REDUCE = 64
 
 
@@ -177,34 +177,14 @@ def _saturate(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
   return jnp.where(jnp.isfinite(x), jnp.clip(x, -top, top), x)
 
 
-def _needs_rounding(dtype: jnp.dtype, stochastic: bool) -> bool:
-  return (
-      stochastic
-      and jnp.issubdtype(dtype, jnp.floating)
-      and jnp.finfo(dtype).bits < 32
-  )
-
-
 class Writer:
   """Writes a step's new moments back in their buffers' dtypes.
 
-  Made once a step, for the step's gradients and 1-based ``count``. Calling
-  it with a new moment (in its compute dtype), the buffer it replaces and
-  the buffer's rounding stream returns ``(stored, read)``: the new buffer in
-  the old one's dtypes, and the stored values in the compute dtype, which
-  the update reads (so that the update needs only the new buffers, never
-  the old ones). A buffer of float32 or wider is kept as computed; a
-  narrower one is rounded stochastically (or to nearest, without
-  ``stochastic``).
-
-  Args:
-    updates: the step's gradients (their tree structure and shapes).
-    count: the 1-based step, an int32 scalar.
-    stochastic: whether narrow buffers are rounded stochastically.
-    partition_specs: inside :func:`jax.shard_map`, the leaves' partition
-      specs there (one :class:`jax.sharding.PartitionSpec`, or a tree of
-      them like ``updates``), for the global element indices; ``None``
-      otherwise.
+  Made once a step, for the step's gradients and 1-based ``count``; see
+  :meth:`__call__`. ``partition_specs``: inside :func:`jax.shard_map`, the
+  leaves' partition specs there (one :class:`jax.sharding.PartitionSpec`,
+  or a tree of them like ``updates`` or a prefix of it), for the global
+  element indices; ignored elsewhere.
   """
 
   def __init__(
@@ -217,17 +197,16 @@ class Writer:
   ):
     self._treedef: Any  # A jax.tree_util.PyTreeDef.
     paths, self._treedef = jax.tree_util.tree_flatten_with_path(updates)
-    self._leaves = [jnp.asarray(g) for _, g in paths]
-    self._specs = [None] * len(paths)
-    if partition_specs is not None and _manual_axes():  # Else ignored.
-      self._specs = leaf_specs(partition_specs, [path for path, _ in paths])
+    specs = [None] * len(paths)
+    if partition_specs is not None and _manual_axes():
+      specs = leaf_specs(partition_specs, [path for path, _ in paths])
+    self._index = [
+        functools.cache(functools.partial(element_index, jnp.asarray(g), spec))
+        for (_, g), spec in zip(paths, specs)
+    ]
     self._count = count
     self._stochastic = stochastic
-    self._keys: dict[int, dict[int, jax.Array]] = {}
-    self._index = [
-        functools.cache(functools.partial(element_index, g, spec))
-        for g, spec in zip(self._leaves, self._specs)
-    ]
+    self._keys: dict[tuple[int, int], jax.Array] = {}  # (leaf, stream)
 
   def __call__(
       self,
@@ -237,26 +216,39 @@ class Writer:
       *,
       low_half: bool = False,
   ) -> tuple[optax.Updates, optax.Updates]:
-    """Stores ``new`` in ``old``'s dtypes; see the class docstring.
+    """Stores ``new`` (in its compute dtype) in the dtypes of ``old``.
 
-    ``low_half``: round with the low 16 bits of each word of ``stream``
-    (moved up), where another buffer uses its high bits.
+    Returns ``(stored, read)``: the new buffer, and its values in the
+    compute dtype, which the update reads (so that it needs only the new
+    buffers, never the old ones). A buffer of float32 or wider is kept as
+    computed; a narrower one is saturated and rounded stochastically with
+    the bits of ``stream`` (their low 16 bits, moved up, with ``low_half``,
+    where another buffer uses the high ones), or to nearest without
+    ``stochastic``.
     """
     new_leaves = self._treedef.flatten_up_to(new)
     dtypes = [o.dtype for o in self._treedef.flatten_up_to(old)]
     narrow = [
         i
         for i, (n, d) in enumerate(zip(new_leaves, dtypes))
-        if n.dtype != d and _needs_rounding(d, self._stochastic)
+        if self._stochastic
+        and n.dtype != d
+        and jnp.issubdtype(d, jnp.floating)
+        and jnp.finfo(d).bits < 32
     ]
-    keys = self._stream_keys(stream, narrow)
+    # The keys of the leaves not keyed yet, hashed together, then handed out
+    # as separate scalars (see once).
+    todo = [(i, stream) for i in narrow if (i, stream) not in self._keys]
+    if todo:
+      keys = _rounding.stream_key_array(self._count, todo)
+      self._keys.update(zip(todo, once([keys[k] for k in range(len(todo))])))
     stored, read = [], []
     for i, (n, d) in enumerate(zip(new_leaves, dtypes)):
       if n.dtype == d:
         s = n
-      elif i in keys:
+      elif i in narrow:
         index, size = self._index[i]()
-        bits = _rounding.mix_index(index, keys[i], size)
+        bits = _rounding.mix_index(index, self._keys[(i, stream)], size)
         if low_half:
           bits = bits << 16
         s = _rounding.stochastic_round(_saturate(n, d), d, bits)
@@ -266,40 +258,20 @@ class Writer:
       read.append(s.astype(n.dtype))
     return self._treedef.unflatten(stored), self._treedef.unflatten(read)
 
-  def _stream_keys(self, stream: int, leaves: list[int]) -> dict[int, Any]:
-    """The keys of ``stream`` for ``leaves``, hashed together and handed out
-    as separate scalars (:func:`hand_out`); cached for the step."""
-    cached = self._keys.setdefault(stream, {})
-    todo = [i for i in leaves if i not in cached]
-    if todo:
-      vector = _rounding.stream_key_array(
-          self._count, [(i, stream) for i in todo]
-      )
-      cached.update(zip(todo, hand_out(vector)))
-    return {i: cached[i] for i in leaves}
-
-
-def hand_out(vector: jax.Array) -> list[jax.Array]:
-  """The elements of ``vector`` as scalars, each read from a reduction.
-
-  The same values. XLA copies cheap scalar arithmetic into every loop that
-  reads it, but never a reduction: each leaf's loop then reads its key as an
-  input instead of computing or slicing it, the loops of same-shaped leaves
-  are the same loop, and XLA compiles them once (see
-  ``benchmarks/README.md``). Each value is ``x | 0`` over a pair of its
-  bits, in one variadic :func:`jax.lax.reduce` per ``_KEYS_PER_REDUCE``
-  values (XLA fuses the pairs into the reduction only up to about that
-  many).
-  """
-  return once([vector[i] for i in range(vector.shape[0])])
-
 
 def once(tree: Any) -> Any:
-  """``tree`` of scalars as it is, each array read from a reduction (see
-  :func:`hand_out`): a step's scalars (the EMAs' coefficients, schedules'
-  values, bias corrections) are then computed once, not in every leaf's
-  loop. Python numbers are left alone; arrays keep their values bit for bit
-  (their bits pass through ``x | 0``) and dtypes."""
+  """``tree`` of scalars as it is, each array read from a reduction.
+
+  The same values and dtypes (the bits pass through ``x | 0``); Python
+  numbers are left alone. XLA copies cheap scalar arithmetic into every loop
+  that reads it, but never a reduction: a step's scalars (the EMAs'
+  coefficients, schedules' values, bias corrections, rounding keys) are then
+  computed once, not in every leaf's loop, each leaf's loop reads its key as
+  an input, the loops of same-shaped leaves are the same loop, and XLA
+  compiles them once (see ``benchmarks/README.md``). One variadic
+  :func:`jax.lax.reduce` per ``_KEYS_PER_REDUCE`` values: XLA fuses the
+  pairs into the reduction only up to about that many.
+  """
   scalars, treedef = jax.tree.flatten(tree)
   out = list(scalars)
   arrays = [i for i, x in enumerate(scalars) if isinstance(x, jax.Array)]

@@ -64,42 +64,33 @@ def _xorshift(x: jax.Array, shift: int) -> jax.Array:
   return lax.bitwise_xor(x, lax.shift_right_logical(x, np.uint32(shift)))
 
 
-def _fields(streams: list[tuple[int, int]]) -> np.ndarray:
-  """The static part of the seed of each ``(leaf, buffer)``, as uint32."""
-  # Combined in Python ints (mod 2**32), not as NumPy scalars, whose
-  # wrap-around warns.
-  return np.array(
-      [
-          (leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
-          for leaf, buffer in streams
-      ],
-      dtype=np.uint32,
-  )
-
-
-def _keys(count: jax.Array, fields: np.ndarray) -> jax.Array:
-  """The keys of ``fields`` (an array of them, or one) at step ``count``.
+def stream_key_array(
+    count: jax.Array, streams: list[tuple[int, int]]
+) -> jax.Array:
+  """The uint32 key of each ``(leaf, buffer)`` stream at step ``count``, by
+  one vectorized hash.
 
   A key is the twice-mixed seed with the first xorshift of
   :func:`mix_index`'s hash already applied: that xorshift distributes over
   the xor of index and key, so its key half is done here, once a step, and
   not in every element's loop.
   """
+  # The static part of each seed, combined in Python ints (mod 2**32): NumPy
+  # scalars would warn on the wrap-around.
+  fields = np.array(
+      [
+          (leaf * int(_K_LEAF) + buffer * int(_K_BUFFER)) & 0xFFFFFFFF
+          for leaf, buffer in streams
+      ],
+      dtype=np.uint32,
+  )
   count = jnp.asarray(count).astype(jnp.uint32)
   return _xorshift(_mix(_mix(count * _K_STEP + fields)), 16)
 
 
 def stream_key(count: jax.Array, leaf: int, buffer: int) -> jax.Array:
-  """A scalar uint32 key for one buffer of one leaf at one step."""
-  return _keys(count, _fields([(leaf, buffer)])[0])
-
-
-def stream_key_array(
-    count: jax.Array, streams: list[tuple[int, int]]
-) -> jax.Array:
-  """``stream_key(count, leaf, buffer)`` of each ``(leaf, buffer)``, as one
-  uint32 vector computed by one vectorized hash."""
-  return _keys(count, _fields(streams))
+  """The scalar key of one buffer of one leaf at step ``count``."""
+  return stream_key_array(count, [(leaf, buffer)])[0]
 
 
 def flat_index(
@@ -124,15 +115,14 @@ def flat_index(
   block = shape if block is None else block
   if not block:
     return jnp.zeros((), jnp.uint32)
-  index = jnp.zeros(block, jnp.uint32)
-  stride = 1
+  terms, stride = [], 1
   for dim in reversed(range(len(block))):
     iota = jax.lax.broadcasted_iota(jnp.uint32, block, dim)
     if offsets is not None:
       iota = iota + offsets[dim]
-    index = index + iota * np.uint32(stride % (1 << 32))
+    terms.append(iota * np.uint32(stride % (1 << 32)))
     stride *= shape[dim]
-  return index
+  return functools.reduce(lax.add, terms)
 
 
 def mix_index(
@@ -141,7 +131,7 @@ def mix_index(
   """Uniform uint32 bits for each element index under a mixed ``key``.
 
   A full avalanche hash (``_mix``) of ``index ^ seed``, with ``key`` the
-  seed after its share of the first xorshift (see :func:`_keys`): a
+  seed after its share of the first xorshift (see :func:`stream_key_array`): a
   bijection of the index for a given key, so the elements of one step get
   distinct values, and each output bit depends on every input bit, so
   neighbouring indices get independent-looking bits.
@@ -270,27 +260,19 @@ def _round(x: jax.Array, dtype: jnp.dtype, bits: jax.Array) -> jax.Array:
 def _straight_through_round(
     x: jax.Array, dtype: jnp.dtype, bits: jax.Array
 ) -> jax.Array:
-  """Rounds float32 ``x`` to ``dtype``, up or down at random, unbiased.
+  """Rounds float32 ``x`` to the narrower ``dtype``, at random, unbiased.
 
-  Args:
-    x: float32 values.
-    dtype: the narrower floating dtype to store (bfloat16, float16, float8;
-      see :func:`unsupported_reason`).
-    bits: uniform random uint32 values, shape of ``x``. bfloat16 reads their
-      high 16 bits, the other dtypes their high 24 bits.
-
-  Returns:
-    ``x`` in ``dtype``; each value is one of the two neighbours of ``x`` in
-    ``dtype``, the one farther from zero with probability equal to the
-    fraction of the gap that lies between ``x`` and the one nearer to zero.
-    Exactly representable values, infinities and NaNs come back unchanged.
-    Above the largest finite value ``M``, bfloat16 rounds between ``M`` and
-    infinity (its upper neighbour in the bit pattern); the other dtypes give
-    ``M`` where round-to-nearest does, and round-to-nearest's inf (or NaN,
-    in formats without infinities) beyond.
-
-  The derivative with respect to ``x`` is the identity (the tangent cast to
-  ``dtype``), the same as round-to-nearest's; ``bits`` get none.
+  ``bits`` are uniform uint32 values shaped like ``x`` (bfloat16 reads their
+  high 16 bits, the other formats their high 24). Each result is one of the
+  two neighbours of ``x`` in ``dtype``, the one farther from zero with
+  probability equal to the fraction of the gap between ``x`` and the one
+  nearer to zero. Exact values, infinities and NaNs come back unchanged. Above
+  the largest finite value ``M``, bfloat16 rounds between ``M`` and infinity
+  (its upper neighbour in the bit pattern); the other formats give ``M``
+  where round-to-nearest does, and round-to-nearest's inf (or NaN, in formats
+  without infinities) beyond. The derivative with respect to ``x`` is the
+  identity (the tangent cast to ``dtype``), as round-to-nearest's; ``bits``
+  get none.
   """
   return _round(x, dtype, bits)
 
@@ -302,11 +284,10 @@ def _stochastic_round_jvp(dtype, primals, tangents):
   return _round(x, dtype, bits), jnp.asarray(x_dot).astype(dtype)
 
 
-# Traced once per shape and dtype, and inlined (``inline=True``): a step
-# rounds three buffers of every leaf, and each ``custom_jvp`` call traced
-# anew is also lowered anew, where the cached one's jaxpr is the same object
-# every time and its lowering is looked up. The same operations, fewer to
-# trace and lower (a bfloat16 step of 148 leaves: see benchmarks/README.md).
+# Traced once per shape and dtype and inlined: a step rounds three buffers of
+# every leaf, and a custom_jvp call traced anew is also lowered anew, where
+# the cached one's jaxpr is the same object every time and its lowering is
+# looked up (the same operations, fewer to trace and lower).
 stochastic_round = jax.jit(
     _straight_through_round, static_argnums=1, inline=True
 )

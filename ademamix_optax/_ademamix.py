@@ -118,16 +118,13 @@ def scale_by_ademamix(
     stochastic_rounding: Whether buffers stored narrower than float32 are
       written back with stochastic rounding (default) or round-to-nearest
       (which stalls slow EMAs; kept for comparison).
-    partition_specs: Only for updates run inside :func:`jax.shard_map`: the
-      partition specs with which the leaves are split there, as
-      :func:`jax.shard_map` takes ``in_specs`` (one
-      :class:`jax.sharding.PartitionSpec`, a tree of them like the
-      parameters, or a prefix of it; leaves masked out by
-      :func:`optax.masked` need none), so that each element's stochastic
-      rounding uses its index in the whole leaf and the results equal the
-      unsplit run's bit for bit. Ignored outside ``shard_map``, where the
-      arrays are global anyway. Without it, shards of a leaf still get
-      distinct bits (see the README's section on sharding).
+    partition_specs: Only inside :func:`jax.shard_map`: the partition specs
+      of the leaves there, as ``shard_map`` takes ``in_specs`` (one
+      :class:`jax.sharding.PartitionSpec`, or a tree of them like the
+      parameters or a prefix of it), so that stochastic rounding uses each
+      element's index in the whole leaf and the results equal the unsplit
+      run's bit for bit. Ignored elsewhere. Without it, shards of a leaf
+      still get distinct bits.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -310,24 +307,16 @@ def ademamix(
     mask: A tree of booleans like the parameters (or a prefix of it), or a
       function of the parameters returning one: ``True`` where weight decay
       applies.
-    t_alpha_beta3: Optional warmup length :math:`T_{\alpha,\beta_3}` for
-      constant ``alpha`` and ``b3`` (see
-      :func:`ademamix_optax.scale_by_ademamix`).
-    nu_dtype: Optional storage dtype of the second-moment EMA.
-    stochastic_rounding: Whether states stored narrower than float32 are
-      written back with (deterministic) stochastic rounding; see
+    t_alpha_beta3, nu_dtype, stochastic_rounding, partition_specs: As in
       :func:`ademamix_optax.scale_by_ademamix`.
-    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
-      partition specs there; see :func:`ademamix_optax.scale_by_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: at construction, naming the argument and its value: for a
-      ``learning_rate`` that is ``None``, not a real number or schedule, or
-      negative or not finite; a ``weight_decay`` likewise; and for every
-      case listed by :func:`ademamix_optax.scale_by_ademamix`.
+    ValueError: naming the argument and its value, for a ``learning_rate``
+      or ``weight_decay`` that is not a real number ``>= 0`` or a schedule,
+      and as :func:`ademamix_optax.scale_by_ademamix` raises.
 
   Examples:
     >>> import jax

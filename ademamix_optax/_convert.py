@@ -64,24 +64,19 @@ def adam_state_to_ademamix(
   exactly. With ``b1 == 0`` in ``ademamix_tx`` its state holds no ``m1``, and
   :math:`\mu` is dropped.
 
-  The target structure is that of ``ademamix_tx.init(params)`` (computed
-  with :func:`jax.eval_shape`, nothing is allocated): every leaf of the result
-  has the shape and dtype of the leaf a fresh ``init`` would give (``m1`` is
-  cast to the ``mu_dtype`` of ``ademamix_tx``, ``m2`` is zeros of that dtype).
-  The leaves of ``adam_state`` outside its Adam state (for instance the step
-  count of a learning-rate schedule) are carried over, in order, to the
-  leaves outside the AdEMAMix state; stateless parts (the weight-decay mask,
-  a constant learning rate) follow ``ademamix_tx``. So the state of
-  ``optax.adamw(lr, weight_decay=wd, mask=m)`` converts into that of
-  ``ademamix(lr, weight_decay=wd, mask=m, ...)``, and that of ``optax.adam``
-  into that of an ``ademamix`` with or without weight decay.
+  The result has the structure, shapes and dtypes of
+  ``ademamix_tx.init(params)`` (computed with :func:`jax.eval_shape`): ``m1``
+  is cast to ``ademamix_tx``'s ``mu_dtype``, ``m2`` is zeros of it. The
+  leaves outside the Adam state (the step count of a learning-rate schedule,
+  say) are carried over, in order, to those outside the AdEMAMix state;
+  stateless parts (a weight-decay mask) follow ``ademamix_tx``. So
+  ``optax.adamw(lr, weight_decay=wd, mask=m)``'s state converts into that of
+  ``ademamix(lr, weight_decay=wd, mask=m, ...)``.
 
-  Following the paper, build ``ademamix_tx`` without warmups
-  (``t_alpha_beta3=None``: warmups would be evaluated at the carried-over
-  step) and with a small ``alpha``: 2 at 110M parameters, 1 at 1.3B. The
-  function is traceable and can run under :func:`jax.jit` (with
-  ``ademamix_tx`` static). With a
-  :class:`flax.training.train_state.TrainState`, switch with
+  Following the paper, build ``ademamix_tx`` without warmups (they would be
+  evaluated at the carried-over step) and with a small ``alpha``: 2 at 110M
+  parameters, 1 at 1.3B. The function can run under :func:`jax.jit` (with
+  ``ademamix_tx`` static). With a Flax ``TrainState``:
   ``state.replace(tx=tx, opt_state=adam_state_to_ademamix(state.opt_state,
   tx, state.params))``.
 
@@ -146,30 +141,22 @@ def adam_state_to_ademamix(
   adam: optax.ScaleByAdamState = src_leaves[src_core]
   target: _ademamix.ScaleByAdEMAMixState = dst_leaves[dst_core]
 
-  moments_def: Any = jax.tree.structure(target.m2)
   for name in ('mu', 'nu'):
     moment = getattr(adam, name)
-    if jax.tree.structure(moment) != moments_def:
+    shapes = jax.tree.map(jnp.shape, moment)
+    want = jax.tree.map(lambda p: p.shape, target.m2)
+    if shapes != want:
       raise ValueError(
-          f"Adam's {name} has tree structure {jax.tree.structure(moment)}, "
-          f'but the parameters have {moments_def}.'
+          f"Adam's {name} does not match the parameters' tree structure "
+          f'and shapes: {shapes} against {want}.'
       )
-    for a, p in zip(jax.tree.leaves(moment), jax.tree.leaves(target.m2)):
-      if jnp.shape(a) != p.shape:
-        raise ValueError(
-            f"Adam's {name} has a leaf of shape {jnp.shape(a)} where the "
-            f'parameters have shape {p.shape}.'
-        )
 
   def cast(x, like):
     return jnp.asarray(x).astype(like.dtype)
 
-  m1 = None
-  if target.m1 is not None:
-    m1 = jax.tree.map(cast, adam.mu, target.m1)
   core = _ademamix.ScaleByAdEMAMixState(
       count=cast(adam.count, target.count),
-      m1=m1,
+      m1=None if target.m1 is None else jax.tree.map(cast, adam.mu, target.m1),
       # zeros_like keeps the placement (sharding) of Adam's moments.
       m2=jax.tree.map(
           lambda mu, like: jnp.zeros_like(mu, dtype=like.dtype),

@@ -1,32 +1,21 @@
 r"""Deterministic stochastic rounding for optimizer states in narrow dtypes.
 
-An EMA with decay :math:`\beta` changes by :math:`(1-\beta)(g - m)` a step.
-With :math:`\beta = 0.9999` that is about :math:`10^{-4}` of the value, far
-below half a unit in the last place of bfloat16 (:math:`2^{-9}` relative), so
-round-to-nearest throws every change away and the stored EMA stalls.
-Stochastic rounding rounds up with probability equal to the distance to the
-lower neighbour (in units of the gap), so the stored value is unbiased:
-:math:`\mathbb{E}[\mathrm{sr}(x)] = x`, and the EMA keeps moving on average.
+An EMA with decay :math:`\beta` changes by :math:`(1-\beta)(g - m)` a step:
+with :math:`\beta = 0.9999`, far below half an ulp of bfloat16
+(:math:`2^{-9}` relative), so round-to-nearest throws every change away and
+the stored EMA stalls. Stochastic rounding rounds up with probability equal
+to the distance to the lower neighbour (in units of the gap), so the stored
+value is unbiased and the EMA keeps moving on average.
 
-The random bits come from a counter-based hash of (element index, step,
-leaf, stream): no PRNG state, nothing extra stored, the same numbers on every
-run and after a resume, and independent of how the array is sharded (the
-element index is the global one). The (step, leaf, stream) key is a scalar,
-mixed thoroughly once per step; each element's bits are then a full
-avalanche hash of its index xor the key (``mix_index``: two xorshift-multiply
-rounds). For a fixed element, the well-mixed key makes successive steps'
-bits independent and uniform, which keeps each EMA unbiased; within one
-step, every output bit depends on every bit of the index, so the bits of
-neighbouring elements are independent too and the rounding noise averages
-out across a tensor. (A one-round mix, cheaper, left the bits of consecutive
-indices lattice-like: a 64-element leaf then rounded all its elements the
-same way in 42% of the steps.)
-
-:func:`stochastic_round` serves every narrow floating dtype with a sign and a
-zero that XLA converts to: bfloat16, float16 and the float8 formats
-(including those without infinities, whose largest finite value is then
-the bound). Its derivative is the identity (straight through), as for
-round-to-nearest, so gradients flow through a narrow state.
+The random bits hash (element index, step, leaf, stream): no PRNG state,
+nothing extra stored, the same numbers after a resume and under any
+sharding (the index is the global one). The (step, leaf, stream) key is
+mixed once a step; each element's bits are a full-avalanche hash of its
+index xor the key (:func:`mix_index`, two xorshift-multiply rounds), so
+successive steps' bits are independent for an element, and neighbouring
+elements' bits are independent within a step. (A one-round mix left the
+bits of consecutive indices lattice-like: a 64-element leaf rounded all its
+elements the same way in 42% of the steps.)
 """
 
 from __future__ import annotations
@@ -161,16 +150,12 @@ def unsupported_reason(dtype: jnp.dtype) -> Optional[str]:
   """Why :func:`stochastic_round` cannot store a moment in ``dtype``, or
   ``None``.
 
-  Judged by the format's properties, not by a list, so that a format JAX
-  adds later is judged without a change here. Every floating dtype of 32
-  bits or more serves. A narrower one must have a sign (moments are signed:
-  :func:`jax.numpy.finfo`'s ``min`` below 0), a zero and a NaN (a NaN stored
-  in a format without one reads back as a number, hiding a divergence),
-  both checked by converting them to the format and back in NumPy, and XLA
-  must convert float32 to and from it on the default backend (checked once
-  by compiling the conversion). That leaves bfloat16, float16 and the float8
-  formats with a sign; the float4 and float6 formats (no NaN),
-  ``float8_e8m0fnu`` and the unsigned ``float8_e5m3fnu`` are refused.
+  Judged by the format's properties, so that a format JAX adds later needs
+  no change here. A floating dtype of 32 bits or more serves. A narrower one
+  must have a sign (``finfo.min < 0``), a zero and a NaN (a NaN stored in a
+  format without one reads back as a number, hiding a divergence), checked
+  by a round trip in NumPy, and XLA must compile its conversion to and from
+  float32. That leaves bfloat16, float16 and the signed float8 formats.
   """
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):

@@ -24,20 +24,11 @@ def _float(x: Any) -> jax.Array:
   return jnp.asarray(x, dtype=jnp.result_type(float))
 
 
-def _constant(value: Any) -> optax.Schedule:
-  def schedule(count):
-    del count
-    return _float(value)
-
-  return schedule
-
-
 def _ratio(count: Any, warmup_steps: Any) -> jax.Array:
   """``t / T`` clipped to [0, 1]; 1 (the end of warmup) when ``T == 0``."""
-  t = _float(count)
   steps = _float(warmup_steps)
   safe_steps = jnp.where(steps > 0, steps, 1.0)
-  return jnp.where(steps > 0, jnp.clip(t / safe_steps, 0.0, 1.0), 1.0)
+  return jnp.where(steps > 0, jnp.clip(_float(count) / safe_steps, 0, 1), 1.0)
 
 
 def alpha_warmup(
@@ -81,7 +72,7 @@ def alpha_warmup(
   _validation.check_interval('alpha', alpha, low=0.0)
   _validation.check_steps('warmup_steps', warmup_steps)
   if warmup_steps is None or _validation.is_concrete_zero(warmup_steps):
-    return _constant(alpha)
+    return lambda count: _float(alpha)
 
   def schedule(count):
     # min(t / T, 1) * alpha; the ratio is 1 for a (traced) T of 0.
@@ -155,7 +146,7 @@ def beta3_warmup(
   _validation.check_interval('b_start', b_start, low=0.0, high=1.0)
   _validation.check_steps('warmup_steps', warmup_steps)
   if warmup_steps is None or _validation.is_concrete_zero(warmup_steps):
-    return _constant(b3)
+    return lambda count: _float(b3)
 
   def schedule(count):
     # (h(b) + 1) interpolated linearly; h + 1 = ln(0.5) / ln(b) >= 0.
@@ -178,6 +169,8 @@ def maybe_warmup(
   ``warmup_steps``; ``value`` itself for a schedule or no warmup."""
   if callable(value) or warmup_steps is None:
     return value
-  if _validation.is_concrete_zero(warmup_steps):
-    return value
-  return make_schedule(value)
+  return (
+      value
+      if _validation.is_concrete_zero(warmup_steps)
+      else make_schedule(value)
+  )

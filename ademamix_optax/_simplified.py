@@ -89,34 +89,22 @@ def scale_by_simplified_ademamix(
                    + \varepsilon}
     \end{aligned}
 
-  The momentum is "theory style": no :math:`1 - \beta_1` factor, so at a
+  The momentum has no :math:`1 - \beta_1` factor ("theory style"): at a
   constant gradient it grows to :math:`g / (1 - \beta_1)`, and the learning
-  rate is smaller than Adam's by about that factor (see the README's recipe).
-  With ``alpha = 0`` and the learning rate scaled by :math:`1 - \beta_1`
-  this is Adam without the first bias correction. With
+  rate is smaller than Adam's by about that factor. With
   ``bias_correction1=True`` :math:`u_t` is also divided by the sum of the
-  momentum's weights, :math:`s_t = \beta_1(t)\, s_{t-1} + 1`
-  (:math:`s_0 = 0`; :math:`(1 - \beta_1^t) / (1 - \beta_1)` for a constant
-  :math:`\beta_1`, and exact while :math:`\beta_1` warms up), kept in the
-  state (``state.s``, ``None`` without the option) as a scalar of the
-  parameters' precision: float32, or float64 for float64 parameters.
+  momentum's weights, :math:`s_t = \beta_1(t)\, s_{t-1} + 1`, :math:`s_0 = 0`
+  (exact while :math:`\beta_1` warms up), kept in ``state.s`` in the
+  parameters' precision (at least float32).
 
-  ``b1`` may be a schedule, called with the 1-based step :math:`t`. When
-  ``t_b1`` is a positive integer :math:`T`, a constant ``b1`` becomes
-  :func:`ademamix_optax.beta3_warmup` ``(b1, T, b_start=b1_start)``: its
-  half-life grows linearly from ``b1_start``'s to ``b1``'s over :math:`T`
-  steps, as in the authors' code (which sets :math:`T` to the length of
-  training). ``alpha`` may be a schedule of :math:`t` too
-  (:func:`optax.contrib.simplified_ademamix` calls it with the 0-based
-  count instead).
-
-  Arithmetic runs in at least float32; ``m`` is stored in ``mu_dtype`` and
-  ``nu`` in ``nu_dtype`` (both default to the parameters' dtypes), and the
-  state's dtypes never change from one step to the next. A buffer stored
-  narrower than float32 is written back with stochastic rounding, as in
-  :func:`ademamix_optax.scale_by_ademamix` (same bits: ``m`` takes the
-  first-moment stream, ``nu`` the second). The state's buffers are sharded
-  like the parameters they belong to, also when ``init`` is jitted on a mesh.
+  ``b1`` and ``alpha`` may be schedules of the 1-based step :math:`t`
+  (:func:`optax.contrib.simplified_ademamix` calls ``alpha``'s with the
+  0-based count). With ``t_b1`` a positive integer :math:`T`, a constant
+  ``b1`` becomes :func:`ademamix_optax.beta3_warmup` ``(b1, T,
+  b_start=b1_start)``, as in the authors' code (which sets :math:`T` to the
+  length of training). Storage dtypes, stochastic rounding (``m`` takes the
+  first-moment stream, ``nu`` the second) and sharding are as in
+  :func:`ademamix_optax.scale_by_ademamix`.
 
   Args:
     b1: Decay rate of the momentum, in [0, 1), or a schedule of the step.
@@ -133,30 +121,16 @@ def scale_by_simplified_ademamix(
       ``b1`` below it is used as is from the first step.
     bias_correction1: Whether to divide the update by the sum of the
       momentum's weights :math:`s_t`.
-    mu_dtype: Optional storage dtype of ``m``; ``None`` keeps the
-      parameters' dtypes.
-    nu_dtype: Optional storage dtype of ``nu``; ``None`` keeps the
-      parameters' dtypes, except float16 and float8 parameters, whose ``nu``
-      is float32 (they cannot hold small squared gradients).
-    stochastic_rounding: Whether buffers stored narrower than float32 are
-      written back with stochastic rounding (default) or round-to-nearest
-      (which stalls slow EMAs; kept for comparison).
-    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
-      partition specs there (as ``shard_map`` takes ``in_specs``), so that
-      stochastic rounding uses global element indices; see
-      :func:`ademamix_optax.scale_by_ademamix`.
+    mu_dtype, nu_dtype, stochastic_rounding, partition_specs: As in
+      :func:`ademamix_optax.scale_by_ademamix` (``mu_dtype`` stores ``m``).
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
     :class:`ScaleBySimplifiedAdEMAMixState`.
 
   Raises:
-    ValueError: naming the argument, as
-      :func:`ademamix_optax.scale_by_ademamix` raises them: at construction
-      for a hyperparameter out of range (in float32 too), a ``mu_dtype`` or
-      ``nu_dtype`` the state cannot be stored in, or a ``partition_specs``
-      that is not specs; at ``init`` for a real ``mu_dtype`` of complex
-      parameters; in ``shard_map`` for a spec naming an unknown axis.
+    ValueError: naming the argument and its value, as
+      :func:`ademamix_optax.scale_by_ademamix` raises them.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -314,26 +288,17 @@ def simplified_ademamix(
     mask: A tree of booleans like the parameters (or a prefix of it), or a
       function of the parameters returning one: ``True`` where weight decay
       applies.
-    t_b1: Optional warmup length of a constant ``b1`` (see
-      :func:`ademamix_optax.scale_by_simplified_ademamix`).
-    b1_start: Decay rate of the momentum at the start of the warmup, in
-      [0, 1).
-    bias_correction1: Whether to divide the update by the sum of the
-      momentum's weights.
-    mu_dtype: Optional storage dtype of the momentum.
-    nu_dtype: Optional storage dtype of the second-moment EMA.
-    stochastic_rounding: Whether states stored narrower than float32 are
-      written back with (deterministic) stochastic rounding.
-    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
-      partition specs there; see :func:`scale_by_simplified_ademamix`.
+    t_b1, b1_start, bias_correction1, mu_dtype, nu_dtype,
+      stochastic_rounding, partition_specs: As in
+      :func:`ademamix_optax.scale_by_simplified_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: at construction, for a concrete hyperparameter out of range
-      or an unknown ``mu_dtype`` or ``nu_dtype``; the message names the
-      argument.
+    ValueError: naming the argument and its value, for a ``learning_rate``
+      or ``weight_decay`` that is not a real number ``>= 0`` or a schedule,
+      and as :func:`ademamix_optax.scale_by_simplified_ademamix` raises.
 
   Examples:
     >>> import jax

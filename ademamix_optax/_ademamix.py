@@ -48,6 +48,7 @@ def scale_by_ademamix(
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
     partition_specs: Any = None,
+    state_format: Optional[str] = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates with AdEMAMix, Adam with a mixture of two EMAs.
 
@@ -167,6 +168,9 @@ def scale_by_ademamix(
   _validation.check_partition_specs('partition_specs', partition_specs)
   mu_dtype = _validation.check_state_dtype('mu_dtype', mu_dtype)
   nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
+  formats = _validation.check_state_format(
+      'state_format', state_format, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+  )
 
   alpha_fn = _schedules.maybe_warmup(
       alpha, t_alpha_beta3, lambda a: _schedules.alpha_warmup(a, t_alpha_beta3)
@@ -183,9 +187,13 @@ def scale_by_ademamix(
   def init_fn(params: optax.Params) -> ScaleByAdEMAMixState:
     return ScaleByAdEMAMixState(
         count=jnp.zeros([], jnp.int32),
-        m1=_moments.zeros(params, mu_dtype) if use_m1 else None,
-        m2=_moments.zeros(params, mu_dtype),
-        nu=_moments.zeros(params, nu_dtype, squares=True),
+        m1=_moments.zeros(params, mu_dtype, fmt=formats.get('m1'))
+        if use_m1
+        else None,
+        m2=_moments.zeros(params, mu_dtype, fmt=formats.get('m2')),
+        nu=_moments.zeros(
+            params, nu_dtype, squares=True, fmt=formats.get('nu')
+        ),
     )
 
   def update_fn(updates, state, params=None):
@@ -211,27 +219,24 @@ def scale_by_ademamix(
         updates,
         count_inc,
         stochastic=stochastic_rounding,
+        formats=formats,
         partition_specs=partition_specs,
     )
     # Each EMA is computed in g's dtype, stored in its buffer's dtype (``m``)
     # and read back as stored (``m_c``).
     if use_m1:
-      m1, m1_c = store(
-          _moments.ema(*c['m1'], g, state.m1), state.m1, _moments.FIRST
-      )
+      m1_new = _moments.ema(*c['m1'], g, state.m1)
+      m1, m1_c = store(m1_new, state.m1, 'm1')
       m1_hat = jax.tree.map(lambda m: m / _moments.like(c['bc1'], m), m1_c)
     else:
-      m1, m1_hat = None, g
-    m2, m2_c = store(
-        _moments.ema(*c['m2'], g, state.m2),
-        state.m2,
-        _moments.FIRST,
-        low_half=True,
-    )
+      m1_new, m1, m1_hat = g, None, g
+    # With state_format='8bit' the slow EMA averages m1 rather than g: the
+    # same mean, less noise for its 8-bit rounding to add to (a deviation
+    # from the paper).
+    m2_in = m1_new if state_format == '8bit' else g
+    m2, m2_c = store(_moments.ema(*c['m2'], m2_in, state.m2), state.m2, 'm2')
     nu, nu_c = store(
-        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu),
-        state.nu,
-        _moments.SECOND,
+        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu), state.nu, 'nu'
     )
 
     def update(m1_hat, m2, nu, g):
@@ -264,6 +269,7 @@ def ademamix(
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
     partition_specs: Any = None,
+    state_format: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdEMAMix with decoupled weight decay (Pagliardini et al, 2024).
 
@@ -363,6 +369,7 @@ def ademamix(
           nu_dtype=nu_dtype,
           stochastic_rounding=stochastic_rounding,
           partition_specs=partition_specs,
+          state_format=state_format,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ademamix_optax import _formats
 from ademamix_optax import _rounding
 from ademamix_optax import _validation
 
@@ -37,9 +38,12 @@ PartitionSpec = jax.sharding.PartitionSpec
 # or a scalar JAX array (a schedule's value, an injected hyperparameter).
 Scalar = Union[float, jax.Array]
 
-# The rounding streams: the first moments share stream 0 (m1 takes the high
-# and m2 the low half of each word), the second moment has stream 1.
+# Each buffer's rounding stream and half of its words: the first moments
+# share stream 0 (m1 and Simplified's m take the high half of each word, m2
+# the low half), the second moment has stream 1.
 FIRST, SECOND = 0, 1
+_STREAMS = {'m1': (FIRST, False), 'm': (FIRST, False), 'm2': (FIRST, True)}
+_STREAMS['nu'] = (SECOND, False)
 # Scalars handed out by one reduction (see once).
 _KEYS_PER_REDUCE = 64
 
@@ -50,8 +54,12 @@ def zeros(
     *,
     squares: bool = False,
     name: str = 'mu_dtype',
+    fmt: Optional[_formats.Format] = None,
 ) -> optax.Params:
   """Zeros shaped (and sharded) like ``params``, in ``dtype`` if given.
+
+  With ``fmt``, the leaves it applies to are stored in it, the others in
+  their compute dtype (:func:`compute_dtype`).
 
   With ``squares`` (a moving average of squared gradients) and no ``dtype``,
   a parameter whose dtype cannot hold small squares (float16, float8: see
@@ -68,7 +76,11 @@ def zeros(
     if not hasattr(p, 'dtype'):  # A Python number among the parameters.
       p = jnp.asarray(p)
     leaf_dtype = dtype
-    if leaf_dtype is None and squares:
+    if fmt is not None:
+      leaf_dtype = compute_dtype(p.dtype)
+      if fmt.applies(p):
+        return _formats.zeros(p, fmt, placed_zeros(p, jnp.float32))
+    elif leaf_dtype is None and squares:
       leaf_dtype = _validation.second_moment_dtype(p.dtype)
     if (
         not squares
@@ -81,10 +93,13 @@ def zeros(
           f'complex parameters (of dtype {p.dtype.name}): their imaginary '
           f'parts would be dropped. Use {name}=None or a complex dtype.'
       )
+    return placed_zeros(p, leaf_dtype)
+
+  def placed_zeros(p, dtype):
     if isinstance(p, jax.Array) and not _manual_axes():
-      return _zeros_reading(p, leaf_dtype)
+      return _zeros_reading(p, dtype)
     # Inside shard_map every array is a local block anyway.
-    return jnp.zeros_like(p, dtype=leaf_dtype)
+    return jnp.zeros_like(p, dtype=dtype)
 
   return jax.tree.map(zero, params)
 
@@ -152,7 +167,10 @@ def ema(
   squares of complex parameters is kept complex, as stored)."""
 
   def leaf(n, o):
-    o = o.astype(jnp.promote_types(n.dtype, compute_dtype(o.dtype)))
+    if isinstance(o, _formats.Quantized):
+      o = _formats.decode(o, n.dtype)
+    else:
+      o = o.astype(jnp.promote_types(n.dtype, compute_dtype(o.dtype)))
     return like(take, n) * n + like(keep, o) * o
 
   return jax.tree.map(leaf, new, old)
@@ -193,8 +211,10 @@ class Writer:
       count: jax.Array,
       *,
       stochastic: bool,
+      formats: Optional[dict[str, _formats.Format]] = None,
       partition_specs: Any = None,
   ):
+    self._formats = formats or {}
     self._treedef: Any  # A jax.tree_util.PyTreeDef.
     paths, self._treedef = jax.tree_util.tree_flatten_with_path(updates)
     specs = [None] * len(paths)
@@ -209,51 +229,63 @@ class Writer:
     self._keys: dict[tuple[int, int], jax.Array] = {}  # (leaf, stream)
 
   def __call__(
-      self,
-      new: optax.Updates,
-      old: optax.Updates,
-      stream: int,
-      *,
-      low_half: bool = False,
+      self, new: optax.Updates, old: optax.Updates, buffer: str
   ) -> tuple[optax.Updates, optax.Updates]:
-    """Stores ``new`` (in its compute dtype) in the dtypes of ``old``.
+    """Stores ``new`` (in its compute dtype) as ``old`` is stored.
 
+    ``buffer`` names the moment (``'m1'``, ``'m2'``, ``'nu'``, or
+    Simplified AdEMAMix's ``'m'``), for its rounding stream and its format.
     Returns ``(stored, read)``: the new buffer, and its values in the
     compute dtype, which the update reads (so that it needs only the new
     buffers, never the old ones). A buffer of float32 or wider is kept as
-    computed; a narrower one is saturated and rounded stochastically with
-    the bits of ``stream`` (their low 16 bits, moved up, with ``low_half``,
-    where another buffer uses the high ones), or to nearest without
-    ``stochastic``.
+    computed; a narrower one is saturated and rounded stochastically (or to
+    nearest without ``stochastic``); a :class:`_formats.Quantized` one is
+    encoded in its format (see :mod:`ademamix_optax._formats`).
     """
+    stream, low_half = _STREAMS[buffer]
+    fmt = self._formats.get('m2' if buffer == 'm' else buffer)
     new_leaves = self._treedef.flatten_up_to(new)
-    dtypes = [o.dtype for o in self._treedef.flatten_up_to(old)]
-    narrow = [
-        i
-        for i, (n, d) in enumerate(zip(new_leaves, dtypes))
-        if self._stochastic
-        and n.dtype != d
-        and jnp.issubdtype(d, jnp.floating)
-        and jnp.finfo(d).bits < 32
+    old_leaves = self._treedef.flatten_up_to(old)
+
+    def random(n, o):
+      if isinstance(o, _formats.Quantized):
+        return fmt is not None and fmt.stochastic
+      return (
+          self._stochastic
+          and n.dtype != o.dtype
+          and jnp.issubdtype(o.dtype, jnp.floating)
+          and jnp.finfo(o.dtype).bits < 32
+      )
+
+    keyed = [
+        i for i, no in enumerate(zip(new_leaves, old_leaves)) if random(*no)
     ]
     # The keys of the leaves not keyed yet, hashed together, then handed out
     # as separate scalars (see once).
-    todo = [(i, stream) for i in narrow if (i, stream) not in self._keys]
+    todo = [(i, stream) for i in keyed if (i, stream) not in self._keys]
     if todo:
       keys = _rounding.stream_key_array(self._count, todo)
       self._keys.update(zip(todo, once([keys[k] for k in range(len(todo))])))
     stored, read = [], []
-    for i, (n, d) in enumerate(zip(new_leaves, dtypes)):
-      if n.dtype == d:
-        s = n
-      elif i in narrow:
+    for i, (n, o) in enumerate(zip(new_leaves, old_leaves)):
+      bits = None
+      if i in keyed:
         index, size = self._index[i]()
         bits = _rounding.mix_index(index, self._keys[(i, stream)], size)
         if low_half:
           bits = bits << 16
-        s = _rounding.stochastic_round(_saturate(n, d), d, bits)
+      if isinstance(o, _formats.Quantized):
+        assert fmt is not None  # A Quantized buffer is made for its format.
+        q = _formats.encode(n, fmt, bits)
+        stored.append(q)
+        read.append(_formats.decode(q, n.dtype))
+        continue
+      if n.dtype == o.dtype:
+        s = n
+      elif bits is not None:
+        s = _rounding.stochastic_round(_saturate(n, o.dtype), o.dtype, bits)
       else:
-        s = _saturate(n, d).astype(d)
+        s = _saturate(n, o.dtype).astype(o.dtype)
       stored.append(s)
       read.append(s.astype(n.dtype))
     return self._treedef.unflatten(stored), self._treedef.unflatten(read)

@@ -72,6 +72,7 @@ def scale_by_simplified_ademamix(
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
     partition_specs: Any = None,
+    state_format: Optional[str] = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates with Simplified AdEMAMix (Morwani et al, 2025).
 
@@ -162,6 +163,9 @@ def scale_by_simplified_ademamix(
   _validation.check_partition_specs('partition_specs', partition_specs)
   mu_dtype = _validation.check_state_dtype('mu_dtype', mu_dtype)
   nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
+  formats = _validation.check_state_format(
+      'state_format', state_format, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+  )
 
   b1_fn = _schedules.maybe_warmup(
       b1, t_b1, lambda b: _schedules.beta3_warmup(b, t_b1, b_start=b1_start)
@@ -170,8 +174,10 @@ def scale_by_simplified_ademamix(
   def init_fn(params: optax.Params) -> ScaleBySimplifiedAdEMAMixState:
     return ScaleBySimplifiedAdEMAMixState(
         count=jnp.zeros([], jnp.int32),
-        m=_moments.zeros(params, mu_dtype),
-        nu=_moments.zeros(params, nu_dtype, squares=True),
+        m=_moments.zeros(params, mu_dtype, fmt=formats.get('m2')),
+        nu=_moments.zeros(
+            params, nu_dtype, squares=True, fmt=formats.get('nu')
+        ),
         s=jnp.zeros([], _sum_dtype(params)) if bias_correction1 else None,
     )
 
@@ -200,16 +206,15 @@ def scale_by_simplified_ademamix(
         updates,
         count_inc,
         stochastic=stochastic_rounding,
+        formats=formats,
         partition_specs=partition_specs,
     )
     # m <- b1(t) m + g (no 1 - b1 factor); nu as in Adam. Each is computed in
     # g's dtype, stored in its buffer's dtype (``m``) and read back as stored
     # (``m_c``).
-    m, m_c = store(_moments.ema(*c['m'], g, state.m), state.m, _moments.FIRST)
+    m, m_c = store(_moments.ema(*c['m'], g, state.m), state.m, 'm')
     nu, nu_c = store(
-        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu),
-        state.nu,
-        _moments.SECOND,
+        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu), state.nu, 'nu'
     )
 
     def update(g_c, m, nu, g):
@@ -244,6 +249,7 @@ def simplified_ademamix(
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
     partition_specs: Any = None,
+    state_format: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Simplified AdEMAMix with decoupled weight decay (Morwani et al, 2025).
 
@@ -347,6 +353,7 @@ def simplified_ademamix(
           nu_dtype=nu_dtype,
           stochastic_rounding=stochastic_rounding,
           partition_specs=partition_specs,
+          state_format=state_format,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

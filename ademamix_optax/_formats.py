@@ -1,0 +1,266 @@
+r"""Compact storage of moment buffers: integer codes with a scale per block.
+
+A leaf's buffer is stored as :class:`Quantized`: integer ``codes`` shaped
+like the leaf, and one ``scales`` entry per block of ``block`` consecutive
+elements along the last axis (a leaf sharded along any axis keeps whole
+blocks per shard when its local last dimension is a multiple of the block;
+an odd last dimension ends with a short block). Three kinds of code:
+
+- ``'companded'``: signed 8-bit codes :math:`q = 127\, c(x / s)` of the
+  softsign :math:`c(z) = 2z / (1 + |z|)`, finer near zero, with ``s`` the
+  block's largest magnitude rounded up to bfloat16.
+- ``'linear'``: signed 16-bit codes :math:`q = 32767\, x / s`.
+- ``'ufloat'``: for non-negative buffers (the second moment), an unsigned
+  minifloat of ``bits`` bits (4 exponent bits, the rest mantissa) of
+  :math:`x / 2^k`, with :math:`2^k` the block's largest value rounded up to
+  a power of two (``k`` stored as int8). 12-bit codes are stored as a byte
+  (the high 8 bits) and a nibble, two nibbles packed per byte along the
+  last axis.
+
+Codes round stochastically (``stochastic``: up with probability equal to
+the distance to the lower neighbour in units of the gap, in value space, so
+that a slow EMA neither freezes nor drifts) or to nearest. The most
+negative code (``'ufloat'``: the largest) stands for NaN: a non-finite value
+is stored as NaN and does not spread to its block; the scale is taken over
+the finite values. A zero block stores zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Leaves smaller than this stay in float32, as bitsandbytes keeps them: their
+# scales would cost more than their codes save.
+MIN_SIZE = 4096
+_EXPONENT_BITS = 4
+
+
+class Quantized(NamedTuple):
+  """A buffer stored as codes and per-block scales (see the module)."""
+
+  codes: jax.Array  # Like the leaf: int8, int16, or uint8 (high byte).
+  scales: jax.Array  # shape[:-1] + (blocks,): bfloat16, or int8 exponents.
+  low: Optional[jax.Array] = None  # 12-bit codes: packed low nibbles.
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """How one buffer is stored: the kind of code, its bits, the block size
+  along the last axis, and whether it rounds stochastically."""
+
+  kind: str  # 'companded', 'linear' or 'ufloat'.
+  bits: int
+  block: int
+  stochastic: bool
+
+  def applies(self, leaf: jax.Array) -> bool:
+    """Whether a leaf is stored in this format (else in float32)."""
+    return (
+        jnp.issubdtype(leaf.dtype, jnp.floating)
+        and leaf.ndim > 0
+        and math.prod(leaf.shape) >= MIN_SIZE
+    )
+
+  def bytes_per_element(self, last_dim: int) -> float:
+    """Bytes of codes and scales per element of a leaf."""
+    scale = 1 if self.kind == 'ufloat' else 2
+    return self.bits / 8 + scale * math.ceil(last_dim / self.block) / last_dim
+
+
+def _blocked(x: jax.Array, block: int) -> jax.Array:
+  """``x`` as ``[..., blocks, block]``, the last block zero-padded."""
+  pad = -x.shape[-1] % block
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(x.shape[:-1] + (x.shape[-1] // block, block))
+
+
+def _unblocked(x: jax.Array, last_dim: int) -> jax.Array:
+  return x.reshape(x.shape[:-2] + (-1,))[..., :last_dim]
+
+
+def _pow2(exponent: jax.Array) -> jax.Array:
+  """``2.0 ** exponent`` in float32, exact, for int32 in [-126, 127]."""
+  biased = (exponent + 127).astype(jnp.uint32) << 23
+  return jax.lax.bitcast_convert_type(biased, jnp.float32)
+
+
+def _floor_log2(x: jax.Array) -> jax.Array:
+  """The exponent of positive normal float32 ``x`` (-127 for 0)."""
+  raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return (raw >> 23).astype(jnp.int32) - 127
+
+
+def _round_up_bf16(s: jax.Array) -> jax.Array:
+  """The smallest bfloat16 at least ``s`` (non-negative, finite)."""
+  b = s.astype(jnp.bfloat16)
+  up = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(b, jnp.uint16) + np.uint16(1),
+      jnp.bfloat16,
+  )
+  b = jnp.where(b.astype(jnp.float32) < s, up, b)
+  return jnp.minimum(b, jnp.finfo(jnp.bfloat16).max)
+
+
+def _compand(z: jax.Array) -> jax.Array:
+  return 2 * z / (1 + jnp.abs(z))
+
+
+def _expand(y: jax.Array) -> jax.Array:
+  return y / (2 - jnp.abs(y))
+
+
+def _uniform(bits: Optional[jax.Array], shape) -> jax.Array:
+  """Uniform float32 in [0, 1) from the high 24 random bits; 0.5 (round to
+  nearest) without bits."""
+  if bits is None:
+    return jnp.full(shape, 0.5, jnp.float32)
+  return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+
+
+def zeros(leaf: jax.Array, fmt: Format, like: jax.Array) -> Quantized:
+  """A zero buffer for ``leaf`` in ``fmt``; ``like`` is a zero float32 array
+  computed from the leaf (placed like it, see :func:`_moments.zeros`)."""
+  code = {
+      ('companded', 8): jnp.int8,
+      ('linear', 16): jnp.int16,
+  }.get((fmt.kind, fmt.bits), jnp.uint8)
+  scale = jnp.int8 if fmt.kind == 'ufloat' else jnp.bfloat16
+  scales = _blocked(like, fmt.block)[..., 0].astype(scale)
+  low = None
+  if fmt.kind == 'ufloat' and fmt.bits == 12:
+    low = _blocked(like, 2)[..., 0].astype(jnp.uint8)
+  return Quantized(like.astype(code), scales, low)
+
+
+def _unsigned_grid(v: jax.Array, mbits: int, u: jax.Array) -> jax.Array:
+  """The code of ``v`` in [0, 1] (float32) as an unsigned minifloat with
+  ``_EXPONENT_BITS`` exponent bits (the largest exponent 0, subnormals below
+  the smallest) and ``mbits`` mantissa bits: with ``g`` the gap around
+  ``v``, ``v / g = n + f``, and the code rounds up where ``u < f``."""
+  top = 2**_EXPONENT_BITS - 1
+  e = jnp.clip(_floor_log2(v), 1 - top, 0)
+  scaled = v * _pow2(mbits - e)  # In [0, 2 ** (mbits + 1)); exact.
+  whole = jnp.floor(scaled)
+  n = whole + (u < scaled - whole).astype(jnp.float32)
+  code = ((e + top) << mbits).astype(jnp.int32) + n.astype(jnp.int32)
+  return code - (1 << mbits)
+
+
+def _unsigned_value(code: jax.Array, mbits: int) -> jax.Array:
+  top = 2**_EXPONENT_BITS - 1
+  e = code >> mbits
+  m = code & ((1 << mbits) - 1)
+  whole = jnp.where(e > 0, m + (1 << mbits), m).astype(jnp.float32)
+  return whole * _pow2(jnp.maximum(e, 1) - top - mbits)
+
+
+def encode(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
+  """``x`` (float32 or wider) stored in ``fmt``; ``bits``: uniform uint32
+  random bits like ``x`` for stochastic rounding, or ``None`` for
+  round-to-nearest."""
+  x = x.astype(jnp.float32)
+  last = x.shape[-1]
+  finite = jnp.isfinite(x)
+  magnitude = jnp.where(finite, jnp.abs(x), 0.0)
+  peak = jnp.max(_blocked(magnitude, fmt.block), axis=-1)
+  u = _uniform(bits if fmt.stochastic else None, x.shape)
+  if fmt.kind == 'ufloat':
+    _, exponent = jnp.frexp(peak)  # peak <= 2 ** exponent.
+    k = jnp.clip(exponent - (peak == _pow2(exponent - 1)), -126, 126)
+    k = jnp.where(peak > 0, k, 0).astype(jnp.int8)
+    scale = _unblocked(
+        jnp.broadcast_to(
+            _pow2(-k.astype(jnp.int32))[..., None], k.shape + (fmt.block,)
+        ),
+        last,
+    )
+    nan_code = (1 << fmt.bits) - 1
+    code = _unsigned_grid(
+        jnp.minimum(magnitude * scale, 1.0), fmt.bits - _EXPONENT_BITS, u
+    )
+    code = jnp.where(finite, jnp.minimum(code, nan_code - 1), nan_code)
+    if fmt.bits == 8:
+      return Quantized(code.astype(jnp.uint8), k)
+    low = _blocked((code & 15).astype(jnp.uint8), 2)
+    packed = low[..., 0] | (low[..., 1] << 4)
+    return Quantized((code >> 4).astype(jnp.uint8), k, packed)
+  scales = _round_up_bf16(peak)
+  s = _unblocked(
+      jnp.broadcast_to(
+          scales.astype(jnp.float32)[..., None], scales.shape + (fmt.block,)
+      ),
+      last,
+  )
+  z = jnp.clip(jnp.where(s > 0, x / jnp.where(s > 0, s, 1.0), 0.0), -1, 1)
+  z = jnp.where(finite, z, 0.0)
+  levels = 2 ** (fmt.bits - 1) - 1
+  if fmt.kind == 'linear':
+    y = z * levels
+    low_code = jnp.floor(y)
+    q = low_code + (u < y - low_code).astype(jnp.float32)
+  else:
+    y = _compand(z) * levels
+    low_code = jnp.minimum(jnp.floor(y), levels - 1)
+    lo = _expand(low_code / levels)
+    hi = _expand((low_code + 1) / levels)
+    q = low_code + (u < (z - lo) / (hi - lo)).astype(jnp.float32)
+  dtype = jnp.int8 if fmt.bits == 8 else jnp.int16
+  q = jnp.where(finite, q, -levels - 1).astype(dtype)
+  return Quantized(q, scales)
+
+
+def decode(stored: Quantized, dtype: jnp.dtype) -> jax.Array:
+  """The values of a :class:`Quantized` buffer, in ``dtype``."""
+  codes, scales, low = stored
+  last = codes.shape[-1]
+  # Blocks are powers of two: with ``n`` blocks over the last dimension,
+  # ``ceil(last / n)`` is above half the block and at most the block (or,
+  # for one block, at least the elements it holds).
+  block = 1 << (-(-last // scales.shape[-1]) - 1).bit_length()
+  if codes.dtype == jnp.uint8:
+    code = codes.astype(jnp.int32)
+    bits = 8
+    if low is not None:
+      nibbles = jnp.stack([low & 15, low >> 4], axis=-1)
+      nibbles = nibbles.reshape(low.shape[:-1] + (-1,))[..., :last]
+      code = (code << 4) | nibbles.astype(jnp.int32)
+      bits = 12
+    v = _unsigned_value(code, bits - _EXPONENT_BITS)
+    k = scales.astype(jnp.int32)
+    scale = _unblocked(
+        jnp.broadcast_to(_pow2(k)[..., None], k.shape + (block,)), last
+    )
+    x = jnp.where(code == (1 << bits) - 1, jnp.nan, v * scale)
+    return x.astype(dtype)
+  levels = jnp.iinfo(codes.dtype).max
+  s = _unblocked(
+      jnp.broadcast_to(
+          scales.astype(dtype)[..., None], scales.shape + (block,)
+      ),
+      last,
+  )
+  y = codes.astype(dtype) / levels
+  z = y if codes.dtype == jnp.int16 else _expand(y)
+  return jnp.where(codes == -levels - 1, jnp.nan, z * s)
+
+
+# The presets: the format of each buffer (None: float32).
+PRESETS = {
+    'compact': {
+        'm1': Format('companded', 8, 32, stochastic=False),
+        'm2': Format('linear', 16, 256, stochastic=True),
+        'nu': Format('ufloat', 12, 256, stochastic=True),
+    },
+    '8bit': {
+        'm1': Format('companded', 8, 32, stochastic=False),
+        'm2': Format('companded', 8, 256, stochastic=True),
+        'nu': Format('ufloat', 8, 256, stochastic=True),
+    },
+}

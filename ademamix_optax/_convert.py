@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from ademamix_optax import _ademamix
+from ademamix_optax import _formats
 
 
 def _is_adam(node: Any) -> bool:
@@ -144,7 +145,7 @@ def adam_state_to_ademamix(
   for name in ('mu', 'nu'):
     moment = getattr(adam, name)
     shapes = jax.tree.map(jnp.shape, moment)
-    want = jax.tree.map(lambda p: p.shape, target.m2)
+    want = jax.tree.map(lambda p: tuple(jnp.shape(p)), params)
     if shapes != want:
       raise ValueError(
           f"Adam's {name} does not match the parameters' tree structure "
@@ -152,6 +153,8 @@ def adam_state_to_ademamix(
       )
 
   def cast(x, like):
+    if isinstance(like, _formats.Quantized):  # A state_format's buffer.
+      return _formats.encode(jnp.asarray(x), _formats.format_of(like), None)
     return jnp.asarray(x).astype(like.dtype)
 
   core = _ademamix.ScaleByAdEMAMixState(
@@ -159,9 +162,7 @@ def adam_state_to_ademamix(
       m1=None if target.m1 is None else jax.tree.map(cast, adam.mu, target.m1),
       # zeros_like keeps the placement (sharding) of Adam's moments.
       m2=jax.tree.map(
-          lambda mu, like: jnp.zeros_like(mu, dtype=like.dtype),
-          adam.mu,
-          target.m2,
+          lambda mu, like: cast(jnp.zeros_like(mu), like), adam.mu, target.m2
       ),
       nu=jax.tree.map(cast, adam.nu, target.nu),
   )

@@ -216,14 +216,24 @@ def encode(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   return Quantized(q, scales)
 
 
+def format_of(stored: Quantized) -> Format:
+  """The format of a stored buffer (rounding to nearest), read from its
+  arrays' dtypes and shapes. Blocks are powers of two: with ``n`` blocks
+  over the last dimension, ``ceil(last / n)`` is above half the block and
+  at most the block (or, for one block, at least the elements it holds)."""
+  codes, scales, low = stored
+  block = 1 << (-(-codes.shape[-1] // scales.shape[-1]) - 1).bit_length()
+  if codes.dtype == jnp.uint8:
+    return Format('ufloat', 8 if low is None else 12, block, False)
+  kind = 'companded' if codes.dtype == jnp.int8 else 'linear'
+  return Format(kind, 8 * codes.dtype.itemsize, block, False)
+
+
 def decode(stored: Quantized, dtype: jnp.dtype) -> jax.Array:
   """The values of a :class:`Quantized` buffer, in ``dtype``."""
   codes, scales, low = stored
   last = codes.shape[-1]
-  # Blocks are powers of two: with ``n`` blocks over the last dimension,
-  # ``ceil(last / n)`` is above half the block and at most the block (or,
-  # for one block, at least the elements it holds).
-  block = 1 << (-(-last // scales.shape[-1]) - 1).bit_length()
+  block = format_of(stored).block
   if codes.dtype == jnp.uint8:
     code = codes.astype(jnp.int32)
     bits = 8

@@ -1,0 +1,312 @@
+"""The compact storage formats (``state_format``), against a NumPy reference.
+
+The reference re-implements each code in NumPy float32 from the
+description in ``ademamix_optax/_formats.py``; with the same random bits it
+must give the same codes and scales, and the same decoded values.
+"""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import ademamix_optax as amx
+from ademamix_optax import _formats
+
+FORMATS = {
+    f'{preset}-{buffer}': fmt
+    for preset, formats in _formats.PRESETS.items()
+    for buffer, fmt in formats.items()
+    if not (preset == '8bit' and buffer == 'm1')  # The same as compact's.
+}
+SHAPES = [(16, 512), (3, 300), (5000,), (2, 3, 40)]
+
+
+# -- The NumPy reference ------------------------------------------------------
+
+
+def _blocks(x, block):
+  pad = -x.shape[-1] % block
+  x = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(x.shape[:-1] + (-1, block))
+
+
+def _per_element(scales, block, last):
+  return np.repeat(scales, block, axis=-1)[..., :last]
+
+
+def _bf16_up(s):
+  b = s.astype(ml_dtypes.bfloat16)
+  up = (b.view(np.uint16) + 1).view(ml_dtypes.bfloat16)
+  b = np.where(b.astype(np.float32) < s, up, b)
+  return np.minimum(b, ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+
+
+def ref_encode(x, fmt, bits):
+  """Codes (as int64), scales and, for 12-bit codes, nothing else: the
+  12-bit code whole (the package splits it into a byte and a nibble)."""
+  x = np.asarray(x, np.float32)
+  finite = np.isfinite(x)
+  mag = np.where(finite, np.abs(x), np.float32(0))
+  peak = _blocks(mag, fmt.block).max(axis=-1)
+  if bits is None or not fmt.stochastic:
+    u = np.full(x.shape, 0.5, np.float32)
+  else:
+    u = (np.asarray(bits) >> 8).astype(np.float32) * np.float32(2.0**-24)
+  if fmt.kind == 'ufloat':
+    mbits = fmt.bits - 4
+    k = np.zeros(peak.shape, np.int64)
+    pos = peak > 0
+    # The smallest k with peak <= 2**k.
+    k[pos] = np.ceil(np.log2(peak[pos].astype(np.float64))).astype(np.int64)
+    k = np.clip(k, -126, 126)
+    v = np.minimum(mag * np.exp2(-_per_element(k, fmt.block, x.shape[-1])), 1)
+    v = v.astype(np.float32)
+    with np.errstate(divide='ignore'):
+      e = np.floor(np.log2(v.astype(np.float64)))
+    e = np.clip(np.nan_to_num(e, neginf=-200), -14, 0).astype(np.int64)
+    scaled = (v * np.exp2(mbits - e)).astype(np.float32)
+    n = np.floor(scaled) + (u < scaled - np.floor(scaled))
+    code = ((e + 15) << mbits) + n.astype(np.int64) - (1 << mbits)
+    nan = (1 << fmt.bits) - 1
+    code = np.where(finite, np.minimum(code, nan - 1), nan)
+    return code, k.astype(np.int8)
+  scales = _bf16_up(peak)
+  s = _per_element(scales.astype(np.float32), fmt.block, x.shape[-1])
+  with np.errstate(divide='ignore', invalid='ignore'):
+    z = np.where(s > 0, x / np.where(s > 0, s, np.float32(1)), 0)
+  z = np.where(finite, np.clip(z, -1, 1), 0).astype(np.float32)
+  levels = 2 ** (fmt.bits - 1) - 1
+  if fmt.kind == 'linear':
+    y = (z * np.float32(levels)).astype(np.float32)
+    q = np.floor(y) + (u < y - np.floor(y))
+  else:
+    expand = lambda y: (y / (2 - np.abs(y))).astype(np.float32)
+    y = (2 * z / (1 + np.abs(z)) * np.float32(levels)).astype(np.float32)
+    lo = np.minimum(np.floor(y), levels - 1).astype(np.float32)
+    lo_v = expand(lo / np.float32(levels))
+    hi_v = expand((lo + 1) / np.float32(levels))
+    q = lo + (u < (z - lo_v) / (hi_v - lo_v))
+  return np.where(finite, q, -levels - 1).astype(np.int64), scales
+
+
+def ref_decode(code, scales, fmt, last):
+  if fmt.kind == 'ufloat':
+    mbits = fmt.bits - 4
+    e, m = code >> mbits, code & ((1 << mbits) - 1)
+    whole = np.where(e > 0, m + (1 << mbits), m).astype(np.float64)
+    v = whole * np.exp2(np.maximum(e, 1) - 15 - mbits)
+    scale = np.exp2(_per_element(scales.astype(np.int64), fmt.block, last))
+    return np.where(code == (1 << fmt.bits) - 1, np.nan, v * scale)
+  levels = 2 ** (fmt.bits - 1) - 1
+  y = code / levels
+  z = y if fmt.kind == 'linear' else y / (2 - np.abs(y))
+  s = _per_element(scales.astype(np.float64), fmt.block, last)
+  return np.where(code == -levels - 1, np.nan, z * s)
+
+
+def _whole_code(q):
+  """The package's code as one integer array (12-bit: byte and nibble)."""
+  code = np.asarray(q.codes).astype(np.int64)
+  if q.low is None:
+    return code
+  low = np.asarray(q.low)
+  nibbles = np.stack([low & 15, low >> 4], axis=-1)
+  nibbles = nibbles.reshape(low.shape[:-1] + (-1,))[..., : code.shape[-1]]
+  return (code << 4) | nibbles
+
+
+def _inputs(shape, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape).astype(np.float32)
+  x *= np.exp(rng.uniform(-12, 0, shape[:-1] + (1,))).astype(np.float32)
+  flat = x.reshape(-1)
+  flat[:7] = [0.0, np.nan, np.inf, -np.inf, 1e30, -1e-30, 5e-39]
+  if shape[-1] >= 64:
+    x[..., :64] = 0.0  # A zero block (the companded formats' 32).
+  bits = rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
+  return x, bits
+
+
+# -- Parity with the reference --------------------------------------------------
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=str)
+@pytest.mark.parametrize('stochastic', [True, False])
+@pytest.mark.parametrize('name', FORMATS)
+def test_codes_and_values_match_the_numpy_reference(name, stochastic, shape):
+  fmt = FORMATS[name]
+  x, bits = _inputs(shape, seed=len(name) + len(shape))
+  if fmt.kind == 'ufloat':
+    x = np.abs(x)
+  q = jax.jit(_formats.encode, static_argnums=1)(
+      x, fmt, bits if stochastic else None
+  )
+  want_code, want_scales = ref_encode(x, fmt, bits if stochastic else None)
+  np.testing.assert_array_equal(_whole_code(q), want_code)
+  np.testing.assert_array_equal(
+      np.asarray(q.scales).astype(np.float64),
+      np.asarray(want_scales).astype(np.float64),
+  )
+  # The block read back from the shapes serves as well: the same, or one
+  # block holding the whole last dimension.
+  block = _formats.format_of(q).block
+  assert block == fmt.block or (q.scales.shape[-1] == 1 and block >= shape[-1])
+  got = np.asarray(jax.jit(_formats.decode, static_argnums=1)(q, jnp.float32))
+  want = ref_decode(want_code, np.asarray(want_scales), fmt, shape[-1])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+  # Non-finite values come back NaN; finite ones stay finite, within one
+  # gap of the value (the scale is at least the block's largest value).
+  finite = np.isfinite(x)
+  assert np.all(np.isnan(got[~finite]))
+  assert np.all(np.isfinite(got[finite]))
+
+
+@pytest.mark.parametrize('name', FORMATS)
+def test_stochastic_rounding_is_unbiased(name):
+  """The mean of many roundings of one block is the block, within the
+  rounding noise's standard error."""
+  fmt = FORMATS[name]
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 256)).astype(np.float32) * 1e-3
+  if fmt.kind == 'ufloat':
+    x = x * x
+  trials = 2000
+  bits = rng.integers(0, 2**32, (trials, 256), dtype=np.uint64)
+  encode = jax.jit(jax.vmap(lambda b: _formats.encode(x, fmt, b)))
+  decoded = jax.vmap(lambda q: _formats.decode(q, jnp.float32))(
+      encode(jnp.asarray(bits.astype(np.uint32)))
+  )
+  decoded = np.asarray(decoded, np.float64)[:, 0]
+  if not fmt.stochastic:
+    # Round to nearest: the same value every time, within half a gap.
+    assert np.all(decoded == decoded[:1])
+    return
+  mean, se = decoded.mean(0), decoded.std(0) / math.sqrt(trials)
+  # Within the noise, and the float32 resolution of the rounding
+  # probability (a few 1e-6 of the block's largest value for 16-bit codes).
+  excess = np.abs(mean - x[0]) - 5 * se - 1e-5 * np.abs(x).max()
+  assert np.all(excess < 0), (np.argmax(excess), excess.max())
+
+
+# -- The presets through the optimizers ----------------------------------------
+
+OPTIMIZERS = {
+    'ademamix': lambda **kw: amx.scale_by_ademamix(b3=0.999, alpha=8.0, **kw),
+    'simplified': lambda **kw: amx.scale_by_simplified_ademamix(
+        b1=0.999, alpha=2.0, **kw
+    ),
+}
+
+
+def _params():
+  rng = np.random.default_rng(1)
+  return {
+      'w': jnp.asarray(rng.standard_normal((64, 256)), jnp.float32),
+      'odd': jnp.asarray(rng.standard_normal((5, 1001)), jnp.float32),
+      'b': jnp.zeros((256,), jnp.float32),  # Small: stays float32.
+      's': jnp.float32(1.0),
+  }
+
+
+@pytest.mark.parametrize('preset', sorted(_formats.PRESETS))
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_state_bytes_per_parameter(name, preset):
+  """Bytes of the state of a large leaf, scales included; small leaves
+  count as float32."""
+  params = {'w': jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
+  state = jax.eval_shape(OPTIMIZERS[name](state_format=preset).init, params)
+  size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  per_param = (size - 4) / 4096**2  # Without the step count.
+  limit = {'compact': 4.7, '8bit': 3.1}[preset]
+  if name == 'simplified':  # m and nu: m2's and nu's formats.
+    limit -= 1.0
+  assert per_param <= limit, per_param
+
+
+@pytest.mark.parametrize('preset', sorted(_formats.PRESETS))
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_state_keeps_its_structure_and_dtypes_under_jit(name, preset):
+  tx = OPTIMIZERS[name](state_format=preset)
+  params = _params()
+  state = tx.init(params)
+  leaves = jax.tree.leaves(state)
+  assert isinstance(state.nu['w'], _formats.Quantized)
+  assert state.nu['b'].dtype == jnp.float32
+  step = jax.jit(tx.update)
+  rng = np.random.default_rng(2)
+  for _ in range(3):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(jnp.shape(p)), jnp.float32),
+        params,
+    )
+    updates, state = step(grads, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        jax.tree.leaves(state), leaves
+    )
+    chex.assert_tree_all_finite(updates)
+
+
+@pytest.mark.parametrize(
+    'preset, error, bias',
+    [('compact', 0.03, 0.005), ('8bit', 0.30, 0.02)],
+)
+def test_slow_ema_follows_float32_states(preset, error, bias):
+  """On a drifting stream, the update direction stays near float32 states'
+  and m2 unbiased (the issue's bounds), where round-to-nearest freezes."""
+  params = {'w': jnp.zeros((16, 512), jnp.float32)}
+  rng = np.random.default_rng(3)
+  steps = 3000
+  mean = rng.standard_normal((16, 512)).astype(np.float32) * 1e-2
+  drift = rng.standard_normal((16, 512)).astype(np.float32) * 1e-2
+  noise = rng.standard_normal((steps, 16, 512)).astype(np.float32) * 1e-2
+  phase = np.sin(np.linspace(0, np.pi, steps, dtype=np.float32))
+  grads = mean + phase[:, None, None] * drift + noise
+
+  def run(tx):
+    def body(state, g):
+      u, state = tx.update({'w': g}, state)
+      return state, u['w']
+
+    state, us = jax.lax.scan(body, tx.init(params), jnp.asarray(grads))
+    return state, us
+
+  def make(**kw):
+    return amx.scale_by_ademamix(b3=0.999, alpha=8.0, **kw)
+
+  ref_state, ref_u = jax.jit(lambda: run(make()))()
+  state, u = jax.jit(lambda: run(make(state_format=preset)))()
+  err = jnp.linalg.norm(u[-1] - ref_u[-1]) / jnp.linalg.norm(ref_u[-1])
+  assert float(err) < error, float(err)
+  m2 = _formats.decode(state.m2['w'], jnp.float32)
+  ref_m2 = ref_state.m2['w']
+  got_bias = float(jnp.sum(m2 * ref_m2) / jnp.sum(ref_m2 * ref_m2) - 1)
+  assert abs(got_bias) < bias, got_bias
+
+
+def test_state_format_is_checked_at_construction():
+  with pytest.raises(ValueError, match=r"state_format.*'4bit'"):
+    amx.ademamix(1e-3, state_format='4bit')
+  with pytest.raises(ValueError, match=r'state_format.*mu_dtype'):
+    amx.simplified_ademamix(1e-3, state_format='8bit', mu_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize('preset', sorted(_formats.PRESETS))
+def test_adam_state_converts_into_a_preset(preset):
+  params = _params()
+  adam = optax.adam(1e-3)
+  state = adam.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = adam.update(grads, state)
+  tx = amx.ademamix(1e-3, state_format=preset)
+  converted = amx.adam_state_to_ademamix(state, tx, params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(converted, tx.init(params))
+  m1 = _formats.decode(converted[0].m1['w'], jnp.float32)
+  np.testing.assert_allclose(m1, state[0].mu['w'], rtol=0.02)
+  updates, _ = tx.update(grads, converted, params)
+  chex.assert_tree_all_finite(updates)

@@ -86,7 +86,10 @@ def ref_encode(x, fmt, bits):
     y = (z * np.float32(levels)).astype(np.float32)
     q = np.floor(y) + (u < y - np.floor(y))
   else:
-    expand = lambda y: (y / (2 - np.abs(y))).astype(np.float32)
+
+    def expand(y):
+      return (y / (2 - np.abs(y))).astype(np.float32)
+
     y = (2 * z / (1 + np.abs(z)) * np.float32(levels)).astype(np.float32)
     lo = np.minimum(np.floor(y), levels - 1).astype(np.float32)
     lo_v = expand(lo / np.float32(levels))

@@ -225,8 +225,8 @@ def scale_by_ademamix(
     # Each EMA is computed in g's dtype, stored in its buffer's dtype (``m``)
     # and read back as stored (``m_c``).
     if use_m1:
-      m1_new = _moments.ema(*c['m1'], g, state.m1)
-      m1, m1_c = store(m1_new, state.m1, 'm1')
+      m1_new = store.average('m1', *c['m1'], g, state.m1)
+      m1, m1_c = store('m1', m1_new, state.m1)
       m1_hat = jax.tree.map(lambda m: m / _moments.like(c['bc1'], m), m1_c)
     else:
       m1_new, m1, m1_hat = g, None, g
@@ -234,10 +234,8 @@ def scale_by_ademamix(
     # same mean, less noise for its 8-bit rounding to add to (a deviation
     # from the paper).
     m2_in = m1_new if state_format == '8bit' else g
-    m2, m2_c = store(_moments.ema(*c['m2'], m2_in, state.m2), state.m2, 'm2')
-    nu, nu_c = store(
-        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu), state.nu, 'nu'
-    )
+    m2, m2_c = store.ema('m2', *c['m2'], m2_in, state.m2)
+    nu, nu_c = store.ema('nu', *c['nu'], _moments.abs_sq(g), state.nu)
 
     def update(m1_hat, m2, nu, g):
       nu_hat = nu / _moments.like(c['bc2'], nu)

@@ -152,19 +152,31 @@ def adam_state_to_ademamix(
           f'and shapes: {shapes} against {want}.'
       )
 
-  def cast(x, like):
-    if isinstance(like, _formats.Quantized):  # A state_format's buffer.
-      return _formats.encode(jnp.asarray(x), _formats.format_of(like), None)
-    return jnp.asarray(x).astype(like.dtype)
+  def cast(buffer):
+    def leaf(x, like, param):
+      fmt = _formats.infer(buffer, param, like)
+      if fmt is not None:  # A state_format's packed buffer.
+        return _formats.encode(jnp.asarray(x), fmt, None)
+      return jnp.asarray(x).astype(like.dtype)
 
+    return leaf
+
+  shapes = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params
+  )
   core = _ademamix.ScaleByAdEMAMixState(
-      count=cast(adam.count, target.count),
-      m1=None if target.m1 is None else jax.tree.map(cast, adam.mu, target.m1),
+      count=jnp.asarray(adam.count).astype(jnp.result_type(target.count)),
+      m1=None
+      if target.m1 is None
+      else jax.tree.map(cast('m1'), adam.mu, target.m1, shapes),
       # zeros_like keeps the placement (sharding) of Adam's moments.
       m2=jax.tree.map(
-          lambda mu, like: cast(jnp.zeros_like(mu), like), adam.mu, target.m2
+          lambda mu, like, p: cast('m2')(jnp.zeros_like(mu), like, p),
+          adam.mu,
+          target.m2,
+          shapes,
       ),
-      nu=jax.tree.map(cast, adam.nu, target.nu),
+      nu=jax.tree.map(cast('nu'), adam.nu, target.nu, shapes),
   )
 
   src_rest = [x for i, x in enumerate(src_leaves) if i != src_core]

@@ -1,10 +1,13 @@
 r"""Compact storage of moment buffers: integer codes with a scale per block.
 
-A leaf's buffer is stored as :class:`Quantized`: integer ``codes`` shaped
-like the leaf, and one ``scales`` entry per block of ``block`` consecutive
-elements along the last axis (a leaf sharded along any axis keeps whole
-blocks per shard when its local last dimension is a multiple of the block;
-an odd last dimension ends with a short block). Three kinds of code:
+A leaf's buffer holds integer codes, one per element, and a scale per
+block of ``block`` consecutive elements along the last axis, packed into
+one uint8 array: each block's codes then its scale, so that the buffer of a
+leaf of shape ``(..., n)`` has shape ``(..., blocks * bytes_per_block)``.
+One array per leaf keeps the state a tree like the parameters, as optax,
+Flax and orbax expect; a leaf sharded along any axis keeps whole blocks per
+shard when its local last dimension is a multiple of the block (an odd last
+dimension ends with a zero-padded block). Three kinds of code:
 
 - ``'companded'``: signed 8-bit codes :math:`q = 127\, c(x / s)` of the
   softsign :math:`c(z) = 2z / (1 + |z|)`, finer near zero, with ``s`` the
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +45,7 @@ _EXPONENT_BITS = 4
 
 
 class Quantized(NamedTuple):
-  """A buffer stored as codes and per-block scales (see the module)."""
+  """A buffer's codes and per-block scales, unpacked (see the module)."""
 
   codes: jax.Array  # Like the leaf: int8, int16, or uint8 (high byte).
   scales: jax.Array  # shape[:-1] + (blocks,): bfloat16, or int8 exponents.
@@ -67,10 +70,14 @@ class Format:
         and math.prod(leaf.shape) >= MIN_SIZE
     )
 
-  def bytes_per_element(self, last_dim: int) -> float:
-    """Bytes of codes and scales per element of a leaf."""
+  @property
+  def bytes_per_block(self) -> int:
     scale = 1 if self.kind == 'ufloat' else 2
-    return self.bits / 8 + scale * math.ceil(last_dim / self.block) / last_dim
+    return self.block * self.bits // 8 + scale
+
+  def packed_size(self, last_dim: int) -> int:
+    """The last dimension of the packed buffer of a leaf's."""
+    return -(-last_dim // self.block) * self.bytes_per_block
 
 
 def _blocked(x: jax.Array, block: int) -> jax.Array:
@@ -124,21 +131,6 @@ def _uniform(bits: Optional[jax.Array], shape) -> jax.Array:
   return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
-def zeros(leaf: jax.Array, fmt: Format, like: jax.Array) -> Quantized:
-  """A zero buffer for ``leaf`` in ``fmt``; ``like`` is a zero float32 array
-  computed from the leaf (placed like it, see :func:`_moments.zeros`)."""
-  code = {
-      ('companded', 8): jnp.int8,
-      ('linear', 16): jnp.int16,
-  }.get((fmt.kind, fmt.bits), jnp.uint8)
-  scale = jnp.int8 if fmt.kind == 'ufloat' else jnp.bfloat16
-  scales = _blocked(like, fmt.block)[..., 0].astype(scale)
-  low = None
-  if fmt.kind == 'ufloat' and fmt.bits == 12:
-    low = _blocked(like, 2)[..., 0].astype(jnp.uint8)
-  return Quantized(like.astype(code), scales, low)
-
-
 def _unsigned_grid(v: jax.Array, mbits: int, u: jax.Array) -> jax.Array:
   """The code of ``v`` in [0, 1] (float32) as an unsigned minifloat with
   ``_EXPONENT_BITS`` exponent bits (the largest exponent 0, subnormals below
@@ -161,10 +153,10 @@ def _unsigned_value(code: jax.Array, mbits: int) -> jax.Array:
   return whole * _pow2(jnp.maximum(e, 1) - top - mbits)
 
 
-def encode(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
-  """``x`` (float32 or wider) stored in ``fmt``; ``bits``: uniform uint32
-  random bits like ``x`` for stochastic rounding, or ``None`` for
-  round-to-nearest."""
+def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
+  """The codes and scales of ``x`` (float32 or wider) in ``fmt``; ``bits``:
+  uniform uint32 random bits like ``x`` for stochastic rounding, or
+  ``None`` for round-to-nearest."""
   x = x.astype(jnp.float32)
   last = x.shape[-1]
   finite = jnp.isfinite(x)
@@ -216,24 +208,10 @@ def encode(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   return Quantized(q, scales)
 
 
-def format_of(stored: Quantized) -> Format:
-  """The format of a stored buffer (rounding to nearest), read from its
-  arrays' dtypes and shapes. Blocks are powers of two: with ``n`` blocks
-  over the last dimension, ``ceil(last / n)`` is above half the block and
-  at most the block (or, for one block, at least the elements it holds)."""
-  codes, scales, low = stored
-  block = 1 << (-(-codes.shape[-1] // scales.shape[-1]) - 1).bit_length()
-  if codes.dtype == jnp.uint8:
-    return Format('ufloat', 8 if low is None else 12, block, False)
-  kind = 'companded' if codes.dtype == jnp.int8 else 'linear'
-  return Format(kind, 8 * codes.dtype.itemsize, block, False)
-
-
-def decode(stored: Quantized, dtype: jnp.dtype) -> jax.Array:
-  """The values of a :class:`Quantized` buffer, in ``dtype``."""
+def dequantize(stored: Quantized, block: int, dtype: jnp.dtype) -> jax.Array:
+  """The values of codes and scales, in ``dtype``."""
   codes, scales, low = stored
   last = codes.shape[-1]
-  block = format_of(stored).block
   if codes.dtype == jnp.uint8:
     code = codes.astype(jnp.int32)
     bits = 8
@@ -261,6 +239,51 @@ def decode(stored: Quantized, dtype: jnp.dtype) -> jax.Array:
   return jnp.where(codes == -levels - 1, jnp.nan, z * s)
 
 
+def _bytes(x: jax.Array) -> jax.Array:
+  """The bytes of each element of ``x`` along a new last axis."""
+  if x.dtype.itemsize == 1:
+    return jax.lax.bitcast_convert_type(x, jnp.uint8)[..., None]
+  return jax.lax.bitcast_convert_type(x, jnp.uint8)
+
+
+def encode(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> jax.Array:
+  """``x`` (float32 or wider) stored in ``fmt``, packed (see the module);
+  ``bits`` as for :func:`quantize`."""
+  codes, scales, low = quantize(x, fmt, bits)
+  blocks = _blocked(codes, fmt.block)  # [..., n, block]
+  parts = [_bytes(blocks).reshape(blocks.shape[:-1] + (-1,))]
+  if low is not None:
+    parts.append(_blocked(low, fmt.block // 2))
+  parts.append(_bytes(scales))
+  packed = jnp.concatenate(parts, axis=-1)
+  return packed.reshape(packed.shape[:-2] + (-1,))
+
+
+def decode(
+    packed: jax.Array, fmt: Format, last_dim: int, dtype: jnp.dtype
+) -> jax.Array:
+  """The values of a buffer packed by :func:`encode` for a leaf whose last
+  dimension is ``last_dim``, in ``dtype``."""
+  blocks = packed.reshape(packed.shape[:-1] + (-1, fmt.bytes_per_block))
+  code_bytes = fmt.block * (2 if fmt.bits == 16 else 1)
+  raw = blocks[..., :code_bytes]
+  if fmt.kind == 'ufloat':
+    codes = raw
+    scales = jax.lax.bitcast_convert_type(blocks[..., -1], jnp.int8)
+  else:
+    dtype_code = jnp.int8 if fmt.bits == 8 else jnp.int16
+    if fmt.bits == 16:
+      raw = raw.reshape(raw.shape[:-1] + (fmt.block, 2))
+    codes = jax.lax.bitcast_convert_type(raw, dtype_code)
+    scales = jax.lax.bitcast_convert_type(blocks[..., -2:], jnp.bfloat16)
+  low = None
+  if fmt.bits == 12:
+    low = blocks[..., code_bytes:-1].reshape(packed.shape[:-1] + (-1,))
+    low = low[..., : -(-last_dim // 2)]
+  codes = _unblocked(codes, last_dim)
+  return dequantize(Quantized(codes, scales, low), fmt.block, dtype)
+
+
 # The presets: the format of each buffer (None: float32).
 PRESETS = {
     'compact': {
@@ -274,3 +297,21 @@ PRESETS = {
         'nu': Format('ufloat', 8, 256, stochastic=True),
     },
 }
+
+
+def infer(buffer: str, leaf: Any, stored: Any) -> Optional[Format]:
+  """The preset format in which ``stored`` holds the buffer ``buffer``
+  (``'m1'``, ``'m2'``, ``'nu'``) of a parameter like ``leaf``, read from
+  the shapes and dtypes; ``None`` for a buffer stored as values."""
+  if jnp.dtype(stored.dtype) != jnp.uint8 or not jnp.issubdtype(
+      jnp.result_type(leaf), jnp.floating
+  ):
+    return None
+  for formats in PRESETS.values():
+    fmt = formats[buffer]
+    if (
+        fmt.applies(leaf)
+        and fmt.packed_size(jnp.shape(leaf)[-1]) == stored.shape[-1]
+    ):
+      return fmt
+  return None

@@ -79,7 +79,7 @@ def zeros(
     if fmt is not None:
       leaf_dtype = compute_dtype(p.dtype)
       if fmt.applies(p):
-        return _formats.zeros(p, fmt, placed_zeros(p, jnp.float32))
+        return _formats.encode(placed_zeros(p, jnp.float32), fmt, None)
     elif leaf_dtype is None and squares:
       leaf_dtype = _validation.second_moment_dtype(p.dtype)
     if (
@@ -167,10 +167,7 @@ def ema(
   squares of complex parameters is kept complex, as stored)."""
 
   def leaf(n, o):
-    if isinstance(o, _formats.Quantized):
-      o = _formats.decode(o, n.dtype)
-    else:
-      o = o.astype(jnp.promote_types(n.dtype, compute_dtype(o.dtype)))
+    o = o.astype(jnp.promote_types(n.dtype, compute_dtype(o.dtype)))
     return like(take, n) * n + like(keep, o) * o
 
   return jax.tree.map(leaf, new, old)
@@ -228,10 +225,50 @@ class Writer:
     self._stochastic = stochastic
     self._keys: dict[tuple[int, int], jax.Array] = {}  # (leaf, stream)
 
-  def __call__(
-      self, new: optax.Updates, old: optax.Updates, buffer: str
+  def average(
+      self,
+      buffer: str,
+      keep: Scalar,
+      take: Scalar,
+      new: optax.Updates,
+      old: optax.Updates,
+  ) -> optax.Updates:
+    """``take * new + keep * old`` in the compute dtype, with ``old`` the
+    buffer named ``buffer`` read as stored (see :meth:`ema`)."""
+    return ema(keep, take, new, self._read(buffer, new, old))
+
+  def ema(
+      self,
+      buffer: str,
+      keep: Scalar,
+      take: Scalar,
+      new: optax.Updates,
+      old: optax.Updates,
   ) -> tuple[optax.Updates, optax.Updates]:
-    """Stores ``new`` (in its compute dtype) as ``old`` is stored.
+    """The moving average ``take * new + keep * old`` stored as ``old`` is:
+    :meth:`average`, then :meth:`__call__`."""
+    return self(buffer, self.average(buffer, keep, take, new, old), old)
+
+  def _format(self, buffer: str) -> Optional[_formats.Format]:
+    return self._formats.get('m2' if buffer == 'm' else buffer)
+
+  def _read(self, buffer: str, like: Any, old: Any) -> Any:
+    """``old`` with its packed leaves decoded (in ``like``'s dtypes)."""
+    fmt = self._format(buffer)
+    if fmt is None:
+      return old
+
+    def read(n, o):
+      return (
+          _formats.decode(o, fmt, n.shape[-1], n.dtype) if fmt.applies(n) else o
+      )
+
+    return jax.tree.map(read, like, old)
+
+  def __call__(
+      self, buffer: str, new: optax.Updates, old: optax.Updates
+  ) -> tuple[optax.Updates, optax.Updates]:
+    """Stores ``new`` (in its compute dtype) as the buffer ``old`` is stored.
 
     ``buffer`` names the moment (``'m1'``, ``'m2'``, ``'nu'``, or
     Simplified AdEMAMix's ``'m'``), for its rounding stream and its format.
@@ -239,16 +276,17 @@ class Writer:
     compute dtype, which the update reads (so that it needs only the new
     buffers, never the old ones). A buffer of float32 or wider is kept as
     computed; a narrower one is saturated and rounded stochastically (or to
-    nearest without ``stochastic``); a :class:`_formats.Quantized` one is
-    encoded in its format (see :mod:`ademamix_optax._formats`).
+    nearest without ``stochastic``); one in a ``state_format`` is encoded
+    (see :mod:`ademamix_optax._formats`).
     """
     stream, low_half = _STREAMS[buffer]
-    fmt = self._formats.get('m2' if buffer == 'm' else buffer)
+    fmt = self._format(buffer)
     new_leaves = self._treedef.flatten_up_to(new)
     old_leaves = self._treedef.flatten_up_to(old)
+    packed = [fmt is not None and fmt.applies(n) for n in new_leaves]
 
-    def random(n, o):
-      if isinstance(o, _formats.Quantized):
+    def random(n, o, p):
+      if p:
         return fmt is not None and fmt.stochastic
       return (
           self._stochastic
@@ -258,7 +296,9 @@ class Writer:
       )
 
     keyed = [
-        i for i, no in enumerate(zip(new_leaves, old_leaves)) if random(*no)
+        i
+        for i, args in enumerate(zip(new_leaves, old_leaves, packed))
+        if random(*args)
     ]
     # The keys of the leaves not keyed yet, hashed together, then handed out
     # as separate scalars (see once).
@@ -267,18 +307,18 @@ class Writer:
       keys = _rounding.stream_key_array(self._count, todo)
       self._keys.update(zip(todo, once([keys[k] for k in range(len(todo))])))
     stored, read = [], []
-    for i, (n, o) in enumerate(zip(new_leaves, old_leaves)):
+    for i, (n, o, p) in enumerate(zip(new_leaves, old_leaves, packed)):
       bits = None
       if i in keyed:
         index, size = self._index[i]()
         bits = _rounding.mix_index(index, self._keys[(i, stream)], size)
         if low_half:
           bits = bits << 16
-      if isinstance(o, _formats.Quantized):
-        assert fmt is not None  # A Quantized buffer is made for its format.
+      if p:
+        assert fmt is not None
         q = _formats.encode(n, fmt, bits)
         stored.append(q)
-        read.append(_formats.decode(q, n.dtype))
+        read.append(_formats.decode(q, fmt, n.shape[-1], n.dtype))
         continue
       if n.dtype == o.dtype:
         s = n

@@ -147,7 +147,7 @@ def test_codes_and_values_match_the_numpy_reference(name, stochastic, shape):
   x, bits = _inputs(shape, seed=len(name) + len(shape))
   if fmt.kind == 'ufloat':
     x = np.abs(x)
-  q = jax.jit(_formats.encode, static_argnums=1)(
+  q = jax.jit(_formats.quantize, static_argnums=1)(
       x, fmt, bits if stochastic else None
   )
   want_code, want_scales = ref_encode(x, fmt, bits if stochastic else None)
@@ -156,11 +156,17 @@ def test_codes_and_values_match_the_numpy_reference(name, stochastic, shape):
       np.asarray(q.scales).astype(np.float64),
       np.asarray(want_scales).astype(np.float64),
   )
-  # The block read back from the shapes serves as well: the same, or one
-  # block holding the whole last dimension.
-  block = _formats.format_of(q).block
-  assert block == fmt.block or (q.scales.shape[-1] == 1 and block >= shape[-1])
-  got = np.asarray(jax.jit(_formats.decode, static_argnums=1)(q, jnp.float32))
+  # Packed into one uint8 array and back.
+  packed = jax.jit(_formats.encode, static_argnums=1)(
+      x, fmt, bits if stochastic else None
+  )
+  assert packed.dtype == jnp.uint8
+  assert packed.shape == shape[:-1] + (fmt.packed_size(shape[-1]),)
+  got = np.asarray(
+      jax.jit(_formats.decode, static_argnums=(1, 2, 3))(
+          packed, fmt, shape[-1], jnp.float32
+      )
+  )
   want = ref_decode(want_code, np.asarray(want_scales), fmt, shape[-1])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
   # Non-finite values come back NaN; finite ones stay finite, within one
@@ -182,7 +188,7 @@ def test_stochastic_rounding_is_unbiased(name):
   trials = 2000
   bits = rng.integers(0, 2**32, (trials, 256), dtype=np.uint64)
   encode = jax.jit(jax.vmap(lambda b: _formats.encode(x, fmt, b)))
-  decoded = jax.vmap(lambda q: _formats.decode(q, jnp.float32))(
+  decoded = jax.vmap(lambda q: _formats.decode(q, fmt, 256, jnp.float32))(
       encode(jnp.asarray(bits.astype(np.uint32)))
   )
   decoded = np.asarray(decoded, np.float64)[:, 0]
@@ -239,7 +245,7 @@ def test_state_keeps_its_structure_and_dtypes_under_jit(name, preset):
   params = _params()
   state = tx.init(params)
   leaves = jax.tree.leaves(state)
-  assert isinstance(state.nu['w'], _formats.Quantized)
+  assert state.nu['w'].dtype == jnp.uint8  # Codes and scales, packed.
   assert state.nu['b'].dtype == jnp.float32
   step = jax.jit(tx.update)
   rng = np.random.default_rng(2)
@@ -286,7 +292,8 @@ def test_slow_ema_follows_float32_states(preset, error, bias):
   state, u = jax.jit(lambda: run(make(state_format=preset)))()
   err = jnp.linalg.norm(u[-1] - ref_u[-1]) / jnp.linalg.norm(ref_u[-1])
   assert float(err) < error, float(err)
-  m2 = _formats.decode(state.m2['w'], jnp.float32)
+  fmt = _formats.PRESETS[preset]['m2']
+  m2 = _formats.decode(state.m2['w'], fmt, 512, jnp.float32)
   ref_m2 = ref_state.m2['w']
   got_bias = float(jnp.sum(m2 * ref_m2) / jnp.sum(ref_m2 * ref_m2) - 1)
   assert abs(got_bias) < bias, got_bias
@@ -309,7 +316,8 @@ def test_adam_state_converts_into_a_preset(preset):
   tx = amx.ademamix(1e-3, state_format=preset)
   converted = amx.adam_state_to_ademamix(state, tx, params)
   chex.assert_trees_all_equal_shapes_and_dtypes(converted, tx.init(params))
-  m1 = _formats.decode(converted[0].m1['w'], jnp.float32)
+  fmt = _formats.PRESETS[preset]['m1']
+  m1 = _formats.decode(converted[0].m1['w'], fmt, 256, jnp.float32)
   np.testing.assert_allclose(m1, state[0].mu['w'], rtol=0.02)
   updates, _ = tx.update(grads, converted, params)
   chex.assert_tree_all_finite(updates)

@@ -14,7 +14,7 @@ dimension ends with a zero-padded block). Three kinds of code:
   block's largest magnitude rounded up to bfloat16.
 - ``'linear'``: signed 16-bit codes :math:`q = 32767\, x / s`.
 - ``'ufloat'``: for non-negative buffers (the second moment), an unsigned
-  minifloat of ``bits`` bits (4 exponent bits, the rest mantissa) of
+  minifloat of ``bits`` bits (5 exponent bits, the rest mantissa) of
   :math:`x / 2^k`, with :math:`2^k` the block's largest value rounded up to
   a power of two (``k`` stored as int8). 12-bit codes are stored as a byte
   (the high 8 bits) and a nibble, two nibbles packed per byte along the
@@ -38,10 +38,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ademamix_optax import _rounding
+
 # Leaves smaller than this stay in float32, as bitsandbytes keeps them: their
 # scales would cost more than their codes save.
 MIN_SIZE = 4096
-_EXPONENT_BITS = 4
+# The minifloats' exponent bits: 2**-30 of the block's largest value and
+# more (nine decades of a second moment, four and a half of the gradient).
+_EXPONENT_BITS = 5
+# The signed 8-bit code: float8_e4m3fn (3 mantissa bits, largest 448), of
+# the value over a per-block power of two that maps the block's largest to
+# at most 2**_FLOAT8_HEADROOM: values down to 2**-9, 17 binades below.
+_FLOAT8 = jnp.dtype(jnp.float8_e4m3fn)
+_FLOAT8_HEADROOM = 8
 
 
 class Quantized(NamedTuple):
@@ -57,7 +66,7 @@ class Format:
   """How one buffer is stored: the kind of code, its bits, the block size
   along the last axis, and whether it rounds stochastically."""
 
-  kind: str  # 'companded', 'linear' or 'ufloat'.
+  kind: str  # 'float8', 'companded', 'linear' or 'ufloat'.
   bits: int
   block: int
   stochastic: bool
@@ -72,7 +81,7 @@ class Format:
 
   @property
   def bytes_per_block(self) -> int:
-    scale = 1 if self.kind == 'ufloat' else 2
+    scale = 1 if self.kind in ('ufloat', 'float8') else 2
     return self.block * self.bits // 8 + scale
 
   def packed_size(self, last_dim: int) -> int:
@@ -163,20 +172,33 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   magnitude = jnp.where(finite, jnp.abs(x), 0.0)
   peak = jnp.max(_blocked(magnitude, fmt.block), axis=-1)
   u = _uniform(bits if fmt.stochastic else None, x.shape)
-  if fmt.kind == 'ufloat':
+  if fmt.kind in ('ufloat', 'float8'):
     _, exponent = jnp.frexp(peak)  # peak <= 2 ** exponent.
-    k = jnp.clip(exponent - (peak == _pow2(exponent - 1)), -126, 126)
-    k = jnp.where(peak > 0, k, 0).astype(jnp.int8)
+    k = exponent - (peak == _pow2(exponent - 1))
+    if fmt.kind == 'float8':
+      k = k - _FLOAT8_HEADROOM  # The largest value maps to at most 256.
+    k = jnp.where(peak > 0, jnp.clip(k, -126, 126), 0).astype(jnp.int8)
     scale = _unblocked(
         jnp.broadcast_to(
             _pow2(-k.astype(jnp.int32))[..., None], k.shape + (fmt.block,)
         ),
         last,
     )
+    if fmt.kind == 'float8':
+      v = x * scale  # Exact: a power of two.
+      if bits is not None and fmt.stochastic:
+        code = _rounding.stochastic_round(v, _FLOAT8, bits)
+      else:
+        code = v.astype(_FLOAT8)
+      return Quantized(jnp.where(finite, code, jnp.nan).astype(_FLOAT8), k)
     nan_code = (1 << fmt.bits) - 1
     code = _unsigned_grid(
         jnp.minimum(magnitude * scale, 1.0), fmt.bits - _EXPONENT_BITS, u
     )
+    # A positive value never rounds to zero: the update would divide by eps
+    # alone. (Below the smallest code, 2**-37 of the block's largest value,
+    # it rounds up.)
+    code = jnp.where(magnitude > 0, jnp.maximum(code, 1), code)
     code = jnp.where(finite, jnp.minimum(code, nan_code - 1), nan_code)
     if fmt.bits == 8:
       return Quantized(code.astype(jnp.uint8), k)
@@ -212,6 +234,12 @@ def dequantize(stored: Quantized, block: int, dtype: jnp.dtype) -> jax.Array:
   """The values of codes and scales, in ``dtype``."""
   codes, scales, low = stored
   last = codes.shape[-1]
+  if codes.dtype == _FLOAT8:
+    k = scales.astype(jnp.int32)
+    scale = _unblocked(
+        jnp.broadcast_to(_pow2(k)[..., None], k.shape + (block,)), last
+    )
+    return (codes.astype(jnp.float32) * scale).astype(dtype)
   if codes.dtype == jnp.uint8:
     code = codes.astype(jnp.int32)
     bits = 8
@@ -267,8 +295,10 @@ def decode(
   blocks = packed.reshape(packed.shape[:-1] + (-1, fmt.bytes_per_block))
   code_bytes = fmt.block * (2 if fmt.bits == 16 else 1)
   raw = blocks[..., :code_bytes]
-  if fmt.kind == 'ufloat':
+  if fmt.kind in ('ufloat', 'float8'):
     codes = raw
+    if fmt.kind == 'float8':
+      codes = jax.lax.bitcast_convert_type(raw, _FLOAT8)
     scales = jax.lax.bitcast_convert_type(blocks[..., -1], jnp.int8)
   else:
     dtype_code = jnp.int8 if fmt.bits == 8 else jnp.int16
@@ -287,13 +317,13 @@ def decode(
 # The presets: the format of each buffer (None: float32).
 PRESETS = {
     'compact': {
-        'm1': Format('companded', 8, 32, stochastic=False),
+        'm1': Format('float8', 8, 32, stochastic=False),
         'm2': Format('linear', 16, 256, stochastic=True),
         'nu': Format('ufloat', 12, 256, stochastic=True),
     },
     '8bit': {
-        'm1': Format('companded', 8, 32, stochastic=False),
-        'm2': Format('companded', 8, 256, stochastic=True),
+        'm1': Format('float8', 8, 32, stochastic=False),
+        'm2': Format('float8', 8, 256, stochastic=True),
         'nu': Format('ufloat', 8, 256, stochastic=True),
     },
 }

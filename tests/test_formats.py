@@ -53,13 +53,15 @@ def ref_encode(x, fmt, bits):
   x = np.asarray(x, np.float32)
   finite = np.isfinite(x)
   mag = np.where(finite, np.abs(x), np.float32(0))
+  # XLA reads float32 subnormals as zero (as CPUs and GPUs flush them).
+  mag = np.where(mag < np.finfo(np.float32).tiny, np.float32(0), mag)
   peak = _blocks(mag, fmt.block).max(axis=-1)
   if bits is None or not fmt.stochastic:
     u = np.full(x.shape, 0.5, np.float32)
   else:
     u = (np.asarray(bits) >> 8).astype(np.float32) * np.float32(2.0**-24)
   if fmt.kind == 'ufloat':
-    mbits = fmt.bits - 4
+    mbits = fmt.bits - 5
     k = np.zeros(peak.shape, np.int64)
     pos = peak > 0
     # The smallest k with peak <= 2**k.
@@ -69,10 +71,11 @@ def ref_encode(x, fmt, bits):
     v = v.astype(np.float32)
     with np.errstate(divide='ignore'):
       e = np.floor(np.log2(v.astype(np.float64)))
-    e = np.clip(np.nan_to_num(e, neginf=-200), -14, 0).astype(np.int64)
+    e = np.clip(np.nan_to_num(e, neginf=-200), -30, 0).astype(np.int64)
     scaled = (v * np.exp2(mbits - e)).astype(np.float32)
     n = np.floor(scaled) + (u < scaled - np.floor(scaled))
-    code = ((e + 15) << mbits) + n.astype(np.int64) - (1 << mbits)
+    code = ((e + 31) << mbits) + n.astype(np.int64) - (1 << mbits)
+    code = np.where(mag > 0, np.maximum(code, 1), code)
     nan = (1 << fmt.bits) - 1
     code = np.where(finite, np.minimum(code, nan - 1), nan)
     return code, k.astype(np.int8)
@@ -100,10 +103,10 @@ def ref_encode(x, fmt, bits):
 
 def ref_decode(code, scales, fmt, last):
   if fmt.kind == 'ufloat':
-    mbits = fmt.bits - 4
+    mbits = fmt.bits - 5
     e, m = code >> mbits, code & ((1 << mbits) - 1)
     whole = np.where(e > 0, m + (1 << mbits), m).astype(np.float64)
-    v = whole * np.exp2(np.maximum(e, 1) - 15 - mbits)
+    v = whole * np.exp2(np.maximum(e, 1) - 31 - mbits)
     scale = np.exp2(_per_element(scales.astype(np.int64), fmt.block, last))
     return np.where(code == (1 << fmt.bits) - 1, np.nan, v * scale)
   levels = 2 ** (fmt.bits - 1) - 1

@@ -224,6 +224,8 @@ def scale_by_ademamix(
     )
     # Each EMA is computed in g's dtype, stored in its buffer's dtype (``m``)
     # and read back as stored (``m_c``).
+    # nu first: a state_format may store the first moments relative to it.
+    nu, nu_c = store.ema('nu', *c['nu'], _moments.abs_sq(g), state.nu)
     if use_m1:
       m1_new = store.average('m1', *c['m1'], g, state.m1)
       m1, m1_c = store('m1', m1_new, state.m1)
@@ -235,7 +237,6 @@ def scale_by_ademamix(
     # from the paper).
     m2_in = m1_new if state_format == '8bit' else g
     m2, m2_c = store.ema('m2', *c['m2'], m2_in, state.m2)
-    nu, nu_c = store.ema('nu', *c['nu'], _moments.abs_sq(g), state.nu)
 
     def update(m1_hat, m2, nu, g):
       nu_hat = nu / _moments.like(c['bc2'], nu)

@@ -152,31 +152,43 @@ def adam_state_to_ademamix(
           f'and shapes: {shapes} against {want}.'
       )
 
-  def cast(buffer):
-    def leaf(x, like, param):
-      fmt = _formats.infer(buffer, param, like)
-      if fmt is not None:  # A state_format's packed buffer.
-        return _formats.encode(jnp.asarray(x), fmt, None)
-      return jnp.asarray(x).astype(like.dtype)
-
-    return leaf
-
   shapes = jax.tree.map(
       lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params
   )
+
+  def convert(buffer, moment, target, roots=None):
+    """``moment`` stored as ``target``'s leaves are (a state_format's packed
+    buffers inferred from the shapes; relative ones over ``roots``)."""
+
+    def leaf(x, like, param, *root):
+      fmt = _formats.infer(buffer, param, like)
+      if fmt is None:
+        return jnp.asarray(x).astype(like.dtype)
+      x = jnp.asarray(x, jnp.float32)
+      return _formats.encode(x / root[0] if fmt.relative else x, fmt, None)
+
+    extra = [] if roots is None else [roots]
+    return jax.tree.map(leaf, moment, target, shapes, *extra)
+
+  def read(buffer, stored):
+    def leaf(x, param):
+      fmt = _formats.infer(buffer, param, x)
+      if fmt is None:
+        return x
+      return _formats.decode(x, fmt, param.shape[-1], jnp.float32)
+
+    return jax.tree.map(leaf, stored, shapes)
+
+  nu = convert('nu', adam.nu, target.nu)
+  roots = jax.tree.map(_formats.root, read('nu', nu))
   core = _ademamix.ScaleByAdEMAMixState(
       count=jnp.asarray(adam.count).astype(jnp.result_type(target.count)),
       m1=None
       if target.m1 is None
-      else jax.tree.map(cast('m1'), adam.mu, target.m1, shapes),
+      else convert('m1', adam.mu, target.m1, roots),
       # zeros_like keeps the placement (sharding) of Adam's moments.
-      m2=jax.tree.map(
-          lambda mu, like, p: cast('m2')(jnp.zeros_like(mu), like, p),
-          adam.mu,
-          target.m2,
-          shapes,
-      ),
-      nu=jax.tree.map(cast('nu'), adam.nu, target.nu, shapes),
+      m2=convert('m2', jax.tree.map(jnp.zeros_like, adam.mu), target.m2, roots),
+      nu=nu,
   )
 
   src_rest = [x for i, x in enumerate(src_leaves) if i != src_core]

@@ -51,6 +51,9 @@ _EXPONENT_BITS = 5
 # at most 2**_FLOAT8_HEADROOM: values down to 2**-9, 17 binades below.
 _FLOAT8 = jnp.dtype(jnp.float8_e4m3fn)
 _FLOAT8_HEADROOM = 8
+# The signed 16-bit code: float16 (10 mantissa bits, largest 65504), with the
+# block's largest value mapped to at most 2**15: values down to 2**-24.
+_FLOATS = {8: (_FLOAT8, _FLOAT8_HEADROOM), 16: (jnp.dtype(jnp.float16), 15)}
 
 
 class Quantized(NamedTuple):
@@ -66,10 +69,14 @@ class Format:
   """How one buffer is stored: the kind of code, its bits, the block size
   along the last axis, and whether it rounds stochastically."""
 
-  kind: str  # 'float8', 'companded', 'linear' or 'ufloat'.
+  kind: str  # 'float', 'companded', 'linear' or 'ufloat'.
   bits: int
   block: int
   stochastic: bool
+  ebits: int = 5  # 'ufloat': exponent bits.
+  # Stored over sqrt(nu) (as read at the same step), which puts the codes'
+  # grid in the units of the update: needs nu stored first.
+  relative: bool = False
 
   def applies(self, leaf: jax.Array) -> bool:
     """Whether a leaf is stored in this format (else in float32)."""
@@ -81,7 +88,7 @@ class Format:
 
   @property
   def bytes_per_block(self) -> int:
-    scale = 1 if self.kind in ('ufloat', 'float8') else 2
+    scale = 1 if self.kind in ('ufloat', 'float') else 2
     return self.block * self.bits // 8 + scale
 
   def packed_size(self, last_dim: int) -> int:
@@ -140,12 +147,14 @@ def _uniform(bits: Optional[jax.Array], shape) -> jax.Array:
   return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
-def _unsigned_grid(v: jax.Array, mbits: int, u: jax.Array) -> jax.Array:
+def _unsigned_grid(
+    v: jax.Array, ebits: int, mbits: int, u: jax.Array
+) -> jax.Array:
   """The code of ``v`` in [0, 1] (float32) as an unsigned minifloat with
   ``_EXPONENT_BITS`` exponent bits (the largest exponent 0, subnormals below
   the smallest) and ``mbits`` mantissa bits: with ``g`` the gap around
   ``v``, ``v / g = n + f``, and the code rounds up where ``u < f``."""
-  top = 2**_EXPONENT_BITS - 1
+  top = 2**ebits - 1
   e = jnp.clip(_floor_log2(v), 1 - top, 0)
   scaled = v * _pow2(mbits - e)  # In [0, 2 ** (mbits + 1)); exact.
   whole = jnp.floor(scaled)
@@ -154,8 +163,8 @@ def _unsigned_grid(v: jax.Array, mbits: int, u: jax.Array) -> jax.Array:
   return code - (1 << mbits)
 
 
-def _unsigned_value(code: jax.Array, mbits: int) -> jax.Array:
-  top = 2**_EXPONENT_BITS - 1
+def _unsigned_value(code: jax.Array, ebits: int, mbits: int) -> jax.Array:
+  top = 2**ebits - 1
   e = code >> mbits
   m = code & ((1 << mbits) - 1)
   whole = jnp.where(e > 0, m + (1 << mbits), m).astype(jnp.float32)
@@ -172,11 +181,12 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   magnitude = jnp.where(finite, jnp.abs(x), 0.0)
   peak = jnp.max(_blocked(magnitude, fmt.block), axis=-1)
   u = _uniform(bits if fmt.stochastic else None, x.shape)
-  if fmt.kind in ('ufloat', 'float8'):
+  if fmt.kind in ('ufloat', 'float'):
     _, exponent = jnp.frexp(peak)  # peak <= 2 ** exponent.
     k = exponent - (peak == _pow2(exponent - 1))
-    if fmt.kind == 'float8':
-      k = k - _FLOAT8_HEADROOM  # The largest value maps to at most 256.
+    if fmt.kind == 'float':
+      code_dtype, headroom = _FLOATS[fmt.bits]
+      k = k - headroom  # The largest value maps to at most 2**headroom.
     k = jnp.where(peak > 0, jnp.clip(k, -126, 126), 0).astype(jnp.int8)
     scale = _unblocked(
         jnp.broadcast_to(
@@ -184,16 +194,19 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
         ),
         last,
     )
-    if fmt.kind == 'float8':
+    if fmt.kind == 'float':
       v = x * scale  # Exact: a power of two.
       if bits is not None and fmt.stochastic:
-        code = _rounding.stochastic_round(v, _FLOAT8, bits)
+        code = _rounding.stochastic_round(v, code_dtype, bits)
       else:
-        code = v.astype(_FLOAT8)
-      return Quantized(jnp.where(finite, code, jnp.nan).astype(_FLOAT8), k)
+        code = v.astype(code_dtype)
+      return Quantized(jnp.where(finite, code, jnp.nan).astype(code_dtype), k)
     nan_code = (1 << fmt.bits) - 1
     code = _unsigned_grid(
-        jnp.minimum(magnitude * scale, 1.0), fmt.bits - _EXPONENT_BITS, u
+        jnp.minimum(magnitude * scale, 1.0),
+        fmt.ebits,
+        fmt.bits - fmt.ebits,
+        u,
     )
     # A positive value never rounds to zero: the update would divide by eps
     # alone. (Below the smallest code, 2**-37 of the block's largest value,
@@ -230,17 +243,18 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   return Quantized(q, scales)
 
 
-def dequantize(stored: Quantized, block: int, dtype: jnp.dtype) -> jax.Array:
+def dequantize(stored: Quantized, fmt: Format, dtype: jnp.dtype) -> jax.Array:
   """The values of codes and scales, in ``dtype``."""
   codes, scales, low = stored
   last = codes.shape[-1]
-  if codes.dtype == _FLOAT8:
+  block = fmt.block
+  if fmt.kind == 'float':
     k = scales.astype(jnp.int32)
     scale = _unblocked(
         jnp.broadcast_to(_pow2(k)[..., None], k.shape + (block,)), last
     )
     return (codes.astype(jnp.float32) * scale).astype(dtype)
-  if codes.dtype == jnp.uint8:
+  if fmt.kind == 'ufloat':
     code = codes.astype(jnp.int32)
     bits = 8
     if low is not None:
@@ -248,7 +262,7 @@ def dequantize(stored: Quantized, block: int, dtype: jnp.dtype) -> jax.Array:
       nibbles = nibbles.reshape(low.shape[:-1] + (-1,))[..., :last]
       code = (code << 4) | nibbles.astype(jnp.int32)
       bits = 12
-    v = _unsigned_value(code, bits - _EXPONENT_BITS)
+    v = _unsigned_value(code, fmt.ebits, bits - fmt.ebits)
     k = scales.astype(jnp.int32)
     scale = _unblocked(
         jnp.broadcast_to(_pow2(k)[..., None], k.shape + (block,)), last
@@ -263,8 +277,14 @@ def dequantize(stored: Quantized, block: int, dtype: jnp.dtype) -> jax.Array:
       last,
   )
   y = codes.astype(dtype) / levels
-  z = y if codes.dtype == jnp.int16 else _expand(y)
+  z = y if fmt.kind == 'linear' else _expand(y)
   return jnp.where(codes == -levels - 1, jnp.nan, z * s)
+
+
+def root(nu: jax.Array) -> jax.Array:
+  """The scale of a buffer stored relative to the second moment
+  (``Format.relative``): ``sqrt(nu)``, 1 where ``nu`` is 0."""
+  return jnp.where(nu > 0, jnp.sqrt(jnp.where(nu > 0, nu, 1)), 1)
 
 
 def _bytes(x: jax.Array) -> jax.Array:
@@ -295,10 +315,13 @@ def decode(
   blocks = packed.reshape(packed.shape[:-1] + (-1, fmt.bytes_per_block))
   code_bytes = fmt.block * (2 if fmt.bits == 16 else 1)
   raw = blocks[..., :code_bytes]
-  if fmt.kind in ('ufloat', 'float8'):
+  if fmt.kind in ('ufloat', 'float'):
     codes = raw
-    if fmt.kind == 'float8':
-      codes = jax.lax.bitcast_convert_type(raw, _FLOAT8)
+    if fmt.kind == 'float':
+      code_dtype = _FLOATS[fmt.bits][0]
+      if fmt.bits == 16:
+        raw = raw.reshape(raw.shape[:-1] + (fmt.block, 2))
+      codes = jax.lax.bitcast_convert_type(raw, code_dtype)
     scales = jax.lax.bitcast_convert_type(blocks[..., -1], jnp.int8)
   else:
     dtype_code = jnp.int8 if fmt.bits == 8 else jnp.int16
@@ -311,19 +334,19 @@ def decode(
     low = blocks[..., code_bytes:-1].reshape(packed.shape[:-1] + (-1,))
     low = low[..., : -(-last_dim // 2)]
   codes = _unblocked(codes, last_dim)
-  return dequantize(Quantized(codes, scales, low), fmt.block, dtype)
+  return dequantize(Quantized(codes, scales, low), fmt, dtype)
 
 
 # The presets: the format of each buffer (None: float32).
 PRESETS = {
     'compact': {
-        'm1': Format('float8', 8, 32, stochastic=False),
-        'm2': Format('linear', 16, 256, stochastic=True),
+        'm1': Format('linear', 8, 32, stochastic=False, relative=True),
+        'm2': Format('float', 16, 256, stochastic=True),
         'nu': Format('ufloat', 12, 256, stochastic=True),
     },
     '8bit': {
-        'm1': Format('float8', 8, 32, stochastic=False),
-        'm2': Format('float8', 8, 256, stochastic=True),
+        'm1': Format('linear', 8, 32, stochastic=False, relative=True),
+        'm2': Format('linear', 8, 256, stochastic=True, relative=True),
         'nu': Format('ufloat', 8, 256, stochastic=True),
     },
 }

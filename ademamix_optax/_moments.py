@@ -224,6 +224,8 @@ class Writer:
     self._count = count
     self._stochastic = stochastic
     self._keys: dict[tuple[int, int], jax.Array] = {}  # (leaf, stream)
+    # sqrt(nu) as read before and after this step (see _formats.Format).
+    self._roots: dict[str, Any] = {}
 
   def average(
       self,
@@ -258,12 +260,19 @@ class Writer:
     if fmt is None:
       return old
 
-    def read(n, o):
-      return (
-          _formats.decode(o, fmt, n.shape[-1], n.dtype) if fmt.applies(n) else o
-      )
+    roots = self._roots.get('old')
 
-    return jax.tree.map(read, like, old)
+    def read(n, o, *root):
+      if not fmt.applies(n):
+        return o
+      x = _formats.decode(o, fmt, n.shape[-1], n.dtype)
+      return x * root[0] if fmt.relative else x
+
+    extra = [roots] if fmt.relative else []
+    out = jax.tree.map(read, like, old, *extra)
+    if buffer == 'nu':
+      self._roots['old'] = jax.tree.map(_formats.root, out)
+    return out
 
   def __call__(
       self, buffer: str, new: optax.Updates, old: optax.Updates
@@ -284,6 +293,9 @@ class Writer:
     new_leaves = self._treedef.flatten_up_to(new)
     old_leaves = self._treedef.flatten_up_to(old)
     packed = [fmt is not None and fmt.applies(n) for n in new_leaves]
+    roots = None
+    if fmt is not None and fmt.relative:
+      roots = self._treedef.flatten_up_to(self._roots['new'])
 
     def random(n, o, p):
       if p:
@@ -316,9 +328,10 @@ class Writer:
           bits = bits << 16
       if p:
         assert fmt is not None
-        q = _formats.encode(n, fmt, bits)
+        root = roots[i] if roots is not None else 1
+        q = _formats.encode(n / root, fmt, bits)
         stored.append(q)
-        read.append(_formats.decode(q, fmt, n.shape[-1], n.dtype))
+        read.append(_formats.decode(q, fmt, n.shape[-1], n.dtype) * root)
         continue
       if n.dtype == o.dtype:
         s = n
@@ -328,6 +341,10 @@ class Writer:
         s = _saturate(n, o.dtype).astype(o.dtype)
       stored.append(s)
       read.append(s.astype(n.dtype))
+    if buffer == 'nu':
+      self._roots['new'] = jax.tree.map(
+          _formats.root, self._treedef.unflatten(read)
+      )
     return self._treedef.unflatten(stored), self._treedef.unflatten(read)
 
 

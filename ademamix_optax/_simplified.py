@@ -212,8 +212,9 @@ def scale_by_simplified_ademamix(
     # m <- b1(t) m + g (no 1 - b1 factor); nu as in Adam. Each is computed in
     # g's dtype, stored in its buffer's dtype (``m``) and read back as stored
     # (``m_c``).
-    m, m_c = store.ema('m', *c['m'], g, state.m)
+    # nu first: a state_format may store m relative to it.
     nu, nu_c = store.ema('nu', *c['nu'], _moments.abs_sq(g), state.nu)
+    m, m_c = store.ema('m', *c['m'], g, state.m)
 
     def update(g_c, m, nu, g):
       nu_hat = nu / _moments.like(c['bc2'], nu)

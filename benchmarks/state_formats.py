@@ -245,12 +245,20 @@ def bnb_8bit(t_alpha_beta3: Optional[int]) -> Format:
 
 
 def _packed_m2(preset: str) -> Callable[[Any], jax.Array]:
-  """The m2 of a single-leaf state stored in a ``state_format``, decoded."""
+  """The m2 of a single-leaf state stored in a ``state_format``, decoded
+  (times sqrt(nu) where the format stores it relative to nu)."""
 
   def m2(state: Any) -> jax.Array:
     (leaf,) = jax.tree.leaves(state.m2)
-    fmt = _formats.PRESETS[preset]['m2']
-    return _formats.decode(leaf, fmt, SHAPE[-1], jnp.float32)
+    (nu,) = jax.tree.leaves(state.nu)
+    formats = _formats.PRESETS[preset]
+    if formats['m2'] is None:  # An experiment's float32 m2.
+      return jnp.asarray(leaf, jnp.float32)
+    value = _formats.decode(leaf, formats['m2'], SHAPE[-1], jnp.float32)
+    if formats['m2'].relative:
+      nu = _formats.decode(nu, formats['nu'], SHAPE[-1], jnp.float32)
+      value = value * jnp.where(nu > 0, jnp.sqrt(nu), 1.0)
+    return value
 
   return m2
 

@@ -60,6 +60,20 @@ def ref_encode(x, fmt, bits):
     u = np.full(x.shape, 0.5, np.float32)
   else:
     u = (np.asarray(bits) >> 8).astype(np.float32) * np.float32(2.0**-24)
+  if fmt.kind == 'float':
+    dtype, headroom = {8: (ml_dtypes.float8_e4m3fn, 8), 16: (np.float16, 15)}[
+        fmt.bits
+    ]
+    k = np.zeros(peak.shape, np.int64)
+    pos = peak > 0
+    k[pos] = np.ceil(np.log2(peak[pos].astype(np.float64))).astype(np.int64)
+    k = np.where(pos, np.clip(k - headroom, -126, 126), 0)
+    v = (x * np.exp2(-_per_element(k, fmt.block, x.shape[-1]))).astype(
+        np.float32
+    )
+    code = _round_to(v, dtype, u if bits is not None and fmt.stochastic else None)
+    code = np.where(finite, code, np.array(np.nan).astype(dtype))
+    return code, k.astype(np.int8)
   if fmt.kind == 'ufloat':
     mbits = fmt.bits - 5
     k = np.zeros(peak.shape, np.int64)
@@ -101,7 +115,30 @@ def ref_encode(x, fmt, bits):
   return np.where(finite, q, -levels - 1).astype(np.int64), scales
 
 
+def _round_to(v, dtype, u):
+  """``v`` (float32) in ``dtype``: to nearest, or up with probability equal
+  to the fraction of the gap (``u`` uniform), between the two neighbours."""
+  near = v.astype(dtype)
+  if u is None:
+    return near
+  uint = {1: np.uint8, 2: np.uint16}[np.dtype(dtype).itemsize]
+  sign = uint(1 << (8 * np.dtype(dtype).itemsize - 1))
+  mag = np.abs(v.astype(np.float64))
+  bits = near.view(uint) & ~sign
+  down = bits.view(dtype).astype(np.float64) > mag
+  lo_bits = np.where(down, bits - 1, bits).astype(uint)
+  lo = lo_bits.view(dtype).astype(np.float64)
+  hi = (lo_bits + 1).astype(uint).view(dtype).astype(np.float64)
+  with np.errstate(invalid='ignore'):
+    p = np.where(hi > lo, (mag - lo) / (hi - lo), 0)
+  out = np.where(u < p, hi, lo)
+  return np.copysign(out, v).astype(dtype)
+
+
 def ref_decode(code, scales, fmt, last):
+  if fmt.kind == 'float':
+    scale = np.exp2(_per_element(scales.astype(np.int64), fmt.block, last))
+    return code.astype(np.float64) * scale
   if fmt.kind == 'ufloat':
     mbits = fmt.bits - 5
     e, m = code >> mbits, code & ((1 << mbits) - 1)
@@ -117,8 +154,12 @@ def ref_decode(code, scales, fmt, last):
 
 
 def _whole_code(q):
-  """The package's code as one integer array (12-bit: byte and nibble)."""
-  code = np.asarray(q.codes).astype(np.int64)
+  """The package's code as one integer array (12-bit: byte and nibble;
+  float codes: their bits)."""
+  code = np.asarray(q.codes)
+  if not np.issubdtype(code.dtype, np.integer):
+    return code.view({1: np.uint8, 2: np.uint16}[code.dtype.itemsize])
+  code = code.astype(np.int64)
   if q.low is None:
     return code
   low = np.asarray(q.low)
@@ -154,7 +195,10 @@ def test_codes_and_values_match_the_numpy_reference(name, stochastic, shape):
       x, fmt, bits if stochastic else None
   )
   want_code, want_scales = ref_encode(x, fmt, bits if stochastic else None)
-  np.testing.assert_array_equal(_whole_code(q), want_code)
+  want_bits = want_code
+  if fmt.kind == 'float':
+    want_bits = want_code.view(_whole_code(q).dtype)
+  np.testing.assert_array_equal(_whole_code(q), want_bits)
   np.testing.assert_array_equal(
       np.asarray(q.scales).astype(np.float64),
       np.asarray(want_scales).astype(np.float64),
@@ -295,8 +339,11 @@ def test_slow_ema_follows_float32_states(preset, error, bias):
   state, u = jax.jit(lambda: run(make(state_format=preset)))()
   err = jnp.linalg.norm(u[-1] - ref_u[-1]) / jnp.linalg.norm(ref_u[-1])
   assert float(err) < error, float(err)
-  fmt = _formats.PRESETS[preset]['m2']
-  m2 = _formats.decode(state.m2['w'], fmt, 512, jnp.float32)
+  formats = _formats.PRESETS[preset]
+  m2 = _formats.decode(state.m2['w'], formats['m2'], 512, jnp.float32)
+  if formats['m2'].relative:  # Stored over sqrt(nu).
+    nu = _formats.decode(state.nu['w'], formats['nu'], 512, jnp.float32)
+    m2 = m2 * jnp.sqrt(nu)
   ref_m2 = ref_state.m2['w']
   got_bias = float(jnp.sum(m2 * ref_m2) / jnp.sum(ref_m2 * ref_m2) - 1)
   assert abs(got_bias) < bias, got_bias
@@ -319,8 +366,10 @@ def test_adam_state_converts_into_a_preset(preset):
   tx = amx.ademamix(1e-3, state_format=preset)
   converted = amx.adam_state_to_ademamix(state, tx, params)
   chex.assert_trees_all_equal_shapes_and_dtypes(converted, tx.init(params))
-  fmt = _formats.PRESETS[preset]['m1']
-  m1 = _formats.decode(converted[0].m1['w'], fmt, 256, jnp.float32)
+  formats = _formats.PRESETS[preset]
+  m1 = _formats.decode(converted[0].m1['w'], formats['m1'], 256, jnp.float32)
+  nu = _formats.decode(converted[0].nu['w'], formats['nu'], 256, jnp.float32)
+  m1 = m1 * jnp.sqrt(nu)  # m1 is stored over sqrt(nu).
   np.testing.assert_allclose(m1, state[0].mu['w'], rtol=0.02)
   updates, _ = tx.update(grads, converted, params)
   chex.assert_tree_all_finite(updates)

@@ -216,23 +216,12 @@ def scale_by_ademamix(
     # Each EMA is computed in g's dtype, stored in its buffer's dtype (``m``)
     # and read back as stored (``m_c``).
     if use_m1:
-      m1, m1_c = store(
-          _moments.ema(*c['m1'], g, state.m1), state.m1, _moments.FIRST
-      )
+      m1, m1_c = store.ema('m1', *c['m1'], g, state.m1)
       m1_hat = jax.tree.map(lambda m: m / _moments.like(c['bc1'], m), m1_c)
     else:
       m1, m1_hat = None, g
-    m2, m2_c = store(
-        _moments.ema(*c['m2'], g, state.m2),
-        state.m2,
-        _moments.FIRST,
-        low_half=True,
-    )
-    nu, nu_c = store(
-        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu),
-        state.nu,
-        _moments.SECOND,
-    )
+    m2, m2_c = store.ema('m2', *c['m2'], g, state.m2)
+    nu, nu_c = store.ema('nu', *c['nu'], _moments.abs_sq(g), state.nu)
 
     def update(m1_hat, m2, nu, g):
       nu_hat = nu / _moments.like(c['bc2'], nu)

@@ -37,9 +37,12 @@ PartitionSpec = jax.sharding.PartitionSpec
 # or a scalar JAX array (a schedule's value, an injected hyperparameter).
 Scalar = Union[float, jax.Array]
 
-# The rounding streams: the first moments share stream 0 (m1 takes the high
-# and m2 the low half of each word), the second moment has stream 1.
+# Each buffer's rounding stream and half of its words: the first moments
+# share stream 0 (m1 and Simplified's m take the high half of each word, m2
+# the low half), the second moment has stream 1.
 FIRST, SECOND = 0, 1
+_STREAMS = {'m1': (FIRST, False), 'm': (FIRST, False), 'm2': (FIRST, True)}
+_STREAMS['nu'] = (SECOND, False)
 # Scalars handed out by one reduction (see once).
 _KEYS_PER_REDUCE = 64
 
@@ -208,24 +211,33 @@ class Writer:
     self._stochastic = stochastic
     self._keys: dict[tuple[int, int], jax.Array] = {}  # (leaf, stream)
 
-  def __call__(
+  def ema(
       self,
+      buffer: str,
+      keep: Scalar,
+      take: Scalar,
       new: optax.Updates,
       old: optax.Updates,
-      stream: int,
-      *,
-      low_half: bool = False,
+  ) -> tuple[optax.Updates, optax.Updates]:
+    """The moving average ``take * new + keep * old`` (:func:`ema`), stored
+    as the buffer ``old`` is (see :meth:`__call__`)."""
+    return self(buffer, ema(keep, take, new, old), old)
+
+  def __call__(
+      self, buffer: str, new: optax.Updates, old: optax.Updates
   ) -> tuple[optax.Updates, optax.Updates]:
     """Stores ``new`` (in its compute dtype) in the dtypes of ``old``.
 
-    Returns ``(stored, read)``: the new buffer, and its values in the
-    compute dtype, which the update reads (so that it needs only the new
-    buffers, never the old ones). A buffer of float32 or wider is kept as
-    computed; a narrower one is saturated and rounded stochastically with
-    the bits of ``stream`` (their low 16 bits, moved up, with ``low_half``,
-    where another buffer uses the high ones), or to nearest without
+    ``buffer`` names the moment (``'m1'``, ``'m2'``, ``'nu'``, or
+    Simplified AdEMAMix's ``'m'``), for its rounding stream. Returns
+    ``(stored, read)``: the new buffer, and its values in the compute dtype,
+    which the update reads (so that it needs only the new buffers, never
+    the old ones). A buffer of float32 or wider is kept as computed; a
+    narrower one is saturated and rounded stochastically (m2 with the low
+    16 bits of the words whose high bits m1 uses), or to nearest without
     ``stochastic``.
     """
+    stream, low_half = _STREAMS[buffer]
     new_leaves = self._treedef.flatten_up_to(new)
     dtypes = [o.dtype for o in self._treedef.flatten_up_to(old)]
     narrow = [

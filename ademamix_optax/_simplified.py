@@ -205,12 +205,8 @@ def scale_by_simplified_ademamix(
     # m <- b1(t) m + g (no 1 - b1 factor); nu as in Adam. Each is computed in
     # g's dtype, stored in its buffer's dtype (``m``) and read back as stored
     # (``m_c``).
-    m, m_c = store(_moments.ema(*c['m'], g, state.m), state.m, _moments.FIRST)
-    nu, nu_c = store(
-        _moments.ema(*c['nu'], _moments.abs_sq(g), state.nu),
-        state.nu,
-        _moments.SECOND,
-    )
+    m, m_c = store.ema('m', *c['m'], g, state.m)
+    nu, nu_c = store.ema('nu', *c['nu'], _moments.abs_sq(g), state.nu)
 
     def update(g_c, m, nu, g):
       nu_hat = nu / _moments.like(c['bc2'], nu)

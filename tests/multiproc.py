@@ -3,6 +3,10 @@
 Every process gets its own CPU devices (``JAX_NUM_CPU_DEVICES``) and the
 coordinator on a free loopback port; the group runs under one deadline, and
 when a process fails or the deadline passes, the others are killed.
+
+Run as a script, a probe for the tests of ``run_group``: ``python
+tests/multiproc.py sleep SECONDS`` sleeps, ``python tests/multiproc.py fail
+MESSAGE`` exits with MESSAGE (on stderr, exit code 1).
 """
 
 from __future__ import annotations
@@ -109,3 +113,11 @@ def run_group(
     )
     raise AssertionError(f'{failure}:\n{details}')
   return outputs
+
+
+if __name__ == '__main__':
+  action, value = sys.argv[1:]
+  if action == 'sleep':
+    time.sleep(float(value))
+  else:
+    raise SystemExit(value if action == 'fail' else f'unknown {action!r}')

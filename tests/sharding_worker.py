@@ -1,19 +1,17 @@
-"""The sharding checks of ``tests/test_moments.py``, run in subprocesses.
+"""The sharding checks of ``tests/test_moments.py``, in subprocesses (a
+device count is fixed when JAX starts).
 
-A device count is fixed when JAX starts, so the checks run here:
-
-* ``python tests/sharding_worker.py --worker``, with 8 host CPU devices
-  under ``strict_xla``'s flags (the ``worker`` fixture): each configuration
-  of both optimizers (``CONFIGS``) on a 4x2 mesh, under ``jit`` and in
-  ``shard_map``, next to a single-device run; it prints one JSON line. A
-  placement is reported as the list of leaves not sharded like their
-  parameter (``misplaced``), a result as its largest difference to the
-  single-device run's (``max_diff``).
-* ``python tests/sharding_worker.py --multihost OUT --num-processes N
-  --process-id I --coordinator-address 127.0.0.1:PORT``: one of N processes with 4
-  CPU devices in all (``multiproc.run_group``) training the bfloat16
-  configurations on a 2x2 mesh; process 0 writes the gathered parameters and
-  states to ``OUT/<config>.npz`` (as raw bits) and ``OUT/meta.json``.
+``python tests/sharding_worker.py --worker`` (8 CPU devices, strict_xla's
+flags) runs each configuration of both optimizers (``CONFIGS``) on a 4x2
+mesh, under ``jit`` and in ``shard_map``, next to a single-device run, and
+prints one JSON line: placements as lists of the leaves not sharded like
+their parameter (``misplaced``), results as their largest difference to the
+single-device run's (``max_diff``). With ``--multihost OUT`` and
+``--coordinator-address``, ``--num-processes``, ``--process-id``, it is one
+of a group of processes with 4 CPU devices in all (``multiproc.run_group``)
+training the bfloat16 configurations on a 2x2 mesh; process 0 writes the
+gathered parameters and states to ``OUT/<config>.npz`` (as raw bits) and
+``OUT/meta.json``.
 """
 
 import argparse
@@ -74,20 +72,24 @@ CONFIGS = {
 STEPS = 5
 
 
+def trim(spec):
+  """A spec's entries, trailing Nones cut (P('data', None) is P('data'))."""
+  entries = list(spec)
+  while entries and entries[-1] is None:
+    entries.pop()
+  return entries
+
+
 def misplaced(fields):
-  """'field/leaf: spec' of each leaf of ``{field: {leaf: x}}`` (x an array,
-  a ShapeDtypeStruct or a sharding) not sharded as SPECS[leaf] says."""
-
-  def padded(spec, leaf):  # P('data') and P('data', None) are the same.
-    return tuple(spec) + (None,) * (len(LEAVES[leaf][0]) - len(spec))
-
-  return [
-      f'{field}/{leaf}: {spec}'
-      for field, tree in fields.items()
-      for leaf, x in tree.items()
-      if (spec := getattr(getattr(x, 'sharding', x), 'spec', None)) is None
-      or padded(spec, leaf) != padded(SPECS[leaf], leaf)
-  ]
+  """'field/leaf: spec' of each x in ``{field: {leaf: x}}`` (an array, a
+  ShapeDtypeStruct or a sharding) not sharded as SPECS[leaf] says."""
+  out = []
+  for field, tree in fields.items():
+    for leaf, x in tree.items():
+      spec = getattr(getattr(x, 'sharding', x), 'spec', None)
+      if spec is None or trim(spec) != trim(SPECS[leaf]):
+        out.append(f'{field}/{leaf}: {spec}')
+  return out
 
 
 def loss(params, batch=None):
@@ -197,15 +199,9 @@ def nnx_problems(mesh, optimizer, kwargs):
     return model
 
   def by_path(tree, spec=lambda x: x):
-    """Each leaf's spec, its trailing Nones (which mean nothing) cut."""
-    out = {}
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    for k, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_spec):
-      entries = list(spec(v))
-      while entries and entries[-1] is None:
-        entries.pop()
-      out[jax.tree_util.keystr(k)] = entries
-    return out
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_spec)
+    return {jax.tree_util.keystr(k): trim(spec(v)) for k, v in leaves}
 
   with jax.set_mesh(mesh):
     model = create()
@@ -348,8 +344,7 @@ def check_config(optimizer, kwargs, data, meshes):
 def make_data():
   rng = np.random.default_rng(0)
   return {
-      k: rng.standard_normal(s).astype(np.float32)
-      for k, (s, _) in LEAVES.items()
+      k: rng.standard_normal(s).astype('f4') for k, (s, _) in LEAVES.items()
   }
 
 
@@ -405,10 +400,11 @@ def main():
   strict_xla.apply_warning_filters()
   data = make_data()
   meshes = {
-      'auto': jax.make_mesh((4, 2), ('data', 'model'), (AxisType.Auto,) * 2),
-      'explicit': jax.make_mesh(
-          (4, 2), ('data', 'model'), (AxisType.Explicit,) * 2
-      ),
+      name: jax.make_mesh((4, 2), ('data', 'model'), (axis_type,) * 2)
+      for name, axis_type in [
+          ('auto', AxisType.Auto),
+          ('explicit', AxisType.Explicit),
+      ]
   }
   out = {
       'num_devices': jax.device_count(),

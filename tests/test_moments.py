@@ -242,34 +242,6 @@ def test_derivative_of_the_loss_after_training_by_learning_rate(states):
   np.testing.assert_allclose(got, want, rtol=1e-2)
 
 
-@pytest.mark.parametrize('n', [64, 1000])
-def test_a_step_rounds_its_elements_independently(n):
-  """From m1 = m2 = nu = 1 (bfloat16), a gradient whose new m1, m2, nu lie
-  0.27, 0.27 and 0.54 of a spacing above 1, at 2000 step counts: the
-  fraction of a buffer's elements rounded up varies between steps as a
-  binomial's (one multiply and one xorshift per element gave 19 times as
-  much for n = 64), is unbiased, and is seldom all or none."""
-  steps, gap = 2000, 2.0**-7
-  g = float(np.float32(1.0 + 2.7 * gap))  # m1 = m2 = 1 + 0.1 (g - 1).
-  p_up = {'m1': 0.1 * (g - 1), 'm2': 0.1 * (g - 1), 'nu': 0.1 * (g * g - 1)}
-  tx = amx.scale_by_ademamix(0.9, 0.9, 0.9, mu_dtype=BF16, nu_dtype=BF16)
-  ones = jnp.ones(n, BF16)
-
-  def fractions_up(count):
-    state = amx.ScaleByAdEMAMixState(count=count, m1=ones, m2=ones, nu=ones)
-    _, state = tx.update(jnp.full(n, g), state)
-    return {k: jnp.mean(getattr(state, k) > 1) for k in p_up}
-
-  steps_up = jax.jit(lambda c: jax.lax.map(fractions_up, c))(jnp.arange(steps))
-  for name, f in steps_up.items():
-    f, p = np.asarray(f, np.float64), p_up[name] / gap
-    binomial_var = p * (1 - p) / n
-    # Independent bits: within 7% (2 standard errors) of the binomial one.
-    assert 0.5 < f.var() / binomial_var < 2.0, (name, f.var() / binomial_var)
-    assert abs(f.mean() - p) < 4 * np.sqrt(binomial_var / steps), name
-    assert np.mean((f == 0) | (f == 1)) < 0.01 + p**n + (1 - p) ** n, name
-
-
 @pytest.mark.parametrize('optimizer', [amx.ademamix, amx.simplified_ademamix])
 def test_float16_params_get_a_float32_second_moment(optimizer):
   # In float16, (1 - b2) g**2 is 0 for |g| < 5.5e-3 and the update would be
@@ -290,11 +262,10 @@ def test_float16_params_get_a_float32_second_moment(optimizer):
   )
 
 
-# Sharding: the checks of sharding_worker.py on 8 CPU devices under
-# strict_xla's flags, where XLA:CPU contracts no multiply-adds: a sharded run
-# and the single-device run then evaluate the same IEEE operations, and "the
-# same result" is checked bit for bit. A placement is the list of leaves not
-# sharded like their parameter (empty: all are).
+# Sharding: sharding_worker.py's checks on 8 CPU devices under strict_xla's
+# flags, where XLA:CPU contracts no multiply-adds: a sharded run and the
+# single-device run then evaluate the same IEEE operations, and "the same
+# result" is checked bit for bit.
 
 CONFIGS = (
     'warmup_decay',
@@ -303,9 +274,18 @@ CONFIGS = (
     'simplified_warmup_bc_decay',
     'simplified_bf16',
 )
-MESHES = ('auto', 'explicit')
-for_each_config = pytest.mark.parametrize('config', CONFIGS)
-for_each_mesh = pytest.mark.parametrize('mesh', MESHES)
+# On each mesh: (check, what its empty list of misplaced leaves, or its 0.0
+# difference to the single-device run, means).
+MESH_CHECKS = {
+    'init': 'jitted init shards the buffers like the params',
+    'steps': 'sharded steps keep the params and buffers sharded',
+    'diff_to_single_device': 'sharded steps equal the single-device run',
+    'abstract_init': 'init of sharded ShapeDtypeStructs shards the same',
+    'compiled_init': "a compiled init's output shardings are the same",
+    # On Auto axes jax.eval_shape returns no shardings (not even for the
+    # identity): there the compiled init's are checked.
+    'eval_shape': 'jax.eval_shape of init carries them on an Explicit mesh',
+}
 
 
 @pytest.fixture(scope='module')
@@ -313,67 +293,46 @@ def result(worker):
   return worker(WORKER, devices=8)
 
 
-def _fields(config):
-  if config.startswith('simplified'):
-    return ['m', 'nu']
-  return ['m2', 'nu'] if config == 'b1_zero_bf16' else ['m1', 'm2', 'nu']
-
-
 def test_eight_devices(result):
   assert result['num_devices'] == 8
 
 
-@for_each_mesh
-@for_each_config
-def test_jitted_init_shards_buffers_like_params(result, config, mesh):
-  assert result['configs'][config]['fields'] == _fields(config)
-  assert result['configs'][config][mesh]['init'] == []
+@pytest.mark.parametrize('config', CONFIGS)
+def test_buffers_and_steps(result, config):
+  res = result['configs'][config]
+  if config.startswith('simplified'):
+    assert res['fields'] == ['m', 'nu']
+  else:
+    m1 = [] if config == 'b1_zero_bf16' else ['m1']
+    assert res['fields'] == m1 + ['m2', 'nu']
+  assert res['auto']['count'] == res['explicit']['count'] == 5
 
 
-@for_each_mesh
-@for_each_config
-def test_sharded_steps_keep_shardings(result, config, mesh):
-  assert result['configs'][config][mesh]['count'] == 5
-  assert result['configs'][config][mesh]['steps'] == []
+@pytest.mark.parametrize('config', CONFIGS)
+@pytest.mark.parametrize(
+    'mesh, check',
+    [
+        (mesh, check)
+        for mesh in ('auto', 'explicit')
+        for check in MESH_CHECKS
+        if mesh == 'explicit' or check != 'eval_shape'
+    ],
+)
+def test_on_a_mesh(result, config, mesh, check):
+  assert result['configs'][config][mesh][check] in ([], 0.0), MESH_CHECKS[check]
 
 
-@for_each_mesh
-@for_each_config
-def test_sharded_steps_equal_single_device_bit_for_bit(result, config, mesh):
-  assert result['configs'][config][mesh]['diff_to_single_device'] == 0.0
-
-
-@for_each_mesh
-@for_each_config
-def test_init_of_sharded_shape_dtype_structs(result, config, mesh):
-  assert result['configs'][config][mesh]['abstract_init'] == []
-
-
-@for_each_config
-def test_eval_shape_carries_shardings_on_explicit_mesh(result, config):
-  # On Auto axes jax.eval_shape returns no shardings (not even for the
-  # identity): there the compiled init's output shardings are checked.
-  assert result['configs'][config]['explicit']['eval_shape'] == []
-
-
-@for_each_mesh
-@for_each_config
-def test_compiled_init_of_abstract_params(result, config, mesh):
-  assert result['configs'][config][mesh]['compiled_init'] == []
-
-
-@for_each_config
+@pytest.mark.parametrize('config', CONFIGS)
 def test_shard_map_with_specs_equals_global_run(result, config):
   assert result['configs'][config]['shard_map_specs_diff'] == 0.0
 
 
-@for_each_config
+@pytest.mark.parametrize('config', CONFIGS)
 def test_shard_map_without_specs(result, config):
   diffs = result['configs'][config]['shard_map_default_diff']
   # Leaves split along their first dimension only, or not at all, get the
   # global indices, hence the global run's bits.
-  for leaf in ('r', 'big', 'b', 'scale'):
-    assert diffs[leaf] == 0.0, leaf
+  assert [diffs[k] for k in ('r', 'big', 'b', 'scale')] == [0.0] * 4
   if 'bf16' not in config:  # float32 states: nothing is rounded.
     assert max(diffs.values()) == 0.0
   else:
@@ -387,8 +346,7 @@ def test_shard_map_without_specs(result, config):
 
 def test_shards_never_share_rounding_indices(result):
   default = np.asarray(result['indices']['default'])
-  assert default.shape == (8, 6)
-  assert len(np.unique(default)) == default.size
+  assert default.shape == (8, 6) and len(np.unique(default)) == 48
   # Block (i, j) of shard (data=i, model=j): offsets of whole blocks.
   assert sorted(np.unique(default // 6).tolist()) == list(range(8))
 
@@ -405,20 +363,19 @@ def test_replicated_leaf_gets_the_same_indices_on_every_shard(result):
     np.testing.assert_array_equal(block, np.arange(48).reshape(8, 6))
 
 
-@for_each_config
+@pytest.mark.parametrize('config', CONFIGS)
 def test_nnx_optimizer_state_specs_match_params(result, config):
   fields, problems = result['configs'][config]['nnx']
-  assert fields == _fields(config) and problems == []
+  assert fields == result['configs'][config]['fields'] and problems == []
 
 
-@pytest.mark.parametrize('case', ['masked_ademamix', 'masked_simplified'])
-def test_partition_specs_under_optax_masked(result, case):
-  """Masked leaves take no spec; the others' bits are the global run's."""
+@pytest.mark.parametrize(
+    'case', ['masked_ademamix', 'masked_simplified', 'prefix']
+)
+def test_partition_specs_under_optax_masked_and_as_a_prefix_tree(result, case):
+  """Masked leaves take no spec, a spec may stand for a subtree: the bits
+  of the global run."""
   assert result['partition_specs'][case] == 0.0
-
-
-def test_partition_specs_as_a_prefix_tree(result):
-  assert result['partition_specs']['prefix'] == 0.0
 
 
 def test_partition_specs_with_a_misspelt_axis_is_refused(result):
@@ -483,8 +440,10 @@ def test_a_failing_process_stops_the_group():
     multiproc.run_group([[probe, 'sleep', '60']], 1, 1)
 
 
-def _lm(workdir, *flags):
-  return [
+def _lm(workdir, *flags, port=None, i=0):
+  """The LM example's command line: the tiny configuration on a 2x2 mesh,
+  alone or as process ``i`` of 2 with the coordinator on ``port``."""
+  command = [
       '-m',
       'examples.lm',
       '--config=tiny',
@@ -493,6 +452,9 @@ def _lm(workdir, *flags):
       f'--workdir={workdir}',
       *flags,
   ]
+  if port is None:
+    return command
+  return command + ['--distributed', *_distributed(port, i)]
 
 
 def _restore_state(step_dir):
@@ -519,15 +481,7 @@ def test_lm_example_on_two_processes_trains_like_one(tmp_path):
   # to one process with 4 devices that runs the 6 steps in one go ...
   port = multiproc.free_port()
   first = multiproc.run_group(
-      [
-          _lm(
-              two, '--stop-after', '3', '--distributed', *_distributed(port, 0)
-          ),
-          _lm(
-              two, '--stop-after', '3', '--distributed', *_distributed(port, 1)
-          ),
-          _lm(one),
-      ],
+      [_lm(two, '--stop-after=3', port=port, i=i) for i in (0, 1)] + [_lm(one)],
       [2, 2, 4],
       _TIMEOUT_S,
   )
@@ -536,12 +490,7 @@ def test_lm_example_on_two_processes_trains_like_one(tmp_path):
   # ... then both resume from the checkpoint in the shared workdir.
   port = multiproc.free_port()
   second = multiproc.run_group(
-      [
-          _lm(two, '--resume', '--distributed', *_distributed(port, i))
-          for i in range(2)
-      ],
-      2,
-      _TIMEOUT_S,
+      [_lm(two, '--resume', port=port, i=i) for i in (0, 1)], 2, _TIMEOUT_S
   )
   assert 'no checkpoint found' not in second[0]
   # Only process 0 reports.

@@ -1,10 +1,8 @@
-"""Construction-time validation (``ademamix_optax/_validation.py``).
-
-For both optimizers, transform and alias: a concrete out-of-range value
-raises a ``ValueError`` naming the argument and showing its value when the
-optimizer is built; schedules and traced values cannot be inspected and are
-let through. Each case runs on every factory that takes its arguments.
-"""
+"""Construction-time validation (``ademamix_optax/_validation.py``): for
+both optimizers, transform and alias, a concrete out-of-range value raises a
+``ValueError`` naming the argument and showing its value; schedules and
+traced values are let through. Each case runs on every factory taking its
+arguments."""
 
 import inspect
 import math
@@ -26,8 +24,7 @@ FACTORIES = {
     'simplified': amx.simplified_ademamix,
 }
 ALIASES = ('ademamix', 'simplified')
-# The argument besides alpha that each takes a schedule for (its slow
-# EMA's decay), and the length of its warmup.
+# Each one's slow EMA's decay (a schedule, like alpha) and its warmup.
 SLOW = {'ademamix': 'b3', 'simplified': 'b1'}
 STEPS = {'ademamix': 't_alpha_beta3', 'simplified': 't_b1'}
 
@@ -37,10 +34,8 @@ def _takes(factory, names):
 
 
 def _build(factory, **kwargs):
-  """The optimizer, with a learning rate of 1e-3 unless given."""
-  if _takes(factory, ['learning_rate']):
-    kwargs = {'learning_rate': 1e-3} | kwargs
-  return FACTORIES[factory](**kwargs)
+  lr = {'learning_rate': 1e-3} if _takes(factory, ['learning_rate']) else {}
+  return FACTORIES[factory](**lr | kwargs)
 
 
 def _kind(factory):
@@ -120,8 +115,7 @@ def test_bad_value_raises_naming_the_argument(factory, name, value):
 
 def _first_update_is_finite(tx, update=None):
   params = jnp.asarray([1.0, -2.0])
-  update = update or tx.update
-  updates, _ = update(jnp.asarray([0.5, 0.25]), tx.init(params), params)
+  updates, _ = (update or tx.update)(params / 4, tx.init(params), params)
   assert jnp.all(jnp.isfinite(updates))
 
 
@@ -177,25 +171,21 @@ def test_valid_edge_values_are_accepted(factory, kwargs):
   _first_update_is_finite(_build(factory, **kwargs))
 
 
+MESSAGES = [  # (argument, value, the message showing the value)
+    ('b2', 1.5, r'b2.*1\.5'),
+    ('mu_dtype', 'not_a_dtype', r"mu_dtype.*'not_a_dtype'"),
+    ('b1', '0.9', r"b1.*'0\.9'.*str"),
+    ('alpha', 5 + 1j, r'alpha.*complex'),
+    ('stochastic_rounding', None, r'stochastic_rounding.*None'),
+    ('mu_dtype', ml_dtypes.float8_e8m0fnu, r'mu_dtype=float8_e8m0fnu.*no sign'),
+]
+
+
 @pytest.mark.parametrize('factory', FACTORIES)
-@pytest.mark.parametrize(
-    'kwargs, message',
-    (
-        (dict(b2=1.5), r'b2.*1\.5'),
-        (dict(mu_dtype='not_a_dtype'), r"mu_dtype.*'not_a_dtype'"),
-        (dict(b1='0.9'), r"b1.*'0\.9'.*str"),
-        (dict(alpha=5 + 1j), r'alpha.*complex'),
-        (dict(stochastic_rounding=None), r'stochastic_rounding.*None'),
-        (
-            dict(mu_dtype=ml_dtypes.float8_e8m0fnu),
-            r'mu_dtype=float8_e8m0fnu.*no sign',
-        ),
-    ),
-    ids=repr,
-)
-def test_error_message_shows_the_value(factory, kwargs, message):
+@pytest.mark.parametrize('name, value, message', MESSAGES, ids=repr)
+def test_error_message_shows_the_value(factory, name, value, message):
   with pytest.raises(ValueError, match=message):
-    _build(factory, **kwargs)
+    _build(factory, **{name: value})
 
 
 @pytest.mark.parametrize('name', ALIASES)
@@ -275,10 +265,6 @@ def test_under_inject_hyperparams(name):
         learning_rate=1e-3, mu_dtype='bfloat16', stochastic_rounding=stochastic
     )
     state = tx.init(params)
-    slow = (
-        state.inner_state[0].m
-        if name == 'simplified'
-        else (state.inner_state[0].m2)
-    )
+    slow = state.inner_state[0][2 if name == 'ademamix' else 1]  # m2, m.
     assert slow.dtype == jnp.bfloat16
     _first_update_is_finite(tx, jax.jit(tx.update))

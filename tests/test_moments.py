@@ -324,12 +324,12 @@ def test_on_a_mesh(result, config, mesh, check):
 
 @pytest.mark.parametrize('config', CONFIGS)
 def test_shard_map_with_specs_equals_global_run(result, config):
-  assert result['configs'][config]['shard_map_specs_diff'] == 0.0
+  assert result['configs'][config]['shard_map']['specs_diff'] == 0.0
 
 
 @pytest.mark.parametrize('config', CONFIGS)
 def test_shard_map_without_specs(result, config):
-  diffs = result['configs'][config]['shard_map_default_diff']
+  diffs = result['configs'][config]['shard_map']['default_diff']
   # Leaves split along their first dimension only, or not at all, get the
   # global indices, hence the global run's bits.
   assert [diffs[k] for k in ('r', 'big', 'b', 'scale')] == [0.0] * 4
@@ -340,7 +340,7 @@ def test_shard_map_without_specs(result, config):
     # roundings. Each of the 5 steps' moves the slow momentum by under one
     # bfloat16 spacing (2**-7 of its magnitude at most): within 5 of them.
     assert diffs['w'] > 0.0 and diffs['v'] > 0.0
-    got, ref = map(np.asarray, result['configs'][config]['slow_w'])
+    got, ref = map(np.asarray, result['configs'][config]['shard_map']['slow_w'])
     assert np.all(np.abs(got - ref) <= 5 * 2.0**-7 * np.abs(ref))
 
 

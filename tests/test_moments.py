@@ -12,7 +12,6 @@ import json
 import os
 import time
 
-import chex
 import jax
 import jax.numpy as jnp
 import multiproc
@@ -110,75 +109,19 @@ def test_round_to_nearest_is_biased_on_random_gradients():
   assert low.nu.mean() / ref.nu.mean() > 1.2
 
 
-# name: (optimizer, arguments, parameter dtype); every buffer is bfloat16.
-STATE_CASES = {
-    'ademamix': (amx.ademamix, dict(mu_dtype=BF16, nu_dtype=BF16), 'float32'),
-    'ademamix_b1_zero': (
-        amx.ademamix,
-        dict(b1=0.0, mu_dtype=BF16, nu_dtype=BF16),
-        'float32',
-    ),
-    'ademamix_bf16_params': (amx.ademamix, {}, BF16),
-    'simplified': (
-        amx.simplified_ademamix,
-        dict(b1=0.999, t_b1=30, mu_dtype=BF16, nu_dtype=BF16),
-        'float32',
-    ),
-}
-
-
-@pytest.mark.parametrize('case', STATE_CASES)
-def test_narrow_state_dtypes_never_change_and_resume_bit_identical(case):
-  """A lax.scan carry (which demands the same types) of 40 steps, and the
-  same from a state written to host memory after 15."""
-  optimizer, kwargs, dtype = STATE_CASES[case]
-  if optimizer is amx.ademamix:
-    kwargs = dict(b3=0.999, t_alpha_beta3=30) | kwargs
-  tx = optimizer(1e-2, **kwargs)
-
-  def train(params, state, start, steps):
-    def body(carry, k):
-      params, state = carry
-      grads = jax.tree.map(lambda p: jnp.sin(3 * p + k.astype(p.dtype)), params)
-      updates, state = tx.update(grads, state, params)
-      return (jax.tree.map(jnp.add, params, updates), state), None
-
-    ks = jnp.arange(start, start + steps)
-    return jax.jit(lambda c: jax.lax.scan(body, c, ks)[0])((params, state))
-
-  start = {
-      'w': jnp.linspace(-1.0, 1.0, 96, dtype=dtype).reshape(8, 12),
-      'b': jnp.zeros(12, dtype),
-  }
-  params, state = train(start, tx.init(start), 0, 40)
-  moments = [getattr(state[0], f, None) for f in ('m', 'm1', 'm2', 'nu')]
-  assert all(x.dtype == BF16 for x in jax.tree.leaves(moments))
-  assert (getattr(state[0], 'm1', 0) is None) == (case == 'ademamix_b1_zero')
-  assert all(p.dtype == dtype for p in jax.tree.leaves(params))
-  assert all(np.isfinite(np.float32(p)).all() for p in params.values())
-  mid = train(start, tx.init(start), 0, 15)
-  mid = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), mid)
-  chex.assert_trees_all_equal((params, state), train(*mid, 15, 25))
-
-
 # Gradients through narrow states (meta-learning, hypergradients): the
 # rounding's derivative is the identity, so a step with narrow states has
 # the float32 states' derivative at the rounded values. It once was exactly
-# zero (bfloat16) or raised (float16). (mu_dtype, nu_dtype, stochastic)
+# zero (bfloat16) or raised (float16).
 DERIVATIVE_CASES = {
-    'bf16': (BF16, BF16, True),
-    'fp16_mu': (jnp.float16, None, True),
-    'bf16_rtn': (BF16, BF16, False),
+    'bf16': dict(mu_dtype=BF16, nu_dtype=BF16),
+    'fp16_mu': dict(mu_dtype=jnp.float16),
+    'bf16_rtn': dict(mu_dtype=BF16, nu_dtype=BF16, stochastic_rounding=False),
 }
 
 
-def _second_update_of_first_gradient(mu_dtype, nu_dtype, stochastic=True):
-  tx = amx.scale_by_ademamix(
-      b3=0.999,
-      mu_dtype=mu_dtype,
-      nu_dtype=nu_dtype,
-      stochastic_rounding=stochastic,
-  )
+def _second_update_of_first_gradient(**narrow):
+  tx = amx.scale_by_ademamix(b3=0.999, **narrow)
 
   def second_update(g1):
     _, state = tx.update(g1, tx.init(jnp.zeros(4)))
@@ -190,8 +133,8 @@ def _second_update_of_first_gradient(mu_dtype, nu_dtype, stochastic=True):
 @pytest.mark.parametrize('states', DERIVATIVE_CASES)
 def test_hypergradient_through_narrow_states(states):
   g1 = jnp.array([1.0, -0.5, 0.25, 1.0])
-  narrow = _second_update_of_first_gradient(*DERIVATIVE_CASES[states])
-  wide = _second_update_of_first_gradient(None, None)
+  narrow = _second_update_of_first_gradient(**DERIVATIVE_CASES[states])
+  wide = _second_update_of_first_gradient()
   jac, jac_fwd = jax.jacrev(narrow)(g1), jax.jacfwd(narrow)(g1)
   jac_wide = np.asarray(jax.jacrev(wide)(g1))
   # Central differences of the float32 step (the narrow one is a step
@@ -213,15 +156,8 @@ def test_derivative_of_the_loss_after_training_by_learning_rate(states):
   weights = jnp.arange(1.0, 4.0)
   loss = lambda p: jnp.sum(weights * (p - 0.5) ** 2)  # noqa: E731
 
-  def final_loss(lr, mu_dtype, nu_dtype, stochastic=True):
-    tx = amx.ademamix(
-        lr,
-        b3=0.999,
-        t_alpha_beta3=10,
-        mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype,
-        stochastic_rounding=stochastic,
-    )
+  def final_loss(lr, **narrow):
+    tx = amx.ademamix(lr, b3=0.999, t_alpha_beta3=10, **narrow)
 
     def body(carry, _):
       p, state = carry
@@ -233,9 +169,9 @@ def test_derivative_of_the_loss_after_training_by_learning_rate(states):
     return loss(p)
 
   lr, h = 0.05, 1e-3
-  got = jax.grad(final_loss)(lr, *DERIVATIVE_CASES[states])
-  want = jax.grad(final_loss)(lr, None, None)
-  fd = (final_loss(lr + h, None, None) - final_loss(lr - h, None, None)) / 2 / h
+  got = jax.grad(final_loss)(lr, **DERIVATIVE_CASES[states])
+  want = jax.grad(final_loss)(lr)
+  fd = (final_loss(lr + h) - final_loss(lr - h)) / (2 * h)
   # float32 states against central differences: measured 1.4e-5 apart.
   np.testing.assert_allclose(want, fd, rtol=1e-3)
   # Narrow states: measured within 3e-4 (relative) of float32 states'.

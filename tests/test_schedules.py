@@ -13,14 +13,9 @@ import ademamix_optax as amx
 
 # (b_start, b3): the paper's pairs, a short-run b3, b_start = 0 (the b1 = 0
 # variant), and b_start > b3 (capped at b3 throughout).
-BETA_PAIRS = [
-    (0.9, 0.9999),
-    (0.9, 0.999),
-    (0.5, 0.99),
-    (0.0, 0.999),
-    (0.0, 0.9),
-    (0.99, 0.9),
-]
+BETA_PAIRS = list(
+    zip([0.9, 0.9, 0.5, 0.0, 0.0, 0.99], [0.9999, 0.999, 0.99, 0.999, 0.9, 0.9])
+)
 WARMUPS = [1, 7, 100, 1000]
 ATOL = 2e-7  # float32 values near 1 are 6e-8 apart: a few ulps.
 
@@ -134,25 +129,20 @@ def test_warmup_steps_and_step_as_arrays(how):
         np.testing.assert_allclose(b, want, rtol=0, atol=ATOL)
 
 
+# (schedule, its arguments, the argument named in the error)
+BAD = [(amx.alpha_warmup, (a, 10), 'alpha') for a in (-1.0, math.nan)]
+BAD += [(amx.beta3_warmup, (b, 10), 'b3') for b in (1.0, 1.5, -0.1)]
+BAD += [(amx.beta3_warmup, (0.999, 10, b), 'b_start') for b in (-0.1, 1.0)]
+BAD += [
+    (schedule, (0.999, steps), 'warmup_steps')
+    for schedule in (amx.alpha_warmup, amx.beta3_warmup)
+    for steps in (-1, 1.5, True, np.int32(-1))
+]
+
+
 @pytest.mark.parametrize(
-    'make,name',
-    [
-        (lambda: amx.alpha_warmup(-1.0, 10), 'alpha'),
-        (lambda: amx.alpha_warmup(float('nan'), 10), 'alpha'),
-        (lambda: amx.beta3_warmup(1.0, 10), 'b3'),
-        (lambda: amx.beta3_warmup(1.5, 10), 'b3'),
-        (lambda: amx.beta3_warmup(-0.1, 10), 'b3'),
-        (lambda: amx.beta3_warmup(0.999, 10, b_start=-0.1), 'b_start'),
-        (lambda: amx.beta3_warmup(0.999, 10, b_start=1.0), 'b_start'),
-        (lambda: amx.alpha_warmup(8.0, -1), 'warmup_steps'),
-        (lambda: amx.alpha_warmup(8.0, 1.5), 'warmup_steps'),
-        (lambda: amx.alpha_warmup(8.0, True), 'warmup_steps'),
-        (lambda: amx.alpha_warmup(8.0, np.int32(-1)), 'warmup_steps'),
-        (lambda: amx.beta3_warmup(0.999, -1), 'warmup_steps'),
-        (lambda: amx.beta3_warmup(0.999, 1.5), 'warmup_steps'),
-        (lambda: amx.beta3_warmup(0.999, True), 'warmup_steps'),
-    ],
+    'schedule, args, name', BAD, ids=lambda v: getattr(v, '__name__', str(v))
 )
-def test_bad_values_raise_naming_the_argument(make, name):
+def test_bad_values_raise_naming_the_argument(schedule, args, name):
   with pytest.raises(ValueError, match=rf'\b{name}\b'):
-    make()
+    schedule(*args)

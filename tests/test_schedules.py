@@ -1,5 +1,5 @@
 """The alpha and beta3 warmups (``ademamix_optax/_schedules.py``) against
-their closed forms and their definitions (``numpy_reference.py``)."""
+their closed forms and their definitions (``reference.py``)."""
 
 import math
 

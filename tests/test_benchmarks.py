@@ -10,6 +10,7 @@ import pytest
 from benchmarks import _common as C
 from benchmarks import compile_time
 from benchmarks import memory
+from benchmarks import state_formats
 from benchmarks import step_time
 
 pytestmark = pytest.mark.slow
@@ -160,3 +161,33 @@ def test_compile_time_quick(tmp_path):
   table = compile_time.markdown(result)
   for key in C.OPTIMIZERS:
     assert f'\n| {C.label(key)} | ' in table
+
+
+def test_state_formats_quick(tmp_path):
+  results = state_formats.main(['--quick', '--out', str(tmp_path)])
+  assert json.loads((tmp_path / 'state_formats.json').read_text()) == results
+  summary = {s['format']: s for s in results['summary']}
+  assert list(summary) == list(state_formats.FORMATS)
+  for s in summary.values():
+    for key in ('bytes_per_param', 'worst_u_error', 'worst_abs_m2_bias'):
+      assert math.isfinite(s[key]), (s['format'], key)
+  # Block scales counted: 3 bytes + 3 float32 absmax per 256 elements.
+  assert summary['float32']['bytes_per_param'] == 12
+  assert summary['bfloat16']['bytes_per_param'] == 6
+  assert summary['bnb-8bit']['bytes_per_param'] == 3 + 3 * 4 / 256
+  # float32 states follow float64 to about 1e-5 (bfloat16: a few percent).
+  assert (
+      summary['float32']['worst_u_error']
+      < summary['bfloat16']['worst_u_error'] / 100
+  )
+  # On the drifting stream, round-to-nearest 8-bit m2 falls behind (seeds 0
+  # to 3: |bias| 13-26%); bfloat16's stochastic rounding stays unbiased
+  # (under 0.25%).
+  bias = {
+      (r['format'], r['schedule']): abs(r['m2_bias'][-1])
+      for r in results['rows']
+      if r['stream'] == 'drift'
+  }
+  for schedule in state_formats.SCHEDULES:
+    assert bias['bnb-8bit', schedule] > 0.05
+    assert bias['bnb-8bit', schedule] > 10 * bias['bfloat16', schedule]

@@ -312,8 +312,13 @@ def ademamix(
     mask: A tree of booleans like the parameters (or a prefix of it), or a
       function of the parameters returning one: ``True`` where weight decay
       applies.
-    t_alpha_beta3, nu_dtype, stochastic_rounding, partition_specs: As in
-      :func:`ademamix_optax.scale_by_ademamix`.
+    t_alpha_beta3: Optional warmup length :math:`T_{\alpha,\beta_3}` of a
+      constant ``alpha`` and ``b3``; see :func:`scale_by_ademamix`.
+    nu_dtype: Optional storage dtype of the second-moment EMA.
+    stochastic_rounding: Whether states stored narrower than float32 are
+      written back with stochastic rounding; see :func:`scale_by_ademamix`.
+    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
+      partition specs there; see :func:`scale_by_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.

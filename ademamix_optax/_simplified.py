@@ -122,8 +122,14 @@ def scale_by_simplified_ademamix(
       ``b1`` below it is used as is from the first step.
     bias_correction1: Whether to divide the update by the sum of the
       momentum's weights :math:`s_t`.
-    mu_dtype, nu_dtype, stochastic_rounding, partition_specs: As in
-      :func:`ademamix_optax.scale_by_ademamix` (``mu_dtype`` stores ``m``).
+    mu_dtype: Optional storage dtype of ``m``; ``None`` keeps the
+      parameters' dtypes.
+    nu_dtype: Optional storage dtype of ``nu``; as in
+      :func:`ademamix_optax.scale_by_ademamix`.
+    stochastic_rounding: Whether buffers stored narrower than float32 are
+      written back with stochastic rounding (default) or round-to-nearest.
+    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
+      partition specs there; see :func:`ademamix_optax.scale_by_ademamix`.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -293,9 +299,17 @@ def simplified_ademamix(
     mask: A tree of booleans like the parameters (or a prefix of it), or a
       function of the parameters returning one: ``True`` where weight decay
       applies.
-    t_b1, b1_start, bias_correction1, mu_dtype, nu_dtype,
-      stochastic_rounding, partition_specs: As in
-      :func:`ademamix_optax.scale_by_simplified_ademamix`.
+    t_b1: Optional warmup length of a constant ``b1``; see
+      :func:`scale_by_simplified_ademamix`.
+    b1_start: Decay rate of the momentum at the start of the warmup.
+    bias_correction1: Whether to divide the update by the sum of the
+      momentum's weights.
+    mu_dtype: Optional storage dtype of the momentum.
+    nu_dtype: Optional storage dtype of the second-moment EMA.
+    stochastic_rounding: Whether states stored narrower than float32 are
+      written back with stochastic rounding.
+    partition_specs: Only inside :func:`jax.shard_map`: the leaves'
+      partition specs there; see :func:`scale_by_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.

@@ -4,9 +4,9 @@ import hypothesis
 import pytest
 import strict_xla
 
-# Property-based tests (tests/test_properties.py) run the same examples on
-# every run and machine: no random seed, no example database, no deadline
-# (a first call compiles).
+# Property-based tests (hypothesis, in test_common and test_ademamix) run the
+# same examples on every run and machine: no random seed, no example
+# database, no deadline (a first call compiles).
 hypothesis.settings.register_profile(
     'deterministic',
     derandomize=True,

@@ -3,9 +3,11 @@
 Every process gets its own CPU devices (``JAX_NUM_CPU_DEVICES``) and the
 coordinator on a free loopback port; the group runs under one deadline, and
 when a process fails or the deadline passes, the others are killed.
-"""
 
-from __future__ import annotations
+Run as a script, a probe for the tests of ``run_group``: ``python
+tests/multiproc.py sleep SECONDS`` sleeps, ``python tests/multiproc.py fail
+MESSAGE`` exits with MESSAGE (on stderr, exit code 1).
+"""
 
 import os
 import pathlib
@@ -27,19 +29,15 @@ def free_port() -> int:
 
 
 def environment(num_cpu_devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  env.update(
-      JAX_PLATFORMS='cpu',
-      JAX_NUM_CPU_DEVICES=str(num_cpu_devices),
-      PYTHONPATH=os.pathsep.join(
-          filter(None, [str(REPO), env.get('PYTHONPATH')])
-      ),
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['JAX_NUM_CPU_DEVICES'] = str(num_cpu_devices)
+  env['PYTHONPATH'] = os.pathsep.join(
+      filter(None, [str(REPO), env.get('PYTHONPATH')])
   )
   # A device count forced through XLA_FLAGS would override ours.
+  flags = env.get('XLA_FLAGS', '').split()
   env['XLA_FLAGS'] = ' '.join(
-      f
-      for f in env.get('XLA_FLAGS', '').split()
-      if 'xla_force_host_platform_device_count' not in f
+      f for f in flags if 'xla_force_host_platform_device_count' not in f
   )
   return env
 
@@ -49,16 +47,9 @@ def run_group(
     num_cpu_devices: int | Sequence[int],
     timeout: float,
 ) -> list[str]:
-  """Runs ``commands`` at once; returns their outputs if all exit with 0.
-
-  Args:
-    commands: One argument list per process (``sys.executable`` is
-      prepended).
-    num_cpu_devices: CPU devices of each process (or one count for all).
-    timeout: Seconds for the whole group.
-
-  Returns:
-    The stdout and stderr of each process, in order.
+  """Runs ``commands`` (argument lists after ``sys.executable``) at once,
+  with ``num_cpu_devices`` each (or one count for all); returns each
+  process's stdout and stderr if all exit with 0.
 
   Raises:
     AssertionError: A process failed or the group ran out of time; every
@@ -82,13 +73,11 @@ def run_group(
   deadline = time.monotonic() + timeout
   failure = None
   try:
-    while any(p.poll() is None for p in procs):
+    while failure is None and any(p.poll() is None for p in procs):
       if any(p.poll() not in (None, 0) for p in procs):
         failure = 'a process failed'
-        break
-      if time.monotonic() > deadline:
+      elif time.monotonic() > deadline:
         failure = f'timed out after {timeout:.0f}s'
-        break
       time.sleep(0.1)
     if failure is None and any(p.returncode for p in procs):
       failure = 'a process failed'
@@ -103,9 +92,17 @@ def run_group(
     outputs.append(log.read())
     log.close()
   if failure:
-    details = '\n'.join(
-        f'--- process {i} (exit code {p.returncode}):\n{out}'
+    details = ''.join(
+        f'\n--- process {i} (exit code {p.returncode}):\n{out}'
         for i, (p, out) in enumerate(zip(procs, outputs))
     )
-    raise AssertionError(f'{failure}:\n{details}')
+    raise AssertionError(f'{failure}:{details}')
   return outputs
+
+
+if __name__ == '__main__':
+  action, value = sys.argv[1:]
+  if action == 'sleep':
+    time.sleep(float(value))
+  else:
+    raise SystemExit(value if action == 'fail' else f'unknown {action!r}')

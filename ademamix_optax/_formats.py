@@ -9,16 +9,20 @@ Flax and orbax expect; a leaf sharded along any axis keeps whole blocks per
 shard when its local last dimension is a multiple of the block (an odd last
 dimension ends with a zero-padded block). Three kinds of code:
 
-- ``'companded'``: signed 8-bit codes :math:`q = 127\, c(x / s)` of the
-  softsign :math:`c(z) = 2z / (1 + |z|)`, finer near zero, with ``s`` the
-  block's largest magnitude rounded up to bfloat16.
-- ``'linear'``: signed 16-bit codes :math:`q = 32767\, x / s`.
+- ``'linear'``: signed 8- or 16-bit codes :math:`q = (2^{b-1} - 1)\, x / s`,
+  with ``s`` the block's largest magnitude rounded up to bfloat16.
+- ``'float'``: float16 codes of :math:`x / 2^k`, with :math:`2^k` the
+  block's largest magnitude over :math:`2^{15}` rounded up to a power of
+  two (``k`` stored as int8).
 - ``'ufloat'``: for non-negative buffers (the second moment), an unsigned
   minifloat of ``bits`` bits (5 exponent bits, the rest mantissa) of
   :math:`x / 2^k`, with :math:`2^k` the block's largest value rounded up to
-  a power of two (``k`` stored as int8). 12-bit codes are stored as a byte
-  (the high 8 bits) and a nibble, two nibbles packed per byte along the
-  last axis.
+  a power of two. 12-bit codes are stored as a byte (the high 8 bits) and a
+  nibble, two nibbles packed per byte along the last axis.
+
+A format may store a first moment relative to the second (``relative``):
+the codes hold :math:`m / \sqrt{\nu}`, which puts their grid in the units
+of the update and spares them the spread of magnitudes inside a block.
 
 Codes round stochastically (``stochastic``: up with probability equal to
 the distance to the lower neighbour in units of the gap, in value space, so
@@ -46,14 +50,10 @@ MIN_SIZE = 4096
 # The minifloats' exponent bits: 2**-30 of the block's largest value and
 # more (nine decades of a second moment, four and a half of the gradient).
 _EXPONENT_BITS = 5
-# The signed 8-bit code: float8_e4m3fn (3 mantissa bits, largest 448), of
-# the value over a per-block power of two that maps the block's largest to
-# at most 2**_FLOAT8_HEADROOM: values down to 2**-9, 17 binades below.
-_FLOAT8 = jnp.dtype(jnp.float8_e4m3fn)
-_FLOAT8_HEADROOM = 8
-# The signed 16-bit code: float16 (10 mantissa bits, largest 65504), with the
-# block's largest value mapped to at most 2**15: values down to 2**-24.
-_FLOATS = {8: (_FLOAT8, _FLOAT8_HEADROOM), 16: (jnp.dtype(jnp.float16), 15)}
+# The 'float' code: float16 (10 mantissa bits, largest 65504) of the value
+# over a per-block power of two that maps the block's largest to at most
+# 2**15: values down to 2**-24, 39 binades below.
+_FLOATS = {16: (jnp.dtype(jnp.float16), 15)}
 
 
 class Quantized(NamedTuple):
@@ -69,7 +69,7 @@ class Format:
   """How one buffer is stored: the kind of code, its bits, the block size
   along the last axis, and whether it rounds stochastically."""
 
-  kind: str  # 'float', 'companded', 'linear' or 'ufloat'.
+  kind: str  # 'float', 'linear' or 'ufloat'.
   bits: int
   block: int
   stochastic: bool
@@ -129,14 +129,6 @@ def _round_up_bf16(s: jax.Array) -> jax.Array:
   )
   b = jnp.where(b.astype(jnp.float32) < s, up, b)
   return jnp.minimum(b, jnp.finfo(jnp.bfloat16).max)
-
-
-def _compand(z: jax.Array) -> jax.Array:
-  return 2 * z / (1 + jnp.abs(z))
-
-
-def _expand(y: jax.Array) -> jax.Array:
-  return y / (2 - jnp.abs(y))
 
 
 def _uniform(bits: Optional[jax.Array], shape) -> jax.Array:
@@ -228,16 +220,9 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   z = jnp.clip(jnp.where(s > 0, x / jnp.where(s > 0, s, 1.0), 0.0), -1, 1)
   z = jnp.where(finite, z, 0.0)
   levels = 2 ** (fmt.bits - 1) - 1
-  if fmt.kind == 'linear':
-    y = z * levels
-    low_code = jnp.floor(y)
-    q = low_code + (u < y - low_code).astype(jnp.float32)
-  else:
-    y = _compand(z) * levels
-    low_code = jnp.minimum(jnp.floor(y), levels - 1)
-    lo = _expand(low_code / levels)
-    hi = _expand((low_code + 1) / levels)
-    q = low_code + (u < (z - lo) / (hi - lo)).astype(jnp.float32)
+  y = z * levels
+  low_code = jnp.floor(y)
+  q = low_code + (u < y - low_code).astype(jnp.float32)
   dtype = jnp.int8 if fmt.bits == 8 else jnp.int16
   q = jnp.where(finite, q, -levels - 1).astype(dtype)
   return Quantized(q, scales)
@@ -277,8 +262,7 @@ def dequantize(stored: Quantized, fmt: Format, dtype: jnp.dtype) -> jax.Array:
       last,
   )
   y = codes.astype(dtype) / levels
-  z = y if fmt.kind == 'linear' else _expand(y)
-  return jnp.where(codes == -levels - 1, jnp.nan, z * s)
+  return jnp.where(codes == -levels - 1, jnp.nan, y * s)
 
 
 def root(nu: jax.Array) -> jax.Array:

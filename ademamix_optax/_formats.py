@@ -59,9 +59,8 @@ _FLOATS = {16: (jnp.dtype(jnp.float16), 15)}
 class Quantized(NamedTuple):
   """A buffer's codes and per-block scales, unpacked (see the module)."""
 
-  codes: jax.Array  # Like the leaf: int8, int16, or uint8 (high byte).
+  codes: jax.Array  # Like the leaf: int32 codes, or float16 ('float').
   scales: jax.Array  # shape[:-1] + (blocks,): bfloat16, or int8 exponents.
-  low: Optional[jax.Array] = None  # 12-bit codes: packed low nibbles.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +204,7 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
     # it rounds up.)
     code = jnp.where(magnitude > 0, jnp.maximum(code, 1), code)
     code = jnp.where(finite, jnp.minimum(code, nan_code - 1), nan_code)
-    if fmt.bits == 8:
-      return Quantized(code.astype(jnp.uint8), k)
-    low = _blocked((code & 15).astype(jnp.uint8), 2)
-    packed = low[..., 0] | (low[..., 1] << 4)
-    return Quantized((code >> 4).astype(jnp.uint8), k, packed)
+    return Quantized(code, k)
   scales = _round_up_bf16(peak)
   s = _unblocked(
       jnp.broadcast_to(
@@ -223,46 +218,34 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   y = z * levels
   low_code = jnp.floor(y)
   q = low_code + (u < y - low_code).astype(jnp.float32)
-  dtype = jnp.int8 if fmt.bits == 8 else jnp.int16
-  q = jnp.where(finite, q, -levels - 1).astype(dtype)
-  return Quantized(q, scales)
+  return Quantized(jnp.where(finite, q, -levels - 1).astype(jnp.int32), scales)
 
 
 def dequantize(stored: Quantized, fmt: Format, dtype: jnp.dtype) -> jax.Array:
-  """The values of codes and scales, in ``dtype``."""
-  codes, scales, low = stored
+  """The values of codes and scales (as :func:`quantize` gives them), in
+  ``dtype``."""
+  codes, scales = stored
   last = codes.shape[-1]
-  block = fmt.block
+  if fmt.kind == 'linear':
+    levels = 2 ** (fmt.bits - 1) - 1
+    s = scales.astype(dtype)
+    y = codes.astype(dtype) / levels
+    x = jnp.where(codes == -levels - 1, jnp.nan, y * _per_element(s, fmt, last))
+    return x
+  k = _pow2(scales.astype(jnp.int32))
   if fmt.kind == 'float':
-    k = scales.astype(jnp.int32)
-    scale = _unblocked(
-        jnp.broadcast_to(_pow2(k)[..., None], k.shape + (block,)), last
-    )
-    return (codes.astype(jnp.float32) * scale).astype(dtype)
-  if fmt.kind == 'ufloat':
-    code = codes.astype(jnp.int32)
-    bits = 8
-    if low is not None:
-      nibbles = jnp.stack([low & 15, low >> 4], axis=-1)
-      nibbles = nibbles.reshape(low.shape[:-1] + (-1,))[..., :last]
-      code = (code << 4) | nibbles.astype(jnp.int32)
-      bits = 12
-    v = _unsigned_value(code, fmt.ebits, bits - fmt.ebits)
-    k = scales.astype(jnp.int32)
-    scale = _unblocked(
-        jnp.broadcast_to(_pow2(k)[..., None], k.shape + (block,)), last
-    )
-    x = jnp.where(code == (1 << bits) - 1, jnp.nan, v * scale)
-    return x.astype(dtype)
-  levels = jnp.iinfo(codes.dtype).max
-  s = _unblocked(
-      jnp.broadcast_to(
-          scales.astype(dtype)[..., None], scales.shape + (block,)
-      ),
-      last,
+    v = codes.astype(jnp.float32)
+  else:
+    v = _unsigned_value(codes, fmt.ebits, fmt.bits - fmt.ebits)
+    v = jnp.where(codes == (1 << fmt.bits) - 1, jnp.nan, v)
+  return (v * _per_element(k, fmt, last)).astype(dtype)
+
+
+def _per_element(scales: jax.Array, fmt: Format, last: int) -> jax.Array:
+  """Each block's scale repeated over its elements."""
+  return _unblocked(
+      jnp.broadcast_to(scales[..., None], scales.shape + (fmt.block,)), last
   )
-  y = codes.astype(dtype) / levels
-  return jnp.where(codes == -levels - 1, jnp.nan, y * s)
 
 
 def root(nu: jax.Array) -> jax.Array:
@@ -278,16 +261,44 @@ def _bytes(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.uint8)
 
 
+def _pack(codes: jax.Array, bits: int) -> jax.Array:
+  """Unsigned ``bits``-bit codes ``[..., n, block]`` as bytes ``[..., n,
+  block * bits // 8]``; 12-bit codes as their high bytes, then their low
+  nibbles two to a byte."""
+  if bits == 8:
+    return codes.astype(jnp.uint8)
+  if bits == 16:
+    raw = jax.lax.bitcast_convert_type(codes.astype(jnp.uint16), jnp.uint8)
+    return raw.reshape(codes.shape[:-1] + (-1,))
+  pairs = (codes & 15).astype(jnp.uint8).reshape(codes.shape[:-1] + (-1, 2))
+  low = pairs[..., 0] | (pairs[..., 1] << 4)
+  return jnp.concatenate([(codes >> 4).astype(jnp.uint8), low], axis=-1)
+
+
+def _unpack(raw: jax.Array, bits: int, block: int) -> jax.Array:
+  """The inverse of :func:`_pack`, as int32."""
+  if bits == 8:
+    return raw.astype(jnp.int32)
+  if bits == 16:
+    pairs = raw.reshape(raw.shape[:-1] + (block, 2))
+    return jax.lax.bitcast_convert_type(pairs, jnp.uint16).astype(jnp.int32)
+  low = raw[..., block:]
+  nibbles = jnp.stack([low & 15, low >> 4], axis=-1)
+  nibbles = nibbles.reshape(low.shape[:-1] + (block,)).astype(jnp.int32)
+  return (raw[..., :block].astype(jnp.int32) << 4) | nibbles
+
+
 def encode(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> jax.Array:
   """``x`` (float32 or wider) stored in ``fmt``, packed (see the module);
   ``bits`` as for :func:`quantize`."""
-  codes, scales, low = quantize(x, fmt, bits)
-  blocks = _blocked(codes, fmt.block)  # [..., n, block]
-  parts = [_bytes(blocks).reshape(blocks.shape[:-1] + (-1,))]
-  if low is not None:
-    parts.append(_blocked(low, fmt.block // 2))
-  parts.append(_bytes(scales))
-  packed = jnp.concatenate(parts, axis=-1)
+  codes, scales = quantize(x, fmt, bits)
+  if fmt.kind == 'float':
+    codes = jax.lax.bitcast_convert_type(codes, jnp.uint16).astype(jnp.int32)
+  elif fmt.kind == 'linear':
+    codes = codes + (1 << (fmt.bits - 1))  # Offset binary.
+  packed = jnp.concatenate(
+      [_pack(_blocked(codes, fmt.block), fmt.bits), _bytes(scales)], axis=-1
+  )
   return packed.reshape(packed.shape[:-2] + (-1,))
 
 
@@ -297,28 +308,21 @@ def decode(
   """The values of a buffer packed by :func:`encode` for a leaf whose last
   dimension is ``last_dim``, in ``dtype``."""
   blocks = packed.reshape(packed.shape[:-1] + (-1, fmt.bytes_per_block))
-  code_bytes = fmt.block * (2 if fmt.bits == 16 else 1)
-  raw = blocks[..., :code_bytes]
-  if fmt.kind in ('ufloat', 'float'):
-    codes = raw
-    if fmt.kind == 'float':
-      code_dtype = _FLOATS[fmt.bits][0]
-      if fmt.bits == 16:
-        raw = raw.reshape(raw.shape[:-1] + (fmt.block, 2))
-      codes = jax.lax.bitcast_convert_type(raw, code_dtype)
-    scales = jax.lax.bitcast_convert_type(blocks[..., -1], jnp.int8)
+  code_bytes = fmt.block * fmt.bits // 8
+  codes = _unblocked(
+      _unpack(blocks[..., :code_bytes], fmt.bits, fmt.block), last_dim
+  )
+  scale_bytes = blocks[..., code_bytes:]
+  if fmt.kind == 'linear':
+    codes = codes - (1 << (fmt.bits - 1))
+    scales = jax.lax.bitcast_convert_type(scale_bytes, jnp.bfloat16)
   else:
-    dtype_code = jnp.int8 if fmt.bits == 8 else jnp.int16
-    if fmt.bits == 16:
-      raw = raw.reshape(raw.shape[:-1] + (fmt.block, 2))
-    codes = jax.lax.bitcast_convert_type(raw, dtype_code)
-    scales = jax.lax.bitcast_convert_type(blocks[..., -2:], jnp.bfloat16)
-  low = None
-  if fmt.bits == 12:
-    low = blocks[..., code_bytes:-1].reshape(packed.shape[:-1] + (-1,))
-    low = low[..., : -(-last_dim // 2)]
-  codes = _unblocked(codes, last_dim)
-  return dequantize(Quantized(codes, scales, low), fmt, dtype)
+    scales = jax.lax.bitcast_convert_type(scale_bytes[..., 0], jnp.int8)
+  if fmt.kind == 'float':
+    codes = jax.lax.bitcast_convert_type(
+        codes.astype(jnp.uint16), _FLOATS[fmt.bits][0]
+    )
+  return dequantize(Quantized(codes, scales), fmt, dtype)
 
 
 # The presets: the format of each buffer (None: float32).

@@ -68,7 +68,7 @@ class Format:
   """How one buffer is stored: the kind of code, its bits, the block size
   along the last axis, and whether it rounds stochastically."""
 
-  kind: str  # 'float', 'linear' or 'ufloat'.
+  kind: str  # 'float', 'linear', 'ufloat' or 'sfloat' (signed).
   bits: int
   block: int
   stochastic: bool
@@ -87,7 +87,7 @@ class Format:
 
   @property
   def bytes_per_block(self) -> int:
-    scale = 1 if self.kind in ('ufloat', 'float') else 2
+    scale = 1 if self.kind in ('ufloat', 'sfloat', 'float') else 2
     return self.block * self.bits // 8 + scale
 
   def packed_size(self, last_dim: int) -> int:
@@ -172,7 +172,7 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   magnitude = jnp.where(finite, jnp.abs(x), 0.0)
   peak = jnp.max(_blocked(magnitude, fmt.block), axis=-1)
   u = _uniform(bits if fmt.stochastic else None, x.shape)
-  if fmt.kind in ('ufloat', 'float'):
+  if fmt.kind in ('ufloat', 'sfloat', 'float'):
     _, exponent = jnp.frexp(peak)  # peak <= 2 ** exponent.
     k = exponent - (peak == _pow2(exponent - 1))
     if fmt.kind == 'float':
@@ -192,18 +192,22 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
       else:
         code = v.astype(code_dtype)
       return Quantized(jnp.where(finite, code, jnp.nan).astype(code_dtype), k)
-    nan_code = (1 << fmt.bits) - 1
+    width = fmt.bits - (fmt.kind == 'sfloat')  # The magnitude's bits.
+    nan_code = (1 << width) - 1
     code = _unsigned_grid(
         jnp.minimum(magnitude * scale, 1.0),
         fmt.ebits,
-        fmt.bits - fmt.ebits,
+        width - fmt.ebits,
         u,
     )
-    # A positive value never rounds to zero: the update would divide by eps
-    # alone. (Below the smallest code, 2**-37 of the block's largest value,
-    # it rounds up.)
-    code = jnp.where(magnitude > 0, jnp.maximum(code, 1), code)
+    if fmt.kind == 'ufloat':
+      # A positive value never rounds to zero: the update would divide by
+      # eps alone. (Below the smallest code, 2**-37 of the block's largest
+      # value, it rounds up.)
+      code = jnp.where(magnitude > 0, jnp.maximum(code, 1), code)
     code = jnp.where(finite, jnp.minimum(code, nan_code - 1), nan_code)
+    if fmt.kind == 'sfloat':  # The sign above the magnitude.
+      code = jnp.where(finite & (x < 0), code | (1 << width), code)
     return Quantized(code, k)
   scales = _round_up_bf16(peak)
   s = _unblocked(
@@ -236,8 +240,11 @@ def dequantize(stored: Quantized, fmt: Format, dtype: jnp.dtype) -> jax.Array:
   if fmt.kind == 'float':
     v = codes.astype(jnp.float32)
   else:
-    v = _unsigned_value(codes, fmt.ebits, fmt.bits - fmt.ebits)
-    v = jnp.where(codes == (1 << fmt.bits) - 1, jnp.nan, v)
+    width = fmt.bits - (fmt.kind == 'sfloat')
+    magnitude = codes & ((1 << width) - 1)
+    v = _unsigned_value(magnitude, fmt.ebits, width - fmt.ebits)
+    v = jnp.where(magnitude == (1 << width) - 1, jnp.nan, v)
+    v = jnp.where(codes >> width == 1, -v, v)
   return (v * _per_element(k, fmt, last)).astype(dtype)
 
 
@@ -263,29 +270,36 @@ def _bytes(x: jax.Array) -> jax.Array:
 
 def _pack(codes: jax.Array, bits: int) -> jax.Array:
   """Unsigned ``bits``-bit codes ``[..., n, block]`` as bytes ``[..., n,
-  block * bits // 8]``; 12-bit codes as their high bytes, then their low
-  nibbles two to a byte."""
-  if bits == 8:
-    return codes.astype(jnp.uint8)
+  block * bits // 8]``: 16-bit codes as their two bytes; wider than 8 bits,
+  the high bytes, then each further bit as a plane of ``block / 8`` bytes."""
   if bits == 16:
     raw = jax.lax.bitcast_convert_type(codes.astype(jnp.uint16), jnp.uint8)
     return raw.reshape(codes.shape[:-1] + (-1,))
-  pairs = (codes & 15).astype(jnp.uint8).reshape(codes.shape[:-1] + (-1, 2))
-  low = pairs[..., 0] | (pairs[..., 1] << 4)
-  return jnp.concatenate([(codes >> 4).astype(jnp.uint8), low], axis=-1)
+  extra = bits - 8 if bits >= 8 else bits
+  parts = [(codes >> extra).astype(jnp.uint8)] if bits >= 8 else []
+  weights = np.uint8(1) << np.arange(8, dtype=np.uint8)
+  for j in range(extra):
+    plane = ((codes >> j) & 1).astype(jnp.uint8)
+    plane = plane.reshape(codes.shape[:-1] + (-1, 8)) * weights
+    parts.append(jnp.sum(plane, axis=-1, dtype=jnp.uint8))
+  return jnp.concatenate(parts, axis=-1)
 
 
 def _unpack(raw: jax.Array, bits: int, block: int) -> jax.Array:
   """The inverse of :func:`_pack`, as int32."""
-  if bits == 8:
-    return raw.astype(jnp.int32)
   if bits == 16:
     pairs = raw.reshape(raw.shape[:-1] + (block, 2))
     return jax.lax.bitcast_convert_type(pairs, jnp.uint16).astype(jnp.int32)
-  low = raw[..., block:]
-  nibbles = jnp.stack([low & 15, low >> 4], axis=-1)
-  nibbles = nibbles.reshape(low.shape[:-1] + (block,)).astype(jnp.int32)
-  return (raw[..., :block].astype(jnp.int32) << 4) | nibbles
+  extra, start = (bits - 8, block) if bits >= 8 else (bits, 0)
+  codes = jnp.zeros(raw.shape[:-1] + (block,), jnp.int32)
+  if bits >= 8:
+    codes = raw[..., :block].astype(jnp.int32) << extra
+  shifts = np.arange(8, dtype=np.int32)
+  for j in range(extra):
+    plane = raw[..., start + j * block // 8 : start + (j + 1) * block // 8]
+    bit = (plane.astype(jnp.int32)[..., None] >> shifts) & 1
+    codes = codes | (bit.reshape(raw.shape[:-1] + (block,)) << j)
+  return codes
 
 
 def encode(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> jax.Array:
@@ -328,9 +342,9 @@ def decode(
 # The presets: the format of each buffer (None: float32).
 PRESETS = {
     'compact': {
-        'm1': Format('linear', 8, 32, stochastic=False, relative=True),
+        'm1': Format('linear', 7, 32, stochastic=False, relative=True),
         'm2': Format('float', 16, 256, stochastic=True),
-        'nu': Format('ufloat', 12, 256, stochastic=True),
+        'nu': Format('ufloat', 14, 256, stochastic=True),
     },
     '8bit': {
         'm1': Format('linear', 8, 32, stochastic=False, relative=True),

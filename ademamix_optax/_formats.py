@@ -347,8 +347,8 @@ PRESETS = {
         'nu': Format('ufloat', 14, 256, stochastic=True),
     },
     '8bit': {
-        'm1': Format('linear', 8, 32, stochastic=False, relative=True),
-        'm2': Format('linear', 8, 256, stochastic=True, relative=True),
+        'm1': Format('linear', 6, 32, stochastic=False, relative=True),
+        'm2': Format('linear', 10, 256, stochastic=True, relative=True),
         'nu': Format('ufloat', 8, 256, stochastic=True),
     },
 }

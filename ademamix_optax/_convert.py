@@ -141,10 +141,9 @@ def adam_state_to_ademamix(
   adam: optax.ScaleByAdamState = src_leaves[src_core]
   target: _ademamix.ScaleByAdEMAMixState = dst_leaves[dst_core]
 
+  want = jax.tree.map(lambda p: p.shape, target.m2)
   for name in ('mu', 'nu'):
-    moment = getattr(adam, name)
-    shapes = jax.tree.map(jnp.shape, moment)
-    want = jax.tree.map(lambda p: p.shape, target.m2)
+    shapes = jax.tree.map(jnp.shape, getattr(adam, name))
     if shapes != want:
       raise ValueError(
           f"Adam's {name} does not match the parameters' tree structure "

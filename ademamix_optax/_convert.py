@@ -142,10 +142,10 @@ def adam_state_to_ademamix(
   adam: optax.ScaleByAdamState = src_leaves[src_core]
   target: _ademamix.ScaleByAdEMAMixState = dst_leaves[dst_core]
 
+  # Packed state formats change the state's shapes: compare with params'.
+  want = jax.tree.map(lambda p: tuple(jnp.shape(p)), params)
   for name in ('mu', 'nu'):
-    moment = getattr(adam, name)
-    shapes = jax.tree.map(jnp.shape, moment)
-    want = jax.tree.map(lambda p: tuple(jnp.shape(p)), params)
+    shapes = jax.tree.map(jnp.shape, getattr(adam, name))
     if shapes != want:
       raise ValueError(
           f"Adam's {name} does not match the parameters' tree structure "

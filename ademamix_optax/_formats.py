@@ -78,7 +78,9 @@ class Format:
   relative: bool = False
 
   def applies(self, leaf: jax.Array) -> bool:
-    """Whether a leaf is stored in this format (else in float32)."""
+    """Whether a leaf is stored in this format (else in float32): decided
+    by ``init`` on the global leaf; an update tells by the buffer's dtype
+    (:func:`is_packed`), as it may see a shard of the leaf."""
     return (
         jnp.issubdtype(leaf.dtype, jnp.floating)
         and leaf.ndim > 0
@@ -93,6 +95,12 @@ class Format:
   def packed_size(self, last_dim: int) -> int:
     """The last dimension of the packed buffer of a leaf's."""
     return -(-last_dim // self.block) * self.bytes_per_block
+
+
+def is_packed(leaf: jax.Array, stored: jax.Array) -> bool:
+  """Whether ``stored``, a buffer of a parameter like ``leaf``, is packed
+  (uint8 bytes for a floating leaf) rather than values."""
+  return jnp.issubdtype(leaf.dtype, jnp.floating) and stored.dtype == jnp.uint8
 
 
 def _blocked(x: jax.Array, block: int) -> jax.Array:
@@ -305,7 +313,13 @@ def _unpack(raw: jax.Array, bits: int, block: int) -> jax.Array:
 def encode(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> jax.Array:
   """``x`` (float32 or wider) stored in ``fmt``, packed (see the module);
   ``bits`` as for :func:`quantize`."""
-  codes, scales = quantize(x, fmt, bits)
+  return pack(quantize(x, fmt, bits), fmt)
+
+
+def pack(stored: Quantized, fmt: Format) -> jax.Array:
+  """Codes and scales (as :func:`quantize` gives them) packed in one uint8
+  array (see the module)."""
+  codes, scales = stored
   if fmt.kind == 'float':
     codes = jax.lax.bitcast_convert_type(codes, jnp.uint16).astype(jnp.int32)
   elif fmt.kind == 'linear':

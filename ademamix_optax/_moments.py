@@ -263,7 +263,7 @@ class Writer:
     roots = self._roots.get('old')
 
     def read(n, o, *root):
-      if not fmt.applies(n):
+      if not _formats.is_packed(n, o):
         return o
       x = _formats.decode(o, fmt, n.shape[-1], n.dtype)
       return x * root[0] if fmt.relative else x
@@ -292,7 +292,10 @@ class Writer:
     fmt = self._format(buffer)
     new_leaves = self._treedef.flatten_up_to(new)
     old_leaves = self._treedef.flatten_up_to(old)
-    packed = [fmt is not None and fmt.applies(n) for n in new_leaves]
+    packed = [
+        fmt is not None and _formats.is_packed(n, o)
+        for n, o in zip(new_leaves, old_leaves)
+    ]
     roots = None
     if fmt is not None and fmt.relative:
       roots = self._treedef.flatten_up_to(self._roots['new'])

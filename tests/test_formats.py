@@ -307,6 +307,99 @@ def test_state_keeps_its_structure_and_dtypes_under_jit(name, preset):
     chex.assert_tree_all_finite(updates)
 
 
+ALIASES = {  # (factory, its arguments).
+    'ademamix': (
+        amx.ademamix,
+        dict(
+            learning_rate=1e-2,
+            b3=0.999,
+            alpha=5.0,
+            t_alpha_beta3=20,
+            weight_decay=0.1,
+        ),
+    ),
+    'simplified': (
+        amx.simplified_ademamix,
+        dict(learning_rate=1e-3, b1=0.99, alpha=2.0, t_b1=20),
+    ),
+}
+
+
+def _grads(params, k):
+  return jax.tree.map(lambda p: jnp.cos(3.0 * p + k) + 0.1 * k, params)
+
+
+def _run(tx, params, steps, jit=jax.jit):
+  """``steps`` jitted steps on ``_grads``: the final params and state."""
+
+  @jit
+  def step(params, state, k):
+    updates, state = tx.update(_grads(params, k), state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for k in range(steps):
+    params, state = step(params, state, jnp.float32(k))
+  return params, state
+
+
+@pytest.mark.parametrize('preset', sorted(_formats.PRESETS))
+@pytest.mark.parametrize('name', ALIASES)
+def test_optax_wrappers_over_the_presets(name, preset):
+  """inject_hyperparams (the steps of the plain optimizer, to float32
+  rounding of the hyperparameters; the same state layout), MultiSteps,
+  apply_if_finite (a NaN step leaves the packed state as it was) and a
+  lax.scan carry with lax.cond branches (a fixed point of shapes and
+  dtypes)."""
+  params = _params()
+  factory, kwargs = ALIASES[name]
+  plain = factory(**kwargs, state_format=preset)
+  want = _run(plain, params, 6)
+  # Every number injected, as float32 arrays; the format stays static.
+  injected = optax.inject_hyperparams(factory)(**kwargs, state_format=preset)
+  got_params, got_state = _run(injected, params, 6)
+  # Where a hyperparameter's rounding moves a value across a code's
+  # rounding boundary, that element takes another code (about 1% of them
+  # after 6 steps), and moves by at most its steps.
+  for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want[0])):
+    diff = np.abs(np.subtract(a, b))
+    assert np.mean(diff > 1e-5 * (1 + np.abs(b))) < 0.05
+    assert np.max(diff) <= 6 * 5 * kwargs['learning_rate']
+  chex.assert_trees_all_equal_shapes_and_dtypes(got_state.inner_state, want[1])
+  assert int(got_state.inner_state[0].count) == 6
+
+  multi = optax.MultiSteps(plain, every_k_schedule=3)
+  state = multi.init(params)
+  for k in range(3):
+    updates, state = jax.jit(multi.update)(_grads(params, k), state, params)
+    moved = any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+    assert moved == (k == 2), k
+
+  guarded = optax.apply_if_finite(plain, max_consecutive_errors=3)
+  _, state = _run(guarded, params, 2)
+  nan = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  updates, after = jax.jit(guarded.update)(nan, state, params)
+  chex.assert_trees_all_equal(after.inner_state, state.inner_state)
+  assert int(after.notfinite_count) == 1
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+
+  def body(carry, k):
+    params, state = carry
+    updates, state = jax.lax.cond(  # Skips every third step.
+        k % 3 != 2,
+        lambda: plain.update(_grads(params, k), state, params),
+        lambda: (jax.tree.map(jnp.zeros_like, params), state),
+    )
+    return (optax.apply_updates(params, updates), state), None
+
+  start = plain.init(params)
+  (_, end), _ = jax.jit(
+      lambda c: jax.lax.scan(body, c, jnp.arange(9.0))
+  )((params, start))
+  chex.assert_trees_all_equal_shapes_and_dtypes(end, start)
+  assert int(end[0].count) == 6
+
+
 @pytest.mark.parametrize(
     'preset, error, bias',
     [('compact', 0.03, 0.005), ('8bit', 0.30, 0.02)],

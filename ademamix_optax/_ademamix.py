@@ -126,6 +126,16 @@ def scale_by_ademamix(
       element's index in the whole leaf and the results equal the unsplit
       run's bit for bit. Ignored elsewhere. Without it, shards of a leaf
       still get distinct bits.
+    state_format: ``None`` (the buffers as ``mu_dtype`` and ``nu_dtype``
+      say), ``'compact'`` or ``'8bit'``: the buffers of each leaf of 4,096
+      elements or more stored as codes with a scale per block along the last
+      axis, packed in one uint8 array (smaller leaves stay float32).
+      ``'compact'``: 4.7 bytes per parameter, the update within 2.7% of
+      float64 states' and ``m2`` unbiased within 0.05% on 50,000-step
+      streams (``benchmarks/state_formats.py``). ``'8bit'``: 3.07 bytes,
+      within 28%, ``m2`` within 0.9%; there ``m2`` averages ``m1`` rather
+      than the gradients (a deviation from the paper). Not together with
+      ``mu_dtype`` or ``nu_dtype``.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -139,9 +149,11 @@ def scale_by_ademamix(
       ``mu_dtype`` or ``nu_dtype`` the state cannot be stored in (not
       floating, without a sign, a zero or a NaN, not convertible by XLA, or
       for ``nu_dtype`` narrower than bfloat16's range); a
-      ``stochastic_rounding`` that is not a bool; a ``partition_specs``
-      that is not specs. At ``init``: a real ``mu_dtype`` for complex
-      parameters. In ``shard_map``: a spec naming an axis the mesh lacks.
+      ``stochastic_rounding`` that is not a bool; a ``state_format``
+      other than the presets, or with ``mu_dtype`` or ``nu_dtype``; a
+      ``partition_specs`` that is not specs. At ``init``: a real
+      ``mu_dtype`` for complex parameters. In ``shard_map``: a spec naming
+      an axis the mesh lacks.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -319,6 +331,16 @@ def ademamix(
       written back with stochastic rounding; see :func:`scale_by_ademamix`.
     partition_specs: Only inside :func:`jax.shard_map`: the leaves'
       partition specs there; see :func:`scale_by_ademamix`.
+    state_format: ``None`` (the buffers as ``mu_dtype`` and ``nu_dtype``
+      say), ``'compact'`` or ``'8bit'``: the buffers of each leaf of 4,096
+      elements or more stored as codes with a scale per block along the last
+      axis, packed in one uint8 array (smaller leaves stay float32).
+      ``'compact'``: 4.7 bytes per parameter, the update within 2.7% of
+      float64 states' and ``m2`` unbiased within 0.05% on 50,000-step
+      streams (``benchmarks/state_formats.py``). ``'8bit'``: 3.07 bytes,
+      within 28%, ``m2`` within 0.9%; there ``m2`` averages ``m1`` rather
+      than the gradients (a deviation from the paper). Not together with
+      ``mu_dtype`` or ``nu_dtype``.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.

@@ -7,18 +7,23 @@ leaf of shape ``(..., n)`` has shape ``(..., blocks * bytes_per_block)``.
 One array per leaf keeps the state a tree like the parameters, as optax,
 Flax and orbax expect; a leaf sharded along any axis keeps whole blocks per
 shard when its local last dimension is a multiple of the block (an odd last
-dimension ends with a zero-padded block). Three kinds of code:
+dimension ends with a zero-padded block). Codes are 1 to 16 bits wide,
+split into fields of 8, 4, 2 and 1 bits (14 bits: 8 + 4 + 2), each field
+packed in a run of bytes: a byte holds ``8 / c`` fields of ``c`` bits, of
+elements ``block * c / 8`` apart, so that packing combines contiguous runs
+(no reduction) and a 14-bit code costs three runs, not six bit planes. The
+kinds of code:
 
-- ``'linear'``: signed 8- or 16-bit codes :math:`q = (2^{b-1} - 1)\, x / s`,
-  with ``s`` the block's largest magnitude rounded up to bfloat16.
+- ``'linear'``: signed codes :math:`q = (2^{b-1} - 1)\, x / s` (stored in
+  offset binary), with ``s`` the block's largest magnitude rounded up to
+  bfloat16.
 - ``'float'``: float16 codes of :math:`x / 2^k`, with :math:`2^k` the
   block's largest magnitude over :math:`2^{15}` rounded up to a power of
   two (``k`` stored as int8).
-- ``'ufloat'``: for non-negative buffers (the second moment), an unsigned
-  minifloat of ``bits`` bits (5 exponent bits, the rest mantissa) of
-  :math:`x / 2^k`, with :math:`2^k` the block's largest value rounded up to
-  a power of two. 12-bit codes are stored as a byte (the high 8 bits) and a
-  nibble, two nibbles packed per byte along the last axis.
+- ``'ufloat'`` and ``'sfloat'``: unsigned (for the second moment) and signed
+  minifloats of ``bits`` bits (5 exponent bits, a sign bit for
+  ``'sfloat'``, the rest mantissa) of :math:`x / 2^k`, with :math:`2^k` the
+  block's largest magnitude rounded up to a power of two.
 
 A format may store a first moment relative to the second (``relative``):
 the codes hold :math:`m / \sqrt{\nu}`, which puts their grid in the units
@@ -76,6 +81,13 @@ class Format:
   # Stored over sqrt(nu) (as read at the same step), which puts the codes'
   # grid in the units of the update: needs nu stored first.
   relative: bool = False
+
+  def __post_init__(self):
+    if not 1 <= self.bits <= 16 or self.block % 8:
+      raise ValueError(
+          f'Format: bits={self.bits} and block={self.block}; bits must be '
+          'in [1, 16], block a multiple of 8.'
+      )
 
   def applies(self, leaf: jax.Array) -> bool:
     """Whether a leaf is stored in this format (else in float32): decided
@@ -276,37 +288,44 @@ def _bytes(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.uint8)
 
 
+def _chunks(bits: int) -> list[int]:
+  """A code's bits as fields of 8, 4, 2 and 1 bits, the high ones first."""
+  out = []
+  for width in (8, 4, 2, 1):
+    while bits >= width:
+      out.append(width)
+      bits -= width
+  return out
+
+
 def _pack(codes: jax.Array, bits: int) -> jax.Array:
   """Unsigned ``bits``-bit codes ``[..., n, block]`` as bytes ``[..., n,
-  block * bits // 8]``: 16-bit codes as their two bytes; wider than 8 bits,
-  the high bytes, then each further bit as a plane of ``block / 8`` bytes."""
-  if bits == 16:
-    raw = jax.lax.bitcast_convert_type(codes.astype(jnp.uint16), jnp.uint8)
-    return raw.reshape(codes.shape[:-1] + (-1,))
-  extra = bits - 8 if bits >= 8 else bits
-  parts = [(codes >> extra).astype(jnp.uint8)] if bits >= 8 else []
-  weights = np.uint8(1) << np.arange(8, dtype=np.uint8)
-  for j in range(extra):
-    plane = ((codes >> j) & 1).astype(jnp.uint8)
-    plane = plane.reshape(codes.shape[:-1] + (-1, 8)) * weights
-    parts.append(jnp.sum(plane, axis=-1, dtype=jnp.uint8))
-  return jnp.concatenate(parts, axis=-1)
+  block * bits // 8]``: a segment of bytes per field (:func:`_chunks`); a
+  field of ``c`` bits puts ``8 / c`` elements in a byte, those ``block * c /
+  8`` apart, so that a byte combines contiguous runs of elements."""
+  parts, shift = [], bits
+  for c in _chunks(bits):
+    shift -= c
+    field = (codes >> shift) & ((1 << c) - 1)
+    run = codes.shape[-1] * c // 8
+    byte = field[..., :run]
+    for i in range(1, 8 // c):
+      byte = byte | (field[..., i * run : (i + 1) * run] << (c * i))
+    parts.append(byte.astype(jnp.uint8))
+  return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
 
 def _unpack(raw: jax.Array, bits: int, block: int) -> jax.Array:
   """The inverse of :func:`_pack`, as int32."""
-  if bits == 16:
-    pairs = raw.reshape(raw.shape[:-1] + (block, 2))
-    return jax.lax.bitcast_convert_type(pairs, jnp.uint16).astype(jnp.int32)
-  extra, start = (bits - 8, block) if bits >= 8 else (bits, 0)
-  codes = jnp.zeros(raw.shape[:-1] + (block,), jnp.int32)
-  if bits >= 8:
-    codes = raw[..., :block].astype(jnp.int32) << extra
-  shifts = np.arange(8, dtype=np.int32)
-  for j in range(extra):
-    plane = raw[..., start + j * block // 8 : start + (j + 1) * block // 8]
-    bit = (plane.astype(jnp.int32)[..., None] >> shifts) & 1
-    codes = codes | (bit.reshape(raw.shape[:-1] + (block,)) << j)
+  codes, shift, start = jnp.zeros((), jnp.int32), bits, 0
+  for c in _chunks(bits):
+    shift -= c
+    run = block * c // 8
+    byte = raw[..., None, start : start + run].astype(jnp.int32)
+    offsets = np.arange(0, 8, c, dtype=np.int32)[:, None]
+    field = ((byte >> offsets) & ((1 << c) - 1)).reshape(raw.shape[:-1] + (block,))
+    codes = codes | (field << shift)
+    start += run
   return codes
 
 

@@ -281,12 +281,15 @@ class Writer:
 
     ``buffer`` names the moment (``'m1'``, ``'m2'``, ``'nu'``, or
     Simplified AdEMAMix's ``'m'``), for its rounding stream and its format.
-    Returns ``(stored, read)``: the new buffer, and its values in the
-    compute dtype, which the update reads (so that it needs only the new
-    buffers, never the old ones). A buffer of float32 or wider is kept as
+    Returns ``(stored, read)``: the new buffer, and the values the update
+    reads, in the compute dtype. A buffer of float32 or wider is kept as
     computed; a narrower one is saturated and rounded stochastically (or to
-    nearest without ``stochastic``); one in a ``state_format`` is encoded
-    (see :mod:`ademamix_optax._formats`).
+    nearest without ``stochastic``), and the update reads it as stored (so
+    that it needs only the new buffers, never the old ones). One in a
+    ``state_format`` is encoded (see :mod:`ademamix_optax._formats`), and
+    the update reads ``new`` as computed, as bitsandbytes' 8-bit optimizers
+    do: decoding the codes again would compute every element's rounding
+    twice more.
     """
     stream, low_half = _STREAMS[buffer]
     fmt = self._format(buffer)
@@ -322,6 +325,7 @@ class Writer:
       keys = _rounding.stream_key_array(self._count, todo)
       self._keys.update(zip(todo, once([keys[k] for k in range(len(todo))])))
     stored, read = [], []
+    kept = []  # The values stored, in the compute dtype.
     for i, (n, o, p) in enumerate(zip(new_leaves, old_leaves, packed)):
       bits = None
       if i in keyed:
@@ -332,9 +336,11 @@ class Writer:
       if p:
         assert fmt is not None
         root = roots[i] if roots is not None else 1
-        q = _formats.encode(n / root, fmt, bits)
-        stored.append(q)
-        read.append(_formats.decode(q, fmt, n.shape[-1], n.dtype) * root)
+        q = _formats.quantize(n / root, fmt, bits)
+        stored.append(_formats.pack(q, fmt))
+        if buffer == 'nu':  # Relative buffers are stored over its root.
+          kept.append(_formats.dequantize(q, fmt, n.dtype) * root)
+        read.append(n)
         continue
       if n.dtype == o.dtype:
         s = n
@@ -344,9 +350,10 @@ class Writer:
         s = _saturate(n, o.dtype).astype(o.dtype)
       stored.append(s)
       read.append(s.astype(n.dtype))
-    if buffer == 'nu':
+      kept.append(read[-1])
+    if buffer == 'nu':  # kept is complete: the roots of nu as stored.
       self._roots['new'] = jax.tree.map(
-          _formats.root, self._treedef.unflatten(read)
+          _formats.root, self._treedef.unflatten(kept)
       )
     return self._treedef.unflatten(stored), self._treedef.unflatten(read)
 

@@ -24,10 +24,12 @@ FORMATS = {
     for buffer, fmt in formats.items()
     if not (preset == '8bit' and buffer == 'm1')  # The same as compact's.
 }
-# Candidates measured for the presets (see the issue notes): every code width.
-FORMATS['ufloat16'] = _formats.Format('ufloat', 16, 256, stochastic=True)
-FORMATS['linear12'] = _formats.Format('linear', 12, 256, stochastic=True)
-FORMATS['ufloat13'] = _formats.Format('ufloat', 13, 256, stochastic=True)
+# Other kinds and widths (fields of 8, 4, 2 and 1 bits).
+for _kind, _bits in [('ufloat', 16), ('ufloat', 12), ('linear', 12)]:
+  FORMATS[f'{_kind}{_bits}'] = _formats.Format(_kind, _bits, 64, True)
+FORMATS['linear16'] = _formats.Format('linear', 16, 32, False)
+FORMATS['linear4'] = _formats.Format('linear', 4, 32, True)
+FORMATS['ufloat13'] = _formats.Format('ufloat', 13, 64, True)
 SHAPES = [(16, 512), (3, 300), (5000,), (2, 3, 40)]
 
 
@@ -282,6 +284,37 @@ def test_state_bytes_per_parameter(name, preset):
   if name == 'simplified':  # m and nu: m2's and nu's formats, no m1.
     limit -= _formats.PRESETS[preset]['m1'].packed_size(4096) / 4096
   assert per_param <= limit, per_param
+
+
+@pytest.mark.parametrize(
+    'name, preset',
+    # AdEMAMix '8bit' feeds m2 from m1: another algorithm than float32's.
+    [('ademamix', 'compact'), ('simplified', 'compact'), ('simplified', '8bit')],
+)
+def test_update_reads_the_moments_before_they_are_stored(name, preset):
+  """The update reads the new moments as computed, before they are rounded
+  into codes: from a zero state (stored exactly), the first update is the
+  float32 state's, bit for bit; the second is not (it reads the rounded
+  state)."""
+  params = _params()
+  rng = np.random.default_rng(3)
+  grads = [
+      jax.tree.map(
+          lambda p: jnp.asarray(rng.standard_normal(jnp.shape(p)), jnp.float32),
+          params,
+      )
+      for _ in range(2)
+  ]
+  outs = {}
+  for fmt in (None, preset):
+    tx = OPTIMIZERS[name](state_format=fmt)
+    state, updates = tx.init(params), []
+    for g in grads:
+      u, state = jax.jit(tx.update)(g, state)
+      updates.append(u)
+    outs[fmt] = updates
+  chex.assert_trees_all_equal(outs[preset][0], outs[None][0])
+  assert not np.array_equal(outs[preset][1]['w'], outs[None][1]['w'])
 
 
 @pytest.mark.parametrize('preset', sorted(_formats.PRESETS))

@@ -6,8 +6,9 @@ one uint8 array: each block's codes then its scale, so that the buffer of a
 leaf of shape ``(..., n)`` has shape ``(..., blocks * bytes_per_block)``.
 One array per leaf keeps the state a tree like the parameters, as optax,
 Flax and orbax expect; a leaf sharded along any axis keeps whole blocks per
-shard when its local last dimension is a multiple of the block (an odd last
-dimension ends with a zero-padded block). Codes are 1 to 16 bits wide,
+shard when its local last dimension is a multiple of the block. The block
+is fitted to the leaf (:meth:`Format.fitted`): a last dimension of 384 takes
+blocks of 192; one with no such divisor ends with a zero-padded block. Codes are 1 to 16 bits wide,
 split into fields of 8, 4, 2 and 1 bits (14 bits: 8 + 4 + 2), each field
 packed in a run of bytes: a byte holds ``8 / c`` fields of ``c`` bits, of
 elements ``block * c / 8`` apart, so that packing combines contiguous runs
@@ -104,9 +105,25 @@ class Format:
     scale = 1 if self.kind in ('ufloat', 'sfloat', 'float') else 2
     return self.block * self.bits // 8 + scale
 
+  def fitted(self, last_dim: int) -> Format:
+    """The format for a leaf whose last dimension is ``last_dim``: blocks of
+    the largest multiple of 8 in ``[block / 2, block]`` that divides it
+    (384 in blocks of 192, not 256 and a padded one), else of ``block`` (a
+    shorter dimension: itself, rounded up to a multiple of 8). A shard's
+    last dimension that is a multiple of a leaf's block gets the same
+    block: a larger divisor of the shard's would divide the leaf's."""
+    fits = [
+        b
+        for b in range(self.block, self.block // 2 - 1, -8)
+        if last_dim % b == 0
+    ]
+    block = fits[0] if fits else min(self.block, -(-last_dim // 8) * 8)
+    return self if block == self.block else dataclasses.replace(self, block=block)
+
   def packed_size(self, last_dim: int) -> int:
     """The last dimension of the packed buffer of a leaf's."""
-    return -(-last_dim // self.block) * self.bytes_per_block
+    fmt = self.fitted(last_dim)
+    return -(-last_dim // fmt.block) * fmt.bytes_per_block
 
 
 def is_packed(leaf: jax.Array, stored: jax.Array) -> bool:
@@ -186,6 +203,7 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   """The codes and scales of ``x`` (float32 or wider) in ``fmt``; ``bits``:
   uniform uint32 random bits like ``x`` for stochastic rounding, or
   ``None`` for round-to-nearest."""
+  fmt = fmt.fitted(x.shape[-1])
   x = x.astype(jnp.float32)
   last = x.shape[-1]
   finite = jnp.isfinite(x)
@@ -250,6 +268,7 @@ def dequantize(stored: Quantized, fmt: Format, dtype: jnp.dtype) -> jax.Array:
   ``dtype``."""
   codes, scales = stored
   last = codes.shape[-1]
+  fmt = fmt.fitted(last)
   if fmt.kind == 'linear':
     levels = 2 ** (fmt.bits - 1) - 1
     s = scales.astype(dtype)
@@ -339,6 +358,7 @@ def pack(stored: Quantized, fmt: Format) -> jax.Array:
   """Codes and scales (as :func:`quantize` gives them) packed in one uint8
   array (see the module)."""
   codes, scales = stored
+  fmt = fmt.fitted(codes.shape[-1])
   if fmt.kind == 'float':
     codes = jax.lax.bitcast_convert_type(codes, jnp.uint16).astype(jnp.int32)
   elif fmt.kind == 'linear':
@@ -354,6 +374,7 @@ def decode(
 ) -> jax.Array:
   """The values of a buffer packed by :func:`encode` for a leaf whose last
   dimension is ``last_dim``, in ``dtype``."""
+  fmt = fmt.fitted(last_dim)
   blocks = packed.reshape(packed.shape[:-1] + (-1, fmt.bytes_per_block))
   code_bytes = fmt.block * fmt.bits // 8
   codes = _unblocked(

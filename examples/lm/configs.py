@@ -61,8 +61,9 @@ class Config:
       'bfloat16' (AdEMAMix: m1, m2 and nu, stochastically rounded; AdamW:
       mu), or 'bfloat16-nearest' (the same with round-to-nearest).
     state_format: AdEMAMix's (and Simplified AdEMAMix's) compact state,
-      ``ademamix_optax``'s ``state_format``: 'compact' (about 4.6 bytes per
-      parameter) or '8bit' (about 3.1); AdamW keeps ``state_dtype``.
+      ``ademamix_optax``'s ``state_format``: 'compact' (4.7 bytes per
+      parameter of the large leaves) or '8bit' (3.07); AdamW keeps
+      ``state_dtype``.
     simplified_b1: Simplified AdEMAMix's momentum decay, warmed up from
       ``b1`` over the run (the authors' recipe; its learning rate is ``lr``
       times ``sqrt((1 - b1) (1 - simplified_b1))``).

@@ -5,6 +5,7 @@ description in ``ademamix_optax/_formats.py``; with the same random bits it
 must give the same codes and scales, and the same decoded values.
 """
 
+import dataclasses
 import math
 
 import chex
@@ -30,7 +31,9 @@ for _kind, _bits in [('ufloat', 16), ('ufloat', 12), ('linear', 12)]:
 FORMATS['linear16'] = _formats.Format('linear', 16, 32, False)
 FORMATS['linear4'] = _formats.Format('linear', 4, 32, True)
 FORMATS['ufloat13'] = _formats.Format('ufloat', 13, 64, True)
-SHAPES = [(16, 512), (3, 300), (5000,), (2, 3, 40)]
+# Last dimensions: blocks of 256 and 32 as they are, a 256-block fitted to
+# 200 (5000), padded ones (300, 1001), one shorter than a block (40).
+SHAPES = [(16, 512), (3, 300), (5000,), (2, 3, 40), (2, 1001)]
 
 
 # -- The NumPy reference ------------------------------------------------------
@@ -53,10 +56,20 @@ def _bf16_up(s):
   return np.minimum(b, ml_dtypes.finfo(ml_dtypes.bfloat16).max)
 
 
+def _fitted_block(block, last):
+  """The block for a last dimension: the largest multiple of 8 in [block/2,
+  block] that divides it, else block (or, shorter, it rounded up to 8)."""
+  for b in range(block, block // 2 - 1, -8):
+    if last % b == 0:
+      return b
+  return min(block, -(-last // 8) * 8)
+
+
 def ref_encode(x, fmt, bits):
   """Codes (as int64), scales and, for 12-bit codes, nothing else: the
   12-bit code whole (the package splits it into a byte and a nibble)."""
   x = np.asarray(x, np.float32)
+  fmt = dataclasses.replace(fmt, block=_fitted_block(fmt.block, x.shape[-1]))
   finite = np.isfinite(x)
   mag = np.where(finite, np.abs(x), np.float32(0))
   # XLA reads float32 subnormals as zero (as CPUs and GPUs flush them).
@@ -144,6 +157,7 @@ def _round_to(v, dtype, u):
 
 
 def ref_decode(code, scales, fmt, last):
+  fmt = dataclasses.replace(fmt, block=_fitted_block(fmt.block, last))
   if fmt.kind == 'float':
     scale = np.exp2(_per_element(scales.astype(np.int64), fmt.block, last))
     return code.astype(np.float64) * scale
@@ -498,3 +512,19 @@ def test_adam_state_converts_into_a_preset(preset):
   np.testing.assert_allclose(m1, state[0].mu['w'], rtol=0.02)
   updates, _ = tx.update(grads, converted, params)
   chex.assert_tree_all_finite(updates)
+
+
+@pytest.mark.parametrize('block', [32, 256])
+def test_a_shard_of_whole_blocks_has_the_leafs_blocks(block):
+  """A shard whose last dimension is a multiple of the leaf's fitted block
+  fits the same block (inside shard_map the update sees the shard)."""
+  fmt = _formats.Format('linear', 8, block, stochastic=False)
+  checked = 0
+  for n in range(8, 4097, 8):
+    b = fmt.fitted(n).block
+    assert b % 8 == 0 and (b >= block // 2 or b >= n), (n, b)
+    for k in range(2, 9):
+      if n % k == 0 and (n // k) % b == 0:
+        assert fmt.fitted(n // k).block == b, (n, k)
+        checked += 1
+  assert checked > 100

@@ -8,7 +8,7 @@ One array per leaf keeps the state a tree like the parameters, as optax,
 Flax and orbax expect; a leaf sharded along any axis keeps whole blocks per
 shard when its local last dimension is a multiple of the block. The block
 is fitted to the leaf (:meth:`Format.fitted`): a last dimension of 384 takes
-blocks of 192; one with no such divisor ends with a zero-padded block. Codes are 1 to 16 bits wide,
+blocks of 192, one of 344 two blocks of 176, the last zero-padded. Codes are 1 to 16 bits wide,
 split into fields of 8, 4, 2 and 1 bits (14 bits: 8 + 4 + 2), each field
 packed in a run of bytes: a byte holds ``8 / c`` fields of ``c`` bits, of
 elements ``block * c / 8`` apart, so that packing combines contiguous runs
@@ -108,16 +108,21 @@ class Format:
   def fitted(self, last_dim: int) -> Format:
     """The format for a leaf whose last dimension is ``last_dim``: blocks of
     the largest multiple of 8 in ``[block / 2, block]`` that divides it
-    (384 in blocks of 192, not 256 and a padded one), else of ``block`` (a
-    shorter dimension: itself, rounded up to a multiple of 8). A shard's
-    last dimension that is a multiple of a leaf's block gets the same
-    block: a larger divisor of the shard's would divide the leaf's."""
+    (384 in blocks of 192, not 256 and a padded one); without one, as many
+    blocks as ``block`` needs, as long as each other (rounded up to a
+    multiple of 8: 344 in two blocks of 176, 8 elements padded). A shard's
+    last dimension that is a multiple of a leaf's block gets the same block:
+    a larger divisor of the shard's would divide the leaf's."""
     fits = [
         b
         for b in range(self.block, self.block // 2 - 1, -8)
         if last_dim % b == 0
     ]
-    block = fits[0] if fits else min(self.block, -(-last_dim // 8) * 8)
+    if fits:
+      block = fits[0]
+    else:
+      blocks = -(-last_dim // self.block)
+      block = -(-last_dim // blocks // 8) * 8
     return self if block == self.block else dataclasses.replace(self, block=block)
 
   def packed_size(self, last_dim: int) -> int:

@@ -32,8 +32,9 @@ FORMATS['linear16'] = _formats.Format('linear', 16, 32, False)
 FORMATS['linear4'] = _formats.Format('linear', 4, 32, True)
 FORMATS['ufloat13'] = _formats.Format('ufloat', 13, 64, True)
 # Last dimensions: blocks of 256 and 32 as they are, a 256-block fitted to
-# 200 (5000), padded ones (300, 1001), one shorter than a block (40).
-SHAPES = [(16, 512), (3, 300), (5000,), (2, 3, 40), (2, 1001)]
+# 200 (5000), split evenly and padded (300, 1001, 344), shorter than a
+# block (40).
+SHAPES = [(16, 512), (3, 300), (5000,), (2, 3, 40), (2, 1001), (3, 344)]
 
 
 # -- The NumPy reference ------------------------------------------------------
@@ -58,11 +59,13 @@ def _bf16_up(s):
 
 def _fitted_block(block, last):
   """The block for a last dimension: the largest multiple of 8 in [block/2,
-  block] that divides it, else block (or, shorter, it rounded up to 8)."""
+  block] that divides it, else the dimension split into the fewest blocks
+  no longer than block, of equal lengths rounded up to a multiple of 8."""
   for b in range(block, block // 2 - 1, -8):
     if last % b == 0:
       return b
-  return min(block, -(-last // 8) * 8)
+  count = math.ceil(last / block)
+  return math.ceil(math.ceil(last / count) / 8) * 8
 
 
 def ref_encode(x, fmt, bits):

@@ -123,7 +123,9 @@ class Format:
     else:
       blocks = -(-last_dim // self.block)
       block = -(-last_dim // blocks // 8) * 8
-    return self if block == self.block else dataclasses.replace(self, block=block)
+    return (
+        self if block == self.block else dataclasses.replace(self, block=block)
+    )
 
   def packed_size(self, last_dim: int) -> int:
     """The last dimension of the packed buffer of a leaf's."""
@@ -347,7 +349,9 @@ def _unpack(raw: jax.Array, bits: int, block: int) -> jax.Array:
     run = block * c // 8
     byte = raw[..., None, start : start + run].astype(jnp.int32)
     offsets = np.arange(0, 8, c, dtype=np.int32)[:, None]
-    field = ((byte >> offsets) & ((1 << c) - 1)).reshape(raw.shape[:-1] + (block,))
+    field = ((byte >> offsets) & ((1 << c) - 1)).reshape(
+        raw.shape[:-1] + (block,)
+    )
     codes = codes | (field << shift)
     start += run
   return codes

@@ -89,7 +89,10 @@ def selected(text: str) -> list[str]:
     raise SystemExit(
         f'--optimizers: unknown {unknown}; choose among {list(OPTIMIZERS)}'
     )
-  return [*REFERENCES, *(k for k in OPTIMIZERS if k in keys and k not in REFERENCES)]
+  return [
+      *REFERENCES,
+      *(k for k in OPTIMIZERS if k in keys and k not in REFERENCES),
+  ]
 
 
 def label(key: str) -> str:

@@ -73,9 +73,7 @@ def _axpy(y, x):
   return (y + np.float32(1e-3) * x,)
 
 
-def make_entries(
-    specs: Any, replicas: int, keys: Sequence[str]
-) -> list[Entry]:
+def make_entries(specs: Any, replicas: int, keys: Sequence[str]) -> list[Entry]:
   """The axpy probe and every optimizer's step, nothing compiled yet."""
   params = C.random_tree(specs, seed=0, scale=0.02)
   grads = C.random_tree(specs, seed=1, scale=1e-3)

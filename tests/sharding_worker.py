@@ -74,7 +74,9 @@ CONFIGS = {
     ),
     'compact': (
         amx.ademamix,
-        dict(b3=0.99, weight_decay=0.01, t_alpha_beta3=4, state_format='compact'),
+        dict(
+            b3=0.99, weight_decay=0.01, t_alpha_beta3=4, state_format='compact'
+        ),
     ),
     'eightbit': (
         amx.ademamix,

@@ -306,7 +306,11 @@ def test_state_bytes_per_parameter(name, preset):
 @pytest.mark.parametrize(
     'name, preset',
     # AdEMAMix '8bit' feeds m2 from m1: another algorithm than float32's.
-    [('ademamix', 'compact'), ('simplified', 'compact'), ('simplified', '8bit')],
+    [
+        ('ademamix', 'compact'),
+        ('simplified', 'compact'),
+        ('simplified', '8bit'),
+    ],
 )
 def test_update_reads_the_moments_before_they_are_stored(name, preset):
   """The update reads the new moments as computed, before they are rounded
@@ -443,9 +447,9 @@ def test_optax_wrappers_over_the_presets(name, preset):
     return (optax.apply_updates(params, updates), state), None
 
   start = plain.init(params)
-  (_, end), _ = jax.jit(
-      lambda c: jax.lax.scan(body, c, jnp.arange(9.0))
-  )((params, start))
+  (_, end), _ = jax.jit(lambda c: jax.lax.scan(body, c, jnp.arange(9.0)))(
+      (params, start)
+  )
   chex.assert_trees_all_equal_shapes_and_dtypes(end, start)
   assert int(end[0].count) == 6
 

@@ -371,7 +371,7 @@ def test_two_processes_train_like_one(tmp_path):
   for name, meta in meta_one.items():
     assert meta['dtypes'] == meta_two[name]['dtypes']
     # The moments really are narrow, and each process held half of them.
-    slow = "[1][0].m" if 'simplified' in name else "[1][0].m2"
+    slow = '[1][0].m' if 'simplified' in name else '[1][0].m2'
     if 'bf16' in name:
       assert meta['dtypes'][slow + "['w']"] == 'bfloat16'
     else:  # Packed bytes, the small leaves in float32.

@@ -48,6 +48,7 @@ def scale_by_ademamix(
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
     partition_specs: Any = None,
+    state_format: Optional[str] = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates with AdEMAMix, Adam with a mixture of two EMAs.
 
@@ -125,6 +126,17 @@ def scale_by_ademamix(
       element's index in the whole leaf and the results equal the unsplit
       run's bit for bit. Ignored elsewhere. Without it, shards of a leaf
       still get distinct bits.
+    state_format: ``None`` (the buffers as ``mu_dtype`` and ``nu_dtype``
+      say), ``'compact'`` or ``'8bit'``: the buffers of each leaf of 4,096
+      elements or more stored as codes with a scale per block along the last
+      axis, packed in one uint8 array (smaller leaves stay float32).
+      ``'compact'``: 4.7 bytes per parameter, the update within 2.6% of
+      float64 states' and ``m2`` unbiased within 0.05% on 50,000-step
+      streams (``benchmarks/state_formats.py``). ``'8bit'``: 3.07 bytes,
+      within 28%, ``m2`` within 0.9%; there ``m2`` averages ``m1`` rather
+      than the gradients (a deviation from the paper). Not together with
+      ``mu_dtype`` or ``nu_dtype``. A step costs 14-22 times a float32
+      state's on XLA:CPU (see the documentation's memory page).
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -138,9 +150,11 @@ def scale_by_ademamix(
       ``mu_dtype`` or ``nu_dtype`` the state cannot be stored in (not
       floating, without a sign, a zero or a NaN, not convertible by XLA, or
       for ``nu_dtype`` narrower than bfloat16's range); a
-      ``stochastic_rounding`` that is not a bool; a ``partition_specs``
-      that is not specs. At ``init``: a real ``mu_dtype`` for complex
-      parameters. In ``shard_map``: a spec naming an axis the mesh lacks.
+      ``stochastic_rounding`` that is not a bool; a ``state_format``
+      other than the presets, or with ``mu_dtype`` or ``nu_dtype``; a
+      ``partition_specs`` that is not specs. At ``init``: a real
+      ``mu_dtype`` for complex parameters. In ``shard_map``: a spec naming
+      an axis the mesh lacks.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -167,6 +181,9 @@ def scale_by_ademamix(
   _validation.check_partition_specs('partition_specs', partition_specs)
   mu_dtype = _validation.check_state_dtype('mu_dtype', mu_dtype)
   nu_dtype = _validation.check_state_dtype('nu_dtype', nu_dtype, squares=True)
+  formats = _validation.check_state_format(
+      'state_format', state_format, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+  )
 
   alpha_fn = _schedules.maybe_warmup(
       alpha, t_alpha_beta3, lambda a: _schedules.alpha_warmup(a, t_alpha_beta3)
@@ -183,9 +200,13 @@ def scale_by_ademamix(
   def init_fn(params: optax.Params) -> ScaleByAdEMAMixState:
     return ScaleByAdEMAMixState(
         count=jnp.zeros([], jnp.int32),
-        m1=_moments.zeros(params, mu_dtype) if use_m1 else None,
-        m2=_moments.zeros(params, mu_dtype),
-        nu=_moments.zeros(params, nu_dtype, squares=True),
+        m1=_moments.zeros(params, mu_dtype, fmt=formats.get('m1'))
+        if use_m1
+        else None,
+        m2=_moments.zeros(params, mu_dtype, fmt=formats.get('m2')),
+        nu=_moments.zeros(
+            params, nu_dtype, squares=True, fmt=formats.get('nu')
+        ),
     )
 
   def update_fn(updates, state, params=None):
@@ -211,17 +232,24 @@ def scale_by_ademamix(
         updates,
         count_inc,
         stochastic=stochastic_rounding,
+        formats=formats,
         partition_specs=partition_specs,
     )
     # Each EMA is computed in g's dtype, stored in its buffer's dtype (``m``)
     # and read back as stored (``m_c``).
+    # nu first: a state_format may store the first moments relative to it.
+    nu, nu_c = store.ema('nu', *c['nu'], _moments.abs_sq(g), state.nu)
     if use_m1:
-      m1, m1_c = store.ema('m1', *c['m1'], g, state.m1)
+      m1_new = store.average('m1', *c['m1'], g, state.m1)
+      m1, m1_c = store('m1', m1_new, state.m1)
       m1_hat = jax.tree.map(lambda m: m / _moments.like(c['bc1'], m), m1_c)
     else:
-      m1, m1_hat = None, g
-    m2, m2_c = store.ema('m2', *c['m2'], g, state.m2)
-    nu, nu_c = store.ema('nu', *c['nu'], _moments.abs_sq(g), state.nu)
+      m1_new, m1, m1_hat = g, None, g
+    # With state_format='8bit' the slow EMA averages m1 rather than g: the
+    # same mean, less noise for its 8-bit rounding to add to (a deviation
+    # from the paper).
+    m2_in = m1_new if state_format == '8bit' else g
+    m2, m2_c = store.ema('m2', *c['m2'], m2_in, state.m2)
 
     def update(m1_hat, m2, nu, g):
       nu_hat = nu / _moments.like(c['bc2'], nu)
@@ -253,6 +281,7 @@ def ademamix(
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     stochastic_rounding: bool = True,
     partition_specs: Any = None,
+    state_format: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdEMAMix with decoupled weight decay (Pagliardini et al, 2024).
 
@@ -303,6 +332,17 @@ def ademamix(
       written back with stochastic rounding; see :func:`scale_by_ademamix`.
     partition_specs: Only inside :func:`jax.shard_map`: the leaves'
       partition specs there; see :func:`scale_by_ademamix`.
+    state_format: ``None`` (the buffers as ``mu_dtype`` and ``nu_dtype``
+      say), ``'compact'`` or ``'8bit'``: the buffers of each leaf of 4,096
+      elements or more stored as codes with a scale per block along the last
+      axis, packed in one uint8 array (smaller leaves stay float32).
+      ``'compact'``: 4.7 bytes per parameter, the update within 2.6% of
+      float64 states' and ``m2`` unbiased within 0.05% on 50,000-step
+      streams (``benchmarks/state_formats.py``). ``'8bit'``: 3.07 bytes,
+      within 28%, ``m2`` within 0.9%; there ``m2`` averages ``m1`` rather
+      than the gradients (a deviation from the paper). Not together with
+      ``mu_dtype`` or ``nu_dtype``. A step costs 14-22 times a float32
+      state's on XLA:CPU (see the documentation's memory page).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -357,6 +397,7 @@ def ademamix(
           nu_dtype=nu_dtype,
           stochastic_rounding=stochastic_rounding,
           partition_specs=partition_specs,
+          state_format=state_format,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

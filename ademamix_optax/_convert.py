@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from ademamix_optax import _ademamix
+from ademamix_optax import _formats
 
 
 def _is_adam(node: Any) -> bool:
@@ -141,7 +142,8 @@ def adam_state_to_ademamix(
   adam: optax.ScaleByAdamState = src_leaves[src_core]
   target: _ademamix.ScaleByAdEMAMixState = dst_leaves[dst_core]
 
-  want = jax.tree.map(lambda p: p.shape, target.m2)
+  # Packed state formats change the state's shapes: compare with params'.
+  want = jax.tree.map(lambda p: tuple(jnp.shape(p)), params)
   for name in ('mu', 'nu'):
     shapes = jax.tree.map(jnp.shape, getattr(adam, name))
     if shapes != want:
@@ -150,19 +152,43 @@ def adam_state_to_ademamix(
           f'and shapes: {shapes} against {want}.'
       )
 
-  def cast(x, like):
-    return jnp.asarray(x).astype(like.dtype)
+  shapes = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params
+  )
 
+  def convert(buffer, moment, target, roots=None):
+    """``moment`` stored as ``target``'s leaves are (a state_format's packed
+    buffers inferred from the shapes; relative ones over ``roots``)."""
+
+    def leaf(x, like, param, *root):
+      fmt = _formats.infer(buffer, param, like)
+      if fmt is None:
+        return jnp.asarray(x).astype(like.dtype)
+      x = jnp.asarray(x, jnp.float32)
+      return _formats.encode(x / root[0] if fmt.relative else x, fmt, None)
+
+    extra = [] if roots is None else [roots]
+    return jax.tree.map(leaf, moment, target, shapes, *extra)
+
+  def read(buffer, stored):
+    def leaf(x, param):
+      fmt = _formats.infer(buffer, param, x)
+      if fmt is None:
+        return x
+      return _formats.decode(x, fmt, param.shape[-1], jnp.float32)
+
+    return jax.tree.map(leaf, stored, shapes)
+
+  nu = convert('nu', adam.nu, target.nu)
+  roots = jax.tree.map(_formats.root, read('nu', nu))
   core = _ademamix.ScaleByAdEMAMixState(
-      count=cast(adam.count, target.count),
-      m1=None if target.m1 is None else jax.tree.map(cast, adam.mu, target.m1),
+      count=jnp.asarray(adam.count).astype(jnp.result_type(target.count)),
+      m1=None
+      if target.m1 is None
+      else convert('m1', adam.mu, target.m1, roots),
       # zeros_like keeps the placement (sharding) of Adam's moments.
-      m2=jax.tree.map(
-          lambda mu, like: jnp.zeros_like(mu, dtype=like.dtype),
-          adam.mu,
-          target.m2,
-      ),
-      nu=jax.tree.map(cast, adam.nu, target.nu),
+      m2=convert('m2', jax.tree.map(jnp.zeros_like, adam.mu), target.m2, roots),
+      nu=nu,
   )
 
   src_rest = [x for i, x in enumerate(src_leaves) if i != src_core]

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ademamix_optax import _formats
 from ademamix_optax import _rounding
 from ademamix_optax import _validation
 
@@ -53,8 +54,12 @@ def zeros(
     *,
     squares: bool = False,
     name: str = 'mu_dtype',
+    fmt: Optional[_formats.Format] = None,
 ) -> optax.Params:
   """Zeros shaped (and sharded) like ``params``, in ``dtype`` if given.
+
+  With ``fmt``, the leaves it applies to are stored in it, the others in
+  their compute dtype (:func:`compute_dtype`).
 
   With ``squares`` (a moving average of squared gradients) and no ``dtype``,
   a parameter whose dtype cannot hold small squares (float16, float8: see
@@ -71,7 +76,11 @@ def zeros(
     if not hasattr(p, 'dtype'):  # A Python number among the parameters.
       p = jnp.asarray(p)
     leaf_dtype = dtype
-    if leaf_dtype is None and squares:
+    if fmt is not None:
+      leaf_dtype = compute_dtype(p.dtype)
+      if fmt.applies(p):
+        return _formats.encode(placed_zeros(p, jnp.float32), fmt, None)
+    elif leaf_dtype is None and squares:
       leaf_dtype = _validation.second_moment_dtype(p.dtype)
     if (
         not squares
@@ -84,10 +93,13 @@ def zeros(
           f'complex parameters (of dtype {p.dtype.name}): their imaginary '
           f'parts would be dropped. Use {name}=None or a complex dtype.'
       )
+    return placed_zeros(p, leaf_dtype)
+
+  def placed_zeros(p, dtype):
     if isinstance(p, jax.Array) and not _manual_axes():
-      return _zeros_reading(p, leaf_dtype)
+      return _zeros_reading(p, dtype)
     # Inside shard_map every array is a local block anyway.
-    return jnp.zeros_like(p, dtype=leaf_dtype)
+    return jnp.zeros_like(p, dtype=dtype)
 
   return jax.tree.map(zero, params)
 
@@ -196,8 +208,10 @@ class Writer:
       count: jax.Array,
       *,
       stochastic: bool,
+      formats: Optional[dict[str, _formats.Format]] = None,
       partition_specs: Any = None,
   ):
+    self._formats = formats or {}
     self._treedef: Any  # A jax.tree_util.PyTreeDef.
     paths, self._treedef = jax.tree_util.tree_flatten_with_path(updates)
     specs = [None] * len(paths)
@@ -210,6 +224,20 @@ class Writer:
     self._count = count
     self._stochastic = stochastic
     self._keys: dict[tuple[int, int], jax.Array] = {}  # (leaf, stream)
+    # sqrt(nu) as read before and after this step (see _formats.Format).
+    self._roots: dict[str, Any] = {}
+
+  def average(
+      self,
+      buffer: str,
+      keep: Scalar,
+      take: Scalar,
+      new: optax.Updates,
+      old: optax.Updates,
+  ) -> optax.Updates:
+    """``take * new + keep * old`` in the compute dtype, with ``old`` the
+    buffer named ``buffer`` read as stored (see :meth:`ema`)."""
+    return ema(keep, take, new, self._read(buffer, new, old))
 
   def ema(
       self,
@@ -219,55 +247,114 @@ class Writer:
       new: optax.Updates,
       old: optax.Updates,
   ) -> tuple[optax.Updates, optax.Updates]:
-    """The moving average ``take * new + keep * old`` (:func:`ema`), stored
-    as the buffer ``old`` is (see :meth:`__call__`)."""
-    return self(buffer, ema(keep, take, new, old), old)
+    """The moving average ``take * new + keep * old`` stored as ``old`` is:
+    :meth:`average`, then :meth:`__call__`."""
+    return self(buffer, self.average(buffer, keep, take, new, old), old)
+
+  def _format(self, buffer: str) -> Optional[_formats.Format]:
+    return self._formats.get('m2' if buffer == 'm' else buffer)
+
+  def _read(self, buffer: str, like: Any, old: Any) -> Any:
+    """``old`` with its packed leaves decoded (in ``like``'s dtypes)."""
+    fmt = self._format(buffer)
+    if fmt is None:
+      return old
+
+    roots = self._roots.get('old')
+
+    def read(n, o, *root):
+      if not _formats.is_packed(n, o):
+        return o
+      x = _formats.decode(o, fmt, n.shape[-1], n.dtype)
+      return x * root[0] if fmt.relative else x
+
+    extra = [roots] if fmt.relative else []
+    out = jax.tree.map(read, like, old, *extra)
+    if buffer == 'nu':
+      self._roots['old'] = jax.tree.map(_formats.root, out)
+    return out
 
   def __call__(
       self, buffer: str, new: optax.Updates, old: optax.Updates
   ) -> tuple[optax.Updates, optax.Updates]:
-    """Stores ``new`` (in its compute dtype) in the dtypes of ``old``.
+    """Stores ``new`` (in its compute dtype) as the buffer ``old`` is stored.
 
     ``buffer`` names the moment (``'m1'``, ``'m2'``, ``'nu'``, or
-    Simplified AdEMAMix's ``'m'``), for its rounding stream. Returns
-    ``(stored, read)``: the new buffer, and its values in the compute dtype,
-    which the update reads (so that it needs only the new buffers, never
-    the old ones). A buffer of float32 or wider is kept as computed; a
-    narrower one is saturated and rounded stochastically (m2 with the low
-    16 bits of the words whose high bits m1 uses), or to nearest without
-    ``stochastic``.
+    Simplified AdEMAMix's ``'m'``), for its rounding stream and its format.
+    Returns ``(stored, read)``: the new buffer, and the values the update
+    reads, in the compute dtype. A buffer of float32 or wider is kept as
+    computed; a narrower one is saturated and rounded stochastically (or to
+    nearest without ``stochastic``), and the update reads it as stored (so
+    that it needs only the new buffers, never the old ones). One in a
+    ``state_format`` is encoded (see :mod:`ademamix_optax._formats`), and
+    the update reads ``new`` as computed, as bitsandbytes' 8-bit optimizers
+    do: decoding the codes again would compute every element's rounding
+    twice more.
     """
     stream, low_half = _STREAMS[buffer]
+    fmt = self._format(buffer)
     new_leaves = self._treedef.flatten_up_to(new)
-    dtypes = [o.dtype for o in self._treedef.flatten_up_to(old)]
-    narrow = [
+    old_leaves = self._treedef.flatten_up_to(old)
+    packed = [
+        fmt is not None and _formats.is_packed(n, o)
+        for n, o in zip(new_leaves, old_leaves)
+    ]
+    roots = None
+    if fmt is not None and fmt.relative:
+      roots = self._treedef.flatten_up_to(self._roots['new'])
+
+    def random(n, o, p):
+      if p:
+        return fmt is not None and fmt.stochastic
+      return (
+          self._stochastic
+          and n.dtype != o.dtype
+          and jnp.issubdtype(o.dtype, jnp.floating)
+          and jnp.finfo(o.dtype).bits < 32
+      )
+
+    keyed = [
         i
-        for i, (n, d) in enumerate(zip(new_leaves, dtypes))
-        if self._stochastic
-        and n.dtype != d
-        and jnp.issubdtype(d, jnp.floating)
-        and jnp.finfo(d).bits < 32
+        for i, args in enumerate(zip(new_leaves, old_leaves, packed))
+        if random(*args)
     ]
     # The keys of the leaves not keyed yet, hashed together, then handed out
     # as separate scalars (see once).
-    todo = [(i, stream) for i in narrow if (i, stream) not in self._keys]
+    todo = [(i, stream) for i in keyed if (i, stream) not in self._keys]
     if todo:
       keys = _rounding.stream_key_array(self._count, todo)
       self._keys.update(zip(todo, once([keys[k] for k in range(len(todo))])))
     stored, read = [], []
-    for i, (n, d) in enumerate(zip(new_leaves, dtypes)):
-      if n.dtype == d:
-        s = n
-      elif i in narrow:
+    kept = []  # The values stored, in the compute dtype.
+    for i, (n, o, p) in enumerate(zip(new_leaves, old_leaves, packed)):
+      bits = None
+      if i in keyed:
         index, size = self._index[i]()
         bits = _rounding.mix_index(index, self._keys[(i, stream)], size)
         if low_half:
           bits = bits << 16
-        s = _rounding.stochastic_round(_saturate(n, d), d, bits)
+      if p:
+        assert fmt is not None
+        root = roots[i] if roots is not None else 1
+        q = _formats.quantize(n / root, fmt, bits)
+        stored.append(_formats.pack(q, fmt))
+        if buffer == 'nu':  # Relative buffers are stored over its root.
+          kept.append(_formats.dequantize(q, fmt, n.dtype) * root)
+        read.append(n)
+        continue
+      if n.dtype == o.dtype:
+        s = n
+      elif bits is not None:
+        s = _rounding.stochastic_round(_saturate(n, o.dtype), o.dtype, bits)
       else:
-        s = _saturate(n, d).astype(d)
+        s = _saturate(n, o.dtype).astype(o.dtype)
       stored.append(s)
       read.append(s.astype(n.dtype))
+      kept.append(read[-1])
+    if buffer == 'nu':  # kept is complete: the roots of nu as stored.
+      self._roots['new'] = jax.tree.map(
+          _formats.root, self._treedef.unflatten(kept)
+      )
     return self._treedef.unflatten(stored), self._treedef.unflatten(read)
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ademamix_optax import _formats
 from ademamix_optax import _rounding
 
 # The second moment must hold (1 - b2) g**2 for |g| >= 1e-6 with b2 up to
@@ -240,3 +241,22 @@ def check_state_dtype(
         "bfloat16, which has float32's range, or float32."
     )
   return canonical
+
+
+def check_state_format(
+    name: str, value: Any, *, mu_dtype: Any, nu_dtype: Any
+) -> dict:
+  """The formats of the buffers (``{}`` for ``None``) of a preset name; the
+  preset decides the storage, so it excludes ``mu_dtype`` and ``nu_dtype``."""
+  presets = _formats.PRESETS
+  if value is None:
+    return {}
+  if not isinstance(value, str) or value not in presets:
+    _fail(name, value, f'None or one of {sorted(presets)}')
+  if mu_dtype is not None or nu_dtype is not None:
+    raise ValueError(
+        f'{name}={value!r} decides how every buffer is stored: leave '
+        f'mu_dtype and nu_dtype unset, got mu_dtype={mu_dtype}, '
+        f'nu_dtype={nu_dtype}.'
+    )
+  return presets[value]

@@ -55,11 +55,44 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[], Any]]] = {
         'ours bf16 m1,m2,nu, t_alpha_beta3',
         _ours(mu_dtype=_BF16, nu_dtype=_BF16, t_alpha_beta3=T_ALPHA_BETA3),
     ),
+    'ours_compact': (
+        "ours state_format='compact'",
+        _ours(state_format='compact'),
+    ),
+    'ours_8bit': ("ours state_format='8bit'", _ours(state_format='8bit')),
     'adamw': (
         'optax.adamw',
         lambda: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
     ),
 }
+
+
+# Every run times these, as the references of the ratios.
+REFERENCES = ('contrib', 'adamw')
+
+
+def add_optimizers(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+      '--optimizers',
+      default=','.join(OPTIMIZERS),
+      help='comma-separated keys of the optimizers to run, among '
+      f'{", ".join(OPTIMIZERS)} (default: all; '
+      f'{" and ".join(REFERENCES)} always run)',
+  )
+
+
+def selected(text: str) -> list[str]:
+  """The keys named in ``--optimizers``, the references first."""
+  keys = [k for k in text.split(',') if k]
+  unknown = [k for k in keys if k not in OPTIMIZERS]
+  if unknown:
+    raise SystemExit(
+        f'--optimizers: unknown {unknown}; choose among {list(OPTIMIZERS)}'
+    )
+  return [
+      *REFERENCES,
+      *(k for k in OPTIMIZERS if k in keys and k not in REFERENCES),
+  ]
 
 
 def label(key: str) -> str:

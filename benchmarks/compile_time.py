@@ -28,9 +28,8 @@ from benchmarks import _common as C
 REFERENCE = 'contrib'
 
 
-def run(specs: Any, rounds: int) -> dict[str, Any]:
-  """Compiles every optimizer ``rounds`` times, interleaved."""
-  keys = list(C.OPTIMIZERS)
+def run(specs: Any, rounds: int, keys: Sequence[str]) -> dict[str, Any]:
+  """Compiles every optimizer of ``keys`` ``rounds`` times, interleaved."""
   lower = {k: [] for k in keys}
   compile_ = {k: [] for k in keys}
   with C.count_compiles() as names:
@@ -107,6 +106,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       '%(default)s; the size barely matters)',
   )
   p.add_argument('--rounds', type=int, default=6)
+  C.add_optimizers(p)
   C.add_quick_and_out(
       p, 'compile_time', 'a 20-leaf tree of 64K parameters: checks that it runs'
   )
@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       2**16 if args.quick else C.parse_size(args.size),
       layers=1 if args.quick else 9,
   )
-  result = run(specs, args.rounds)
+  result = run(specs, args.rounds, C.selected(args.optimizers))
   print(markdown(result), flush=True)
   result['machine'] = info
   C.finish(args.out, 'compile_time', result)

@@ -64,6 +64,7 @@ import numpy as np
 import optax
 
 import ademamix_optax as amx
+from ademamix_optax import _formats
 from benchmarks import _common as C
 
 B1, B2, B3, ALPHA, EPS = 0.9, 0.999, 0.9999, 8.0, 1e-8
@@ -243,9 +244,30 @@ def bnb_8bit(t_alpha_beta3: Optional[int]) -> Format:
   return Format(bnb_8bit_transform(t_alpha_beta3), _bnb_m2)
 
 
+def _packed_m2(preset: str) -> Callable[[Any], jax.Array]:
+  """The m2 of a single-leaf state stored in a ``state_format``, decoded
+  (times sqrt(nu) where the format stores it relative to nu)."""
+
+  def m2(state: Any) -> jax.Array:
+    (leaf,) = jax.tree.leaves(state.m2)
+    (nu,) = jax.tree.leaves(state.nu)
+    formats = _formats.PRESETS[preset]
+    if formats['m2'] is None:  # An experiment's float32 m2.
+      return jnp.asarray(leaf, jnp.float32)
+    value = _formats.decode(leaf, formats['m2'], SHAPE[-1], jnp.float32)
+    if formats['m2'].relative:
+      nu = _formats.decode(nu, formats['nu'], SHAPE[-1], jnp.float32)
+      value = value * jnp.where(nu > 0, jnp.sqrt(nu), 1.0)
+    return value
+
+  return m2
+
+
 FORMATS: dict[str, Factory] = {
     'float32': package_format(),
     'bfloat16': package_format(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+    'compact': package_format(_packed_m2('compact'), state_format='compact'),
+    '8bit': package_format(_packed_m2('8bit'), state_format='8bit'),
     'bnb-8bit': bnb_8bit,
 }
 

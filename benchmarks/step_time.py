@@ -39,7 +39,6 @@ from benchmarks import _common as C
 
 AXPY = 'axpy'
 CONTROL = 'adamw_again'
-KEYS = (*C.OPTIMIZERS, CONTROL)
 LABELS = {
     AXPY: 'axpy (bandwidth probe)',
     CONTROL: 'optax.adamw, again',
@@ -74,7 +73,7 @@ def _axpy(y, x):
   return (y + np.float32(1e-3) * x,)
 
 
-def make_entries(specs: Any, replicas: int) -> list[Entry]:
+def make_entries(specs: Any, replicas: int, keys: Sequence[str]) -> list[Entry]:
   """The axpy probe and every optimizer's step, nothing compiled yet."""
   params = C.random_tree(specs, seed=0, scale=0.02)
   grads = C.random_tree(specs, seed=1, scale=1e-3)
@@ -93,7 +92,7 @@ def make_entries(specs: Any, replicas: int) -> list[Entry]:
           state_bytes=0,
       )
   ]
-  for key in KEYS:
+  for key in (*keys, CONTROL):
     tx = C.make_tx('adamw' if key == CONTROL else key)
     carries = []
     for _ in range(replicas):
@@ -174,13 +173,18 @@ def time_entries(
 
 
 def run_case(
-    name: str, specs: Any, rounds: int, warmup: int, min_sample_s: float
+    name: str,
+    specs: Any,
+    rounds: int,
+    warmup: int,
+    min_sample_s: float,
+    keys: Sequence[str] = tuple(C.OPTIMIZERS),
 ) -> dict[str, Any]:
   """Times every optimizer on ``specs``; the JSON record of the case."""
   n = C.count_params(specs)
   log(f'[{name}] {n:,} parameters, {len(jax.tree.leaves(specs))} leaves')
   load = C.machine()['load_average']
-  entries = make_entries(specs, 2 if n <= REPLICATE_UP_TO else 1)
+  entries = make_entries(specs, 2 if n <= REPLICATE_UP_TO else 1, keys)
   info = time_entries(entries, rounds, warmup, min_sample_s)
   times = {e.key: e.times for e in entries}
 
@@ -202,6 +206,7 @@ def run_case(
             'state_bytes_per_param': e.state_bytes / n,
             'x_adamw': ratios(e.key, 'adamw'),
             'x_contrib': ratios(e.key, 'contrib'),
+            **({'x_ours': ratios(e.key, 'ours')} if 'ours' in times else {}),
         }
     )
   for e in entries:
@@ -266,11 +271,13 @@ def case_markdown(case: dict[str, Any]) -> str:
 def summary_markdown(cases: list[dict[str, Any]], field: str) -> str:
   """Median per-round ratios, one column per case."""
   rows = []
-  for key in KEYS:
+  for row in cases[0]['rows']:
+    if row['key'] == AXPY:
+      continue
     rows.append(
-        [LABELS[key]]
+        [row['label']]
         + [
-            f'{np.median(next(r for r in c["rows"] if r["key"] == key)[field]):.2f}'
+            f'{np.median(next(r for r in c["rows"] if r["key"] == row["key"])[field]):.2f}'
             for c in cases
         ]
     )
@@ -296,6 +303,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       help='also time 150 leaves of 64 floats: the fixed cost',
   )
   p.add_argument('--rounds', type=int, default=30)
+  C.add_optimizers(p)
   p.add_argument(
       '--warmup',
       type=int,
@@ -317,6 +325,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   args = p.parse_args(argv)
   args.sizes = [C.parse_size(s) for s in args.sizes.split(',')]
   args.layouts = args.layouts.split(',')
+  args.optimizers = C.selected(args.optimizers)
   args.layers, args.tiny_leaves = 9, 150
   if args.quick:
     args.sizes, args.min_sample_ms = [2**16], 5.0
@@ -343,7 +352,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   for name, specs in plan:
     cases.append(
         run_case(
-            name, specs, args.rounds, args.warmup, args.min_sample_ms / 1e3
+            name,
+            specs,
+            args.rounds,
+            args.warmup,
+            args.min_sample_ms / 1e3,
+            args.optimizers,
         )
     )
     print(case_markdown(cases[-1]) + '\n', flush=True)
@@ -356,6 +370,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       'per-round ratios)\n\n' + summary_markdown(cases, 'x_contrib'),
       flush=True,
   )
+  if 'ours' in args.optimizers:
+    print(
+        '\n### Step time / ours float32 (b1=0.9) step time (median of '
+        'per-round ratios)\n\n' + summary_markdown(cases, 'x_ours'),
+        flush=True,
+    )
   results = {'machine': info, 'cases': cases}
   C.finish(args.out, 'step_time', results)
   return results

@@ -9,7 +9,8 @@ their parameter (``misplaced``), results as their largest difference to the
 single-device run's (``max_diff``). With ``--multihost OUT`` and
 ``--coordinator-address``, ``--num-processes``, ``--process-id``, it is one
 of a group of processes with 4 CPU devices in all (``multiproc.run_group``)
-training the bfloat16 configurations on a 2x2 mesh; process 0 writes the
+training the configurations with rounded buffers (bfloat16, the state
+formats) on a 2x2 mesh; process 0 writes the
 gathered parameters and states to ``OUT/<config>.npz`` (as raw bits) and
 ``OUT/meta.json``.
 """
@@ -40,6 +41,9 @@ LEAVES = {
     'v': ((5, 4), P(None, 'data')),
     'r': ((12, 2), P('data')),
     'big': ((1024, 80), P('data')),
+    # Stored in the state formats (4,096 elements or more), split along its
+    # last axis into whole blocks (256 elements a shard).
+    'wide': ((16, 512), P('data', 'model')),
 }
 SPECS = {k: spec for k, (_, spec) in LEAVES.items()}
 MASK = {k: k not in ('b', 'scale') for k in LEAVES}
@@ -68,7 +72,24 @@ CONFIGS = {
         amx.simplified_ademamix,
         dict(b1=0.99, alpha=2.0, t_b1=4, mu_dtype=BF16, nu_dtype=BF16),
     ),
+    'compact': (
+        amx.ademamix,
+        dict(
+            b3=0.99, weight_decay=0.01, t_alpha_beta3=4, state_format='compact'
+        ),
+    ),
+    'eightbit': (
+        amx.ademamix,
+        dict(b3=0.99, alpha=5.0, t_alpha_beta3=4, state_format='8bit'),
+    ),
+    'simplified_8bit': (
+        amx.simplified_ademamix,
+        dict(b1=0.99, alpha=2.0, t_b1=4, state_format='8bit', mask=MASK),
+    ),
 }
+# The configurations whose buffers are rounded (stochastically).
+ROUNDED = ('b1_zero_bf16', 'bf16_all', 'simplified_bf16', 'compact')
+ROUNDED += ('eightbit', 'simplified_8bit')
 STEPS = 5
 
 
@@ -366,8 +387,8 @@ def make_data():
 
 
 def multihost(args):
-  """One process of a multi-host group: the bfloat16 configurations, on a
-  batch split across the processes."""
+  """One process of a multi-host group: the configurations with rounded
+  buffers, on a batch split across the processes."""
   if args.num_processes > 1:
     jax.distributed.initialize(
         coordinator_address=args.coordinator_address,
@@ -384,7 +405,7 @@ def multihost(args):
   ]
   batches = place(batches, mesh, [P('data')] * STEPS)
   meta = {}
-  for name in ('b1_zero_bf16', 'bf16_all', 'simplified_bf16'):
+  for name in ROUNDED:
     optimizer, kwargs = CONFIGS[name]
     params = place(make_data(), mesh, SPECS)
     _, final, state = run_jit(optimizer(1e-2, **kwargs), params, batches)

@@ -685,8 +685,18 @@ FLAX_CONFIGS = {
     ),
     'simplified_bf16': _SIMPLIFIED(),  # No s.
     'simplified_bf16_bias_correction1': _SIMPLIFIED(bias_correction1=True),
+    # The state formats, on a layer wide enough (4 x 1024) to be packed.
+    'ademamix_compact': amx.ademamix(
+        1e-2, b3=0.999, alpha=5.0, t_alpha_beta3=40, state_format='compact'
+    ),
+    'ademamix_8bit': amx.ademamix(
+        1e-2, b3=0.999, alpha=5.0, t_alpha_beta3=40, state_format='8bit'
+    ),
+    'simplified_8bit': _SIMPLIFIED(mu_dtype=None, state_format='8bit'),
 }
+FORMATS = ('compact', '8bit')
 NONE_FIELDS = {'ademamix_b1_zero_bf16': 'm1', 'simplified_bf16': 's'}
+NONE_FIELDS['simplified_8bit'] = 's'
 
 
 def _check_inner(inner, config, count):
@@ -695,8 +705,13 @@ def _check_inner(inner, config, count):
   for field in inner._fields:
     none = field == NONE_FIELDS.get(config)
     assert (getattr(inner, field) is None) == none, (config, field)
-  want = jnp.bfloat16 if 'bf16' in config else jnp.float32
   moments = [getattr(inner, f) for f in _buffers(inner) if f != 'nu']
+  if any(f in config for f in FORMATS):  # The wide kernel packed, as bytes.
+    for buffer in [*moments, inner.nu]:
+      dtypes = sorted(x.dtype.name for x in jax.tree.leaves(buffer))
+      assert dtypes == ['float32'] * 3 + ['uint8'], dtypes
+    return
+  want = jnp.bfloat16 if 'bf16' in config else jnp.float32
   assert all(x.dtype == want for x in jax.tree.leaves(moments))
 
 
@@ -721,17 +736,26 @@ def _save_and_restore(path, saved, fresh):
 _assert_trees_equal = partial(chex.assert_trees_all_equal, strict=True)
 
 
+def _width(tx):
+  """The hidden width: 1024 for the state formats' configurations (a 4 x
+  1024 kernel, packed), else 16."""
+  name = next(k for k, v in FLAX_CONFIGS.items() if v is tx)
+  return 1024 if any(f in name for f in FORMATS) else 16
+
+
 class _LinenMLP(nn.Module):
+  width: int = 16
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(1)(nn.tanh(nn.Dense(16)(x)))
+    return nn.Dense(1)(nn.tanh(nn.Dense(self.width)(x)))
 
 
 def _linen_state(tx, seed=0):
-  params = _LinenMLP().init(jax.random.key(seed), _data()[0])['params']
+  model = _LinenMLP(_width(tx))
+  params = model.init(jax.random.key(seed), _data()[0])['params']
   return train_state.TrainState.create(
-      apply_fn=_LinenMLP().apply, params=params, tx=tx
+      apply_fn=model.apply, params=params, tx=tx
   )
 
 
@@ -770,16 +794,16 @@ def test_linen_learns_and_resumes_bit_identical(tmp_path, config):
 
 class _NNXMLP(nnx.Module):
 
-  def __init__(self, rngs):
-    self.hidden = nnx.Linear(4, 16, rngs=rngs)
-    self.out = nnx.Linear(16, 1, rngs=rngs)
+  def __init__(self, rngs, width=16):
+    self.hidden = nnx.Linear(4, width, rngs=rngs)
+    self.out = nnx.Linear(width, 1, rngs=rngs)
 
   def __call__(self, x):
     return self.out(jax.nn.tanh(self.hidden(x)))
 
 
 def _nnx_setup(tx, seed=0):
-  model = _NNXMLP(nnx.Rngs(seed))
+  model = _NNXMLP(nnx.Rngs(seed), _width(tx))
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 

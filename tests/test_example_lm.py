@@ -405,6 +405,40 @@ def test_state_dtype_reaches_the_optimizers(state_dtype, expected):
   assert dtypes == {jnp.dtype(expected.get('mu_dtype', jnp.float32))}
 
 
+@pytest.mark.parametrize('state_format', ['compact', '8bit'])
+def test_state_format_trains_from_the_command_line(tmp_path, state_format):
+  """--state-format packs AdEMAMix's large buffers (AdamW keeps float32)
+  and the tiny run trains."""
+  config = dataclasses.replace(configs.TINY, state_format=state_format)
+  assert train._state_dtype_kwargs(config, amx.ademamix) == {
+      'state_format': state_format
+  }
+  assert train._state_dtype_kwargs(config, optax.adamw) == {}
+  tx = train.make_optimizer('ademamix', config)
+  state = tx.init({'w': jnp.ones((64, 128)), 'b': jnp.ones((128,))})
+  inner = state[1][0]
+  assert {inner.m2['w'].dtype, inner.m2['b'].dtype} == {
+      jnp.dtype(jnp.uint8),
+      jnp.dtype(jnp.float32),
+  }
+  result, text = _run_cli(
+      [
+          '--config',
+          'tiny',
+          '--workdir',
+          str(tmp_path),
+          '--optimizers',
+          'ademamix',
+          '--state-format',
+          state_format,
+      ]
+  )
+  assert '| AdEMAMix | 6 |' in text
+  history = result['runs']['ademamix']['history']
+  assert all(np.isfinite(history['train_loss']))
+  assert history['train_loss'][-1] < history['train_loss'][0]
+
+
 def test_simplified_ademamix_trains_from_the_command_line(tmp_path):
   result, text = _run_cli(
       [

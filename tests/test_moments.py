@@ -209,7 +209,13 @@ CONFIGS = (
     'bf16_all',
     'simplified_warmup_bc_decay',
     'simplified_bf16',
+    'compact',
+    'eightbit',
+    'simplified_8bit',
 )
+# state_format configurations: only 'wide' (4,096 elements or more) is
+# packed, the other leaves stay float32.
+FORMATS = ('compact', 'eightbit', 'simplified_8bit')
 # On each mesh: (check, what its empty list of misplaced leaves, or its 0.0
 # difference to the single-device run, means).
 MESH_CHECKS = {
@@ -269,7 +275,13 @@ def test_shard_map_without_specs(result, config):
   # Leaves split along their first dimension only, or not at all, get the
   # global indices, hence the global run's bits.
   assert [diffs[k] for k in ('r', 'big', 'b', 'scale')] == [0.0] * 4
-  if 'bf16' not in config:  # float32 states: nothing is rounded.
+  if config in FORMATS:
+    # 'wide' is split along its last axis: its stochastic roundings take
+    # other bits (the first moments', rounded to nearest, agree);
+    # everything else is float32.
+    assert diffs['wide'] > 0.0
+    assert max(v for k, v in diffs.items() if k != 'wide') == 0.0
+  elif 'bf16' not in config:  # float32 states: nothing is rounded.
     assert max(diffs.values()) == 0.0
   else:
     # Split along a later dimension: other (distinct) bits, so other
@@ -348,13 +360,26 @@ def test_two_processes_train_like_one(tmp_path):
   meta_one, meta_two = (
       json.loads((d / 'meta.json').read_text()) for d in (one, two)
   )
-  assert set(meta_one) == {'b1_zero_bf16', 'bf16_all', 'simplified_bf16'}
+  assert set(meta_one) == {
+      'b1_zero_bf16',
+      'bf16_all',
+      'simplified_bf16',
+      'compact',
+      'eightbit',
+      'simplified_8bit',
+  }
   for name, meta in meta_one.items():
     assert meta['dtypes'] == meta_two[name]['dtypes']
-    # The moments really are bfloat16, and each process held half of them.
-    slow = "[1][0].m['w']" if 'simplified' in name else "[1][0].m2['w']"
-    assert meta['dtypes'][slow] == 'bfloat16'
-    assert ("[1][0].m1['w']" in meta['dtypes']) == (name == 'bf16_all')
+    # The moments really are narrow, and each process held half of them.
+    slow = '[1][0].m' if 'simplified' in name else '[1][0].m2'
+    if 'bf16' in name:
+      assert meta['dtypes'][slow + "['w']"] == 'bfloat16'
+    else:  # Packed bytes, the small leaves in float32.
+      assert meta['dtypes'][slow + "['wide']"] == 'uint8'
+      assert meta['dtypes'][slow + "['w']"] == 'float32'
+    assert ("[1][0].m1['w']" in meta['dtypes']) == (
+        name in ('bf16_all', 'compact', 'eightbit')
+    )
     assert meta['fully_addressable']
     assert not meta_two[name]['fully_addressable']
     with np.load(one / f'{name}.npz') as a, np.load(two / f'{name}.npz') as b:

@@ -20,6 +20,7 @@ Optimizer = Literal['adamw', 'ademamix', 'simplified_ademamix']
 # 'bfloat16-nearest' stores bfloat16 states with round-to-nearest instead
 # of stochastic rounding: the stalling slow EMA, kept for comparison.
 StateDtype = Literal['float32', 'bfloat16', 'bfloat16-nearest']
+StateFormat = Literal['compact', '8bit']
 OPTIMIZERS: tuple[Optimizer, ...] = typing.get_args(Optimizer)
 # What the default command trains.
 DEFAULT_OPTIMIZERS: tuple[Optimizer, ...] = ('adamw', 'ademamix')
@@ -59,6 +60,10 @@ class Config:
     state_dtype: Storage dtype of the optimizer states: 'float32',
       'bfloat16' (AdEMAMix: m1, m2 and nu, stochastically rounded; AdamW:
       mu), or 'bfloat16-nearest' (the same with round-to-nearest).
+    state_format: AdEMAMix's (and Simplified AdEMAMix's) compact state,
+      ``ademamix_optax``'s ``state_format``: 'compact' (4.7 bytes per
+      parameter of the large leaves) or '8bit' (3.07); AdamW keeps
+      ``state_dtype``.
     simplified_b1: Simplified AdEMAMix's momentum decay, warmed up from
       ``b1`` over the run (the authors' recipe; its learning rate is ``lr``
       times ``sqrt((1 - b1) (1 - simplified_b1))``).
@@ -95,6 +100,7 @@ class Config:
   b3: Optional[float] = None
   alpha: float = 8.0
   state_dtype: StateDtype = 'float32'
+  state_format: Optional[StateFormat] = None
   simplified_b1: float = 0.99
   simplified_alpha: float = 100.0
   optimizers: tuple[Optimizer, ...] = DEFAULT_OPTIMIZERS
@@ -133,6 +139,11 @@ class Config:
     if self.d_model % self.heads:
       raise ValueError(
           f'heads={self.heads} must divide d_model={self.d_model}.'
+      )
+    if self.state_format is not None and self.state_dtype != 'float32':
+      raise ValueError(
+          f"state_format={self.state_format!r} stores AdEMAMix's state: "
+          f'leave state_dtype at float32, got {self.state_dtype!r}.'
       )
     if self.state_dtype not in STATE_DTYPES:
       raise ValueError(

@@ -152,6 +152,8 @@ def learning_rate_schedule(config: configs.Config) -> optax.Schedule:
 
 
 def _state_dtype_kwargs(config: configs.Config, fn: Callable) -> dict:
+  if config.state_format is not None and fn is not optax.adamw:
+    return {'state_format': config.state_format}
   if config.state_dtype == 'float32':
     return {}
   dtype, _, rounding = config.state_dtype.partition('-')

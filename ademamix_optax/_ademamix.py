@@ -332,17 +332,8 @@ def ademamix(
       written back with stochastic rounding; see :func:`scale_by_ademamix`.
     partition_specs: Only inside :func:`jax.shard_map`: the leaves'
       partition specs there; see :func:`scale_by_ademamix`.
-    state_format: ``None`` (the buffers as ``mu_dtype`` and ``nu_dtype``
-      say), ``'compact'`` or ``'8bit'``: the buffers of each leaf of 4,096
-      elements or more stored as codes with a scale per block along the last
-      axis, packed in one uint8 array (smaller leaves stay float32).
-      ``'compact'``: 4.7 bytes per parameter, the update within 2.6% of
-      float64 states' and ``m2`` unbiased within 0.05% on 50,000-step
-      streams (``benchmarks/state_formats.py``). ``'8bit'``: 3.07 bytes,
-      within 28%, ``m2`` within 0.9%; there ``m2`` averages ``m1`` rather
-      than the gradients (a deviation from the paper). Not together with
-      ``mu_dtype`` or ``nu_dtype``. A step costs 14-22 times a float32
-      state's on XLA:CPU (see the documentation's memory page).
+    state_format: ``None``, ``'compact'`` or ``'8bit'``: the moments packed
+      as block-wise codes; see :func:`scale_by_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.

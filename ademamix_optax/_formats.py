@@ -21,10 +21,10 @@ kinds of code:
 - ``'float'``: float16 codes of :math:`x / 2^k`, with :math:`2^k` the
   block's largest magnitude over :math:`2^{15}` rounded up to a power of
   two (``k`` stored as int8).
-- ``'ufloat'`` and ``'sfloat'``: unsigned (for the second moment) and signed
-  minifloats of ``bits`` bits (5 exponent bits, a sign bit for
-  ``'sfloat'``, the rest mantissa) of :math:`x / 2^k`, with :math:`2^k` the
-  block's largest magnitude rounded up to a power of two.
+- ``'ufloat'``: for non-negative buffers (the second moment), an unsigned
+  minifloat of ``bits`` bits (5 exponent bits, the rest mantissa) of
+  :math:`x / 2^k`, with :math:`2^k` the block's largest value rounded up to
+  a power of two.
 
 A format may store a first moment relative to the second (``relative``):
 the codes hold :math:`m / \sqrt{\nu}`, which puts their grid in the units
@@ -74,11 +74,10 @@ class Format:
   """How one buffer is stored: the kind of code, its bits, the block size
   along the last axis, and whether it rounds stochastically."""
 
-  kind: str  # 'float', 'linear', 'ufloat' or 'sfloat' (signed).
+  kind: str  # 'float', 'linear' or 'ufloat'.
   bits: int
   block: int
   stochastic: bool
-  ebits: int = 5  # 'ufloat': exponent bits.
   # Stored over sqrt(nu) (as read at the same step), which puts the codes'
   # grid in the units of the update: needs nu stored first.
   relative: bool = False
@@ -102,7 +101,7 @@ class Format:
 
   @property
   def bytes_per_block(self) -> int:
-    scale = 1 if self.kind in ('ufloat', 'sfloat', 'float') else 2
+    scale = 1 if self.kind in ('ufloat', 'float') else 2
     return self.block * self.bits // 8 + scale
 
   def fitted(self, last_dim: int) -> Format:
@@ -182,14 +181,12 @@ def _uniform(bits: Optional[jax.Array], shape) -> jax.Array:
   return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
-def _unsigned_grid(
-    v: jax.Array, ebits: int, mbits: int, u: jax.Array
-) -> jax.Array:
+def _unsigned_grid(v: jax.Array, mbits: int, u: jax.Array) -> jax.Array:
   """The code of ``v`` in [0, 1] (float32) as an unsigned minifloat with
   ``_EXPONENT_BITS`` exponent bits (the largest exponent 0, subnormals below
   the smallest) and ``mbits`` mantissa bits: with ``g`` the gap around
   ``v``, ``v / g = n + f``, and the code rounds up where ``u < f``."""
-  top = 2**ebits - 1
+  top = 2**_EXPONENT_BITS - 1
   e = jnp.clip(_floor_log2(v), 1 - top, 0)
   scaled = v * _pow2(mbits - e)  # In [0, 2 ** (mbits + 1)); exact.
   whole = jnp.floor(scaled)
@@ -198,8 +195,8 @@ def _unsigned_grid(
   return code - (1 << mbits)
 
 
-def _unsigned_value(code: jax.Array, ebits: int, mbits: int) -> jax.Array:
-  top = 2**ebits - 1
+def _unsigned_value(code: jax.Array, mbits: int) -> jax.Array:
+  top = 2**_EXPONENT_BITS - 1
   e = code >> mbits
   m = code & ((1 << mbits) - 1)
   whole = jnp.where(e > 0, m + (1 << mbits), m).astype(jnp.float32)
@@ -217,7 +214,7 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
   magnitude = jnp.where(finite, jnp.abs(x), 0.0)
   peak = jnp.max(_blocked(magnitude, fmt.block), axis=-1)
   u = _uniform(bits if fmt.stochastic else None, x.shape)
-  if fmt.kind in ('ufloat', 'sfloat', 'float'):
+  if fmt.kind in ('ufloat', 'float'):
     _, exponent = jnp.frexp(peak)  # peak <= 2 ** exponent.
     k = exponent - (peak == _pow2(exponent - 1))
     if fmt.kind == 'float':
@@ -237,22 +234,15 @@ def quantize(x: jax.Array, fmt: Format, bits: Optional[jax.Array]) -> Quantized:
       else:
         code = v.astype(code_dtype)
       return Quantized(jnp.where(finite, code, jnp.nan).astype(code_dtype), k)
-    width = fmt.bits - (fmt.kind == 'sfloat')  # The magnitude's bits.
-    nan_code = (1 << width) - 1
+    nan_code = (1 << fmt.bits) - 1
     code = _unsigned_grid(
-        jnp.minimum(magnitude * scale, 1.0),
-        fmt.ebits,
-        width - fmt.ebits,
-        u,
+        jnp.minimum(magnitude * scale, 1.0), fmt.bits - _EXPONENT_BITS, u
     )
-    if fmt.kind == 'ufloat':
-      # A positive value never rounds to zero: the update would divide by
-      # eps alone. (Below the smallest code, 2**-37 of the block's largest
-      # value, it rounds up.)
-      code = jnp.where(magnitude > 0, jnp.maximum(code, 1), code)
+    # A positive value never rounds to zero: the update would divide by eps
+    # alone. (Below the smallest code, 2**-37 of the block's largest value,
+    # it rounds up.)
+    code = jnp.where(magnitude > 0, jnp.maximum(code, 1), code)
     code = jnp.where(finite, jnp.minimum(code, nan_code - 1), nan_code)
-    if fmt.kind == 'sfloat':  # The sign above the magnitude.
-      code = jnp.where(finite & (x < 0), code | (1 << width), code)
     return Quantized(code, k)
   scales = _round_up_bf16(peak)
   s = _unblocked(
@@ -286,11 +276,8 @@ def dequantize(stored: Quantized, fmt: Format, dtype: jnp.dtype) -> jax.Array:
   if fmt.kind == 'float':
     v = codes.astype(jnp.float32)
   else:
-    width = fmt.bits - (fmt.kind == 'sfloat')
-    magnitude = codes & ((1 << width) - 1)
-    v = _unsigned_value(magnitude, fmt.ebits, width - fmt.ebits)
-    v = jnp.where(magnitude == (1 << width) - 1, jnp.nan, v)
-    v = jnp.where(codes >> width == 1, -v, v)
+    v = _unsigned_value(codes, fmt.bits - _EXPONENT_BITS)
+    v = jnp.where(codes == (1 << fmt.bits) - 1, jnp.nan, v)
   return (v * _per_element(k, fmt, last)).astype(dtype)
 
 

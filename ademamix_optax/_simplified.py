@@ -319,15 +319,8 @@ def simplified_ademamix(
       written back with stochastic rounding.
     partition_specs: Only inside :func:`jax.shard_map`: the leaves'
       partition specs there; see :func:`scale_by_ademamix`.
-    state_format: ``None`` (the buffers as ``mu_dtype`` and ``nu_dtype``
-      say), ``'compact'`` or ``'8bit'``: the buffers of each leaf of 4,096
-      elements or more stored as codes with a scale per block along the last
-      axis, packed in one uint8 array (smaller leaves stay float32); ``m``
-      is stored as :func:`ademamix_optax.scale_by_ademamix` stores its slow
-      EMA ``m2``, ``nu`` as its ``nu``: ``'compact'`` 3.8 bytes per
-      parameter, ``'8bit'`` 2.3. Not together with ``mu_dtype`` or
-      ``nu_dtype``. Slower per step on XLA:CPU (AdEMAMix's: 14-22 times a
-      float32 state's; see the documentation's memory page).
+    state_format: ``None``, ``'compact'`` or ``'8bit'``: the moments packed
+      as block-wise codes; see :func:`scale_by_simplified_ademamix`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.

@@ -230,18 +230,45 @@ MESH_CHECKS = {
 }
 
 
+# The fast set runs a configuration of each kind (AdEMAMix float32 with
+# every option, bfloat16, Simplified, a state format); the others run with
+# the slow tests, in a worker of their own.
+FAST_CONFIGS = ('warmup_decay', 'bf16_all', 'simplified_bf16', 'compact')
+CONFIG_PARAMS = [
+    c if c in FAST_CONFIGS else pytest.param(c, marks=pytest.mark.slow)
+    for c in CONFIGS
+]
+
+
 @pytest.fixture(scope='module')
 def result(worker):
-  return worker(WORKER, devices=8)
+  """The fast configurations, and the checks that are not per
+  configuration."""
+  return worker(WORKER, devices=8, args=('--configs', ','.join(FAST_CONFIGS)))
+
+
+@pytest.fixture(scope='module')
+def slow_result(worker):
+  rest = [c for c in CONFIGS if c not in FAST_CONFIGS]
+  return worker(
+      WORKER, devices=8, args=('--configs', ','.join(rest), '--configs-only')
+  )
+
+
+@pytest.fixture
+def checked(request, config):
+  """The worker's checks of ``config``."""
+  found = 'result' if config in FAST_CONFIGS else 'slow_result'
+  return request.getfixturevalue(found)['configs'][config]
 
 
 def test_eight_devices(result):
   assert result['num_devices'] == 8
 
 
-@pytest.mark.parametrize('config', CONFIGS)
-def test_buffers_and_steps(result, config):
-  res = result['configs'][config]
+@pytest.mark.parametrize('config', CONFIG_PARAMS)
+def test_buffers_and_steps(checked, config):
+  res = checked
   if config.startswith('simplified'):
     assert res['fields'] == ['m', 'nu']
   else:
@@ -250,7 +277,7 @@ def test_buffers_and_steps(result, config):
   assert res['auto']['count'] == res['explicit']['count'] == 5
 
 
-@pytest.mark.parametrize('config', CONFIGS)
+@pytest.mark.parametrize('config', CONFIG_PARAMS)
 @pytest.mark.parametrize(
     'mesh, check',
     [
@@ -260,18 +287,18 @@ def test_buffers_and_steps(result, config):
         if mesh == 'explicit' or check != 'eval_shape'
     ],
 )
-def test_on_a_mesh(result, config, mesh, check):
-  assert result['configs'][config][mesh][check] in ([], 0.0), MESH_CHECKS[check]
+def test_on_a_mesh(checked, mesh, check):
+  assert checked[mesh][check] in ([], 0.0), MESH_CHECKS[check]
 
 
-@pytest.mark.parametrize('config', CONFIGS)
-def test_shard_map_with_specs_equals_global_run(result, config):
-  assert result['configs'][config]['shard_map']['specs_diff'] == 0.0
+@pytest.mark.parametrize('config', CONFIG_PARAMS)
+def test_shard_map_with_specs_equals_global_run(checked):
+  assert checked['shard_map']['specs_diff'] == 0.0
 
 
-@pytest.mark.parametrize('config', CONFIGS)
-def test_shard_map_without_specs(result, config):
-  diffs = result['configs'][config]['shard_map']['default_diff']
+@pytest.mark.parametrize('config', CONFIG_PARAMS)
+def test_shard_map_without_specs(checked, config):
+  diffs = checked['shard_map']['default_diff']
   # Leaves split along their first dimension only, or not at all, get the
   # global indices, hence the global run's bits.
   assert [diffs[k] for k in ('r', 'big', 'b', 'scale')] == [0.0] * 4
@@ -288,7 +315,7 @@ def test_shard_map_without_specs(result, config):
     # roundings. Each of the 5 steps' moves the slow momentum by under one
     # bfloat16 spacing (2**-7 of its magnitude at most): within 5 of them.
     assert diffs['w'] > 0.0 and diffs['v'] > 0.0
-    got, ref = map(np.asarray, result['configs'][config]['shard_map']['slow_w'])
+    got, ref = map(np.asarray, checked['shard_map']['slow_w'])
     assert np.all(np.abs(got - ref) <= 5 * 2.0**-7 * np.abs(ref))
 
 
@@ -311,10 +338,10 @@ def test_replicated_leaf_gets_the_same_indices_on_every_shard(result):
     np.testing.assert_array_equal(block, np.arange(48).reshape(8, 6))
 
 
-@pytest.mark.parametrize('config', CONFIGS)
-def test_nnx_optimizer_state_specs_match_params(result, config):
-  fields, problems = result['configs'][config]['nnx']
-  assert fields == result['configs'][config]['fields'] and problems == []
+@pytest.mark.parametrize('config', CONFIG_PARAMS)
+def test_nnx_optimizer_state_specs_match_params(checked):
+  fields, problems = checked['nnx']
+  assert fields == checked['fields'] and problems == []
 
 
 @pytest.mark.parametrize(
@@ -347,6 +374,7 @@ def _distributed(port, i, n=2):
   ]
 
 
+@pytest.mark.slow  # Two groups of processes: about 25 s on 2 quiet cores.
 def test_two_processes_train_like_one(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
   for out, n in ((one, 1), (two, 2)):

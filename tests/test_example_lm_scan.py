@@ -1,9 +1,10 @@
 """Tests of the budgets scan of the language-model example (examples/lm/scan).
 
-The table's reading of the AdamW curve is checked on made-up numbers; a tiny
-scan (2 budgets x 3 optimizers x 2 seeds, after a 2-value alpha sweep) runs
-end to end, is rerun (everything skipped), and one interrupted run is
-resumed from its checkpoint.
+The table's reading of the AdamW curve and the learning-rate grid's growth
+are checked on made-up numbers; a tiny scan (a 2-value alpha sweep, a
+2-value learning-rate sweep of each optimizer, then 2 budgets x 3 optimizers
+x 2 seeds) runs end to end, is rerun (everything skipped), and one
+interrupted run is resumed from its checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.slow
 _BUDGETS = (4, 6)
 _SEEDS = (0, 1)
 _ALPHAS = (0.0, 3.0)
+_LRS = (1e-3, 2e-3)
+_SWEEP_SEEDS = (100,)
 
 
 # ----------------------------------------------------------------------------
@@ -73,6 +76,18 @@ def test_best_alpha_is_the_lowest_mean_and_the_smaller_on_a_tie():
   assert scan.best_alpha({0.0: [2.0, 2.2], 1.0: [2.05, 2.05], 3.0: []}) == 1.0
   assert scan.best_alpha({10.0: [1.5], 3.0: [1.5], 30.0: [1.6]}) == 3.0
   assert scan.best_alpha({1.0: []}) is None
+
+
+def test_the_learning_rate_grid_grows_past_the_end_that_holds_the_best():
+  grid = {1e-3: [2.0, 2.1], 2e-3: [1.9, 1.9], 4e-3: [1.8, 1.9]}
+  assert scan.lr_to_add(grid, 0) == 8e-3
+  assert scan.lr_to_add(grid, 2) is None  # Grown twice already.
+  assert scan.lr_to_add(grid, 1, max_extensions=1) is None
+  grid[1e-3] = [1.7, 1.7]
+  assert scan.lr_to_add(grid, 0) == 5e-4
+  grid[2e-3] = [1.6, 1.6]
+  assert scan.lr_to_add(grid, 0) is None  # The best is inside.
+  assert scan.lr_to_add({1e-3: [1.0]}, 0) is None  # One value: no side.
 
 
 def _result(name: str, budget: int, seed: int, loss: float, alpha=None):
@@ -139,13 +154,17 @@ def test_tables_read_the_mean_adamw_curve():
 
 
 def test_run_spec_sets_the_budget_everywhere():
-  config = scan.RunSpec('simplified_ademamix', 2000, 1, 3.0).config(
+  config = scan.RunSpec('simplified_ademamix', 2000, 1, 3.0, 4e-3).config(
       configs.SCAN
   )
   assert config.steps == 2000 and config.eval_every == 2000
   assert config.seed == 1 and config.simplified_alpha == 3.0
+  assert config.lr == 4e-3
   assert config.optimizers == ('simplified_ademamix',)
   assert scan.RunSpec('adamw', 500, 0).name == 'adamw_steps500_seed0'
+  assert scan.RunSpec('adamw', 500, 0, None, 2e-3).name == (
+      'adamw_steps500_seed0_lr0.002'
+  )
   # The schedules are the run's: AdEMAMix's alpha and b3 reach their final
   # values at the budget, not before.
   schedules = train.logged_schedules('ademamix', config)
@@ -178,27 +197,37 @@ def test_cli_rejects_bad_lists_and_both_alpha_flags(capsys):
       ['--optimizers', 'adamw,sgd'],
       ['--alphas', '1,-1'],
       ['--alphas', '1,3', '--simplified-alpha', '3'],
+      ['--simplified-alpha', '3'],  # The default sweeps alpha.
+      ['--lr', '1e-3'],  # The default sweeps the learning rate.
+      ['--lrs', '1e-3,x'],
   ):
     with pytest.raises(SystemExit) as e:
       scan.main(argv)
     assert e.value.code == 2, argv
-  assert 'exclude each other' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert '--simplified-alpha needs --alphas none' in err
+  assert '--lr needs --lrs none' in err
 
 
 # ----------------------------------------------------------------------------
 # A tiny scan, end to end.
 
 
-def _scan(workdir: pathlib.Path, **kwargs) -> tuple[dict, str]:
+def _scan(
+    workdir: pathlib.Path, base=configs.TINY_SCAN, **kwargs
+) -> tuple[dict, str]:
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     summary = scan.scan(
-        configs.TINY_SCAN,
+        base,
         workdir,
         budgets=_BUDGETS,
         seeds=_SEEDS,
         alphas=_ALPHAS,
+        lrs=_LRS,
+        lr_extensions=1,
         sweep_budget=_BUDGETS[0],
+        sweep_seeds=_SWEEP_SEEDS,
         out=out,
         **kwargs,
     )
@@ -218,14 +247,22 @@ def test_tiny_scan_end_to_end(tiny_scan):
   assert alpha in _ALPHAS
   assert summary['sweep']['best_alpha'] == alpha
   assert summary['finished'] and summary['missing'] == []
-  # 2 sweep runs, 12 scan runs, one of them the sweep's best.
-  assert len(summary['trained']) == 13 and summary['runs_done'] == 13
+  lr_sweep = summary['lr_sweep']['optimizers']
+  lrs = {name: lr_sweep[name]['best_lr'] for name in configs.OPTIMIZERS}
+  tried = {name: len(lr_sweep[name]['lrs']) for name in configs.OPTIMIZERS}
+  for name in configs.OPTIMIZERS:
+    assert set(_LRS) <= set(lr_sweep[name]['lrs']) and tried[name] <= 3
+    assert summary['curves'][name]['lr'] == lrs[name]
+  # 2 alpha sweep runs; the learning-rate sweep, but for Simplified
+  # AdEMAMix's run at the best alpha and the base rate; 12 scan runs.
+  runs = 2 + sum(tried.values()) - 1 + 12
+  assert len(summary['trained']) == runs and summary['runs_done'] == runs
   for name in configs.OPTIMIZERS:
     rows = summary['curves'][name]['budgets']
     assert [r['budget'] for r in rows] == list(_BUDGETS)
     assert all(len(r['val_losses']) == len(_SEEDS) for r in rows)
-    assert len(summary['curves'][name]['ms_per_step']) == 4
-  for spec in scan.scan_specs(configs.OPTIMIZERS, _BUDGETS, _SEEDS, alpha):
+  specs = scan.scan_specs(configs.OPTIMIZERS, _BUDGETS, _SEEDS, alpha, lrs)
+  for spec in specs:
     result = json.loads(
         (workdir / 'runs' / spec.name / 'result.json').read_text()
     )
@@ -245,8 +282,10 @@ def test_tiny_scan_end_to_end(tiny_scan):
   md = (workdir / 'scan.md').read_text()
   assert 'AdamW budget to match AdEMAMix' in md
   assert 'Simplified AdEMAMix alpha sweep' in md
+  assert 'Learning-rate sweep' in md and '(swept)' in md
   assert (workdir / 'scan.png').stat().st_size > 1000
-  assert 'found finished' in text  # The sweep's best, reused by the scan.
+  # The alpha sweep's best run, reused by the learning-rate sweep.
+  assert 'found finished' in text
 
 
 def test_rerun_skips_finished_runs(tiny_scan, monkeypatch):
@@ -260,35 +299,26 @@ def test_rerun_skips_finished_runs(tiny_scan, monkeypatch):
   monkeypatch.setattr(train, 'train_and_evaluate', no_training)
   summary, text = _scan(workdir)
   assert summary['trained'] == []
-  assert len(summary['skipped']) == 14  # The reused run is found twice.
+  assert len(summary['skipped']) == first['runs_done']
   assert summary['curves'] == first['curves']
+  assert summary['lr_sweep'] == first['lr_sweep']
   assert {p: p.read_bytes() for p in results} == before
   lines = [line for line in text.splitlines() if line.startswith('[')]
-  assert len(lines) == 14 and all('found finished' in x for x in lines)
+  assert all('found finished' in x for x in lines)
   # So does --report-only, which trains nothing even for a missing run.
-  (workdir / 'runs' / 'adamw_steps6_seed1' / 'result.json').rename(
-      workdir / 'moved.json'
-  )
+  name = scan.RunSpec('adamw', 6, 1, None, first['curves']['adamw']['lr']).name
+  (workdir / 'runs' / name / 'result.json').rename(workdir / 'moved.json')
   try:
     summary, _ = _scan(workdir, report_only=True)
-    assert summary['missing'] == ['adamw_steps6_seed1']
+    assert summary['missing'] == [name]
   finally:
-    (workdir / 'moved.json').rename(
-        workdir / 'runs' / 'adamw_steps6_seed1' / 'result.json'
-    )
+    (workdir / 'moved.json').rename(workdir / 'runs' / name / 'result.json')
 
 
 def test_a_changed_config_is_refused(tiny_scan):
   workdir, _, _ = tiny_scan
   with pytest.raises(Exception, match='another config'):
-    scan.scan(
-        dataclasses.replace(configs.TINY_SCAN, lr=0.01),
-        workdir,
-        budgets=_BUDGETS[:1],
-        seeds=_SEEDS[:1],
-        optimizers=('adamw',),
-        out=io.StringIO(),
-    )
+    _scan(workdir, dataclasses.replace(configs.TINY_SCAN, clip_norm=1.0))
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):

@@ -44,9 +44,16 @@ _IRRELEVANT = frozenset(
     {'log_every', 'checkpoint_every', 'mesh_data', 'mesh_model'}
 )
 DEFAULT_BUDGETS = (500, 1000, 2000, 4000)
-DEFAULT_SEEDS = (0, 1)
-DEFAULT_ALPHAS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_ALPHAS = (3.0, 10.0, 30.0, 100.0)
+DEFAULT_LRS = (5e-4, 1e-3, 2e-3, 4e-3)
 DEFAULT_SWEEP_BUDGET = 1000
+# The sweeps' seeds: kept apart from the scan's, so that the scan does not
+# report the runs that chose its settings.
+DEFAULT_SWEEP_SEEDS = (100, 101)
+# How many times the learning-rate grid may grow by a factor of 2 past its
+# end when the best value sits there.
+MAX_LR_EXTENSIONS = 2
 
 
 # ----------------------------------------------------------------------------
@@ -62,24 +69,30 @@ class RunSpec:
     steps: The budget.
     seed: Seeds the init and the data order.
     alpha: Simplified AdEMAMix's ``alpha``; ``None`` for the others.
+    lr: The peak learning rate; ``None``: the base configuration's.
   """
 
   optimizer: str
   steps: int
   seed: int
   alpha: Optional[float] = None
+  lr: Optional[float] = None
 
   @property
   def name(self) -> str:
     name = f'{self.optimizer}_steps{self.steps}_seed{self.seed}'
     if self.alpha is not None:
       name += f'_alpha{self.alpha:g}'
+    if self.lr is not None:
+      name += f'_lr{self.lr:g}'
     return name
 
   def config(self, base: configs.Config) -> configs.Config:
-    changes = {}
+    changes: dict[str, Any] = {}
     if self.alpha is not None:
       changes['simplified_alpha'] = self.alpha
+    if self.lr is not None:
+      changes['lr'] = self.lr
     return dataclasses.replace(
         base,
         steps=self.steps,
@@ -91,12 +104,32 @@ class RunSpec:
 
 
 def sweep_specs(
-    alphas: Sequence[float], budget: int, seeds: Sequence[int]
+    alphas: Sequence[float],
+    budget: int,
+    seeds: Sequence[int],
+    lr: Optional[float] = None,
 ) -> list[RunSpec]:
   return [
-      RunSpec('simplified_ademamix', budget, seed, float(alpha))
+      RunSpec('simplified_ademamix', budget, seed, float(alpha), lr)
       for seed in seeds
       for alpha in alphas
+  ]
+
+
+def lr_specs(
+    optimizer: str,
+    lrs: Sequence[float],
+    budget: int,
+    seeds: Sequence[int],
+    simplified_alpha: float,
+) -> list[RunSpec]:
+  alpha = (
+      float(simplified_alpha) if optimizer == 'simplified_ademamix' else None
+  )
+  return [
+      RunSpec(optimizer, budget, seed, alpha, float(lr))
+      for seed in seeds
+      for lr in lrs
   ]
 
 
@@ -105,14 +138,20 @@ def scan_specs(
     budgets: Sequence[int],
     seeds: Sequence[int],
     simplified_alpha: float,
+    lrs: Optional[dict[str, float]] = None,
 ) -> list[RunSpec]:
-  """Seed by seed, budget by budget: a partial scan is a whole curve."""
+  """Seed by seed, budget by budget: a partial scan is a whole curve.
+
+  ``lrs`` maps an optimizer to its learning rate (else the base's).
+  """
+  lrs = lrs or {}
   return [
       RunSpec(
           name,
           budget,
           seed,
           float(simplified_alpha) if name == 'simplified_ademamix' else None,
+          lrs.get(name),
       )
       for seed in seeds
       for budget in sorted(budgets)
@@ -215,11 +254,36 @@ def _now() -> str:
 
 
 def best_alpha(sweep: dict[float, list[float]]) -> Optional[float]:
-  """The ``alpha`` of the lowest mean loss (the smaller one on a tie)."""
+  """The value (``alpha`` or learning rate) of the lowest mean loss (the
+  smaller one on a tie)."""
   done = {a: np.mean(v) for a, v in sweep.items() if v}
   if not done:
     return None
   return min(done, key=lambda a: (done[a], a))
+
+
+def lr_to_add(
+    losses: dict[float, list[float]],
+    extensions: int,
+    max_extensions: int = MAX_LR_EXTENSIONS,
+) -> Optional[float]:
+  """The learning rate to try next: a factor of 2 past the grid's end where
+  the best one sits there (``None`` if it is inside, or after
+  ``max_extensions`` such steps).
+
+  Args:
+    losses: Every learning rate tried so far, with its final losses.
+    extensions: How many values were added already.
+    max_extensions: How many may be.
+  """
+  best = best_alpha(losses)
+  if best is None or extensions >= max_extensions or len(losses) < 2:
+    return None
+  if best == min(losses):
+    return best / 2
+  if best == max(losses):
+    return best * 2
+  return None
 
 
 # ----------------------------------------------------------------------------
@@ -288,17 +352,24 @@ def summarize(
     seeds: Sequence[int],
     simplified_alpha: Optional[float],
     sweep: Optional[dict[str, Any]],
+    lrs: Optional[dict[str, float]] = None,
+    lr_sweep: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
   """The numbers of the tables and the plot, JSON-friendly.
 
   Args:
-    results: Every finished run's result (scan and sweep).
+    results: Every finished run's result (scan and sweeps).
     optimizers: The scan's.
     budgets: The scan's.
     seeds: The scan's.
     simplified_alpha: The ``alpha`` of the scan's Simplified AdEMAMix.
-    sweep: ``{'budget', 'seeds', 'alphas'}`` of the sweep, or ``None``.
+    sweep: ``{'budget', 'seeds', 'alphas', 'lr'}`` of the alpha sweep, or
+      ``None``.
+    lrs: The scan's learning rate of each optimizer (the base's if absent).
+    lr_sweep: ``{'budget', 'seeds', 'lrs': {optimizer: [lr, ...]}}`` of the
+      learning-rate sweep, or ``None``.
   """
+  lrs = lrs or {}
   by_name = {r['name']: r for r in results}
   curves: dict[str, dict[str, Any]] = {}
   missing = []
@@ -308,7 +379,7 @@ def summarize(
     for budget in sorted(budgets):
       losses = []
       for seed in seeds:
-        spec = RunSpec(name, budget, seed, alpha)
+        spec = RunSpec(name, budget, seed, alpha, lrs.get(name))
         r = by_name.get(spec.name)
         if r is None:
           missing.append(spec.name)
@@ -324,6 +395,7 @@ def summarize(
     ]
     curves[name] = {
         'alpha': alpha,
+        'lr': lrs.get(name),
         'budgets': rows,
         'ms_per_step': times,
     }
@@ -335,12 +407,41 @@ def summarize(
       'curves': curves,
       'missing': missing,
   }
+  if lr_sweep is not None:
+    summary['lr_sweep'] = {
+        'budget': lr_sweep['budget'],
+        'seeds': list(lr_sweep['seeds']),
+        'optimizers': {},
+    }
+    for name, tried in lr_sweep['lrs'].items():
+      tried = sorted(float(lr) for lr in tried)
+      losses = {
+          lr: [
+              by_name[s.name]['final_val_loss']
+              for s in lr_specs(
+                  name,
+                  [lr],
+                  lr_sweep['budget'],
+                  lr_sweep['seeds'],
+                  lr_sweep['simplified_alpha'],
+              )
+              if s.name in by_name
+          ]
+          for lr in tried
+      }
+      summary['lr_sweep']['optimizers'][name] = {
+          'lrs': tried,
+          'val_losses': [losses[lr] for lr in tried],
+          'best_lr': best_alpha(losses),
+      }
   if sweep is not None:
     losses = {}
     for alpha in sweep['alphas']:
       losses[float(alpha)] = [
           by_name[s.name]['final_val_loss']
-          for s in sweep_specs([alpha], sweep['budget'], sweep['seeds'])
+          for s in sweep_specs(
+              [alpha], sweep['budget'], sweep['seeds'], sweep.get('lr')
+          )
           if s.name in by_name
       ]
     summary['sweep'] = {
@@ -421,6 +522,17 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
           if 'simplified_ademamix' in optimizers
           else ''
       )
+      + (
+          '; peak learning rates '
+          + ', '.join(
+              f'{report.label(n)} {curves[n]["lr"]:g}'
+              for n in optimizers
+              if curves[n].get('lr') is not None
+          )
+          + ' (swept)'
+          if any(curves[n].get('lr') is not None for n in optimizers)
+          else f'; peak learning rate {config.lr:g}'
+      )
       + '. The AdamW budget to match is read off the AdamW curve (mean over '
       'seeds), linear in log(budget) between the scanned budgets.',
       '',
@@ -449,6 +561,36 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
       ),
       '',
   ]
+  if 'lr_sweep' in summary:
+    lr_sweep = summary['lr_sweep']
+    names = list(lr_sweep['optimizers'])
+    values = sorted(
+        {lr for n in names for lr in lr_sweep['optimizers'][n]['lrs']}
+    )
+    lr_rows = []
+    for lr in values:
+      row = [f'{lr:g}']
+      for n in names:
+        sweep_n = lr_sweep['optimizers'][n]
+        if lr not in sweep_n['lrs']:
+          row.append('')
+          continue
+        cell = _loss_cell(
+            sweep_n['val_losses'][sweep_n['lrs'].index(lr)],
+            len(lr_sweep['seeds']),
+        )
+        row.append(cell + (' (best)' if lr == sweep_n['best_lr'] else ''))
+      lr_rows.append(row)
+    lines += [
+        f'Learning-rate sweep: {lr_sweep["budget"]} steps, seeds '
+        f'{", ".join(map(str, lr_sweep["seeds"]))}; final validation loss, '
+        'mean (min-max).',
+        '',
+        shared_report.markdown_table(
+            ['peak lr'] + [report.label(n) for n in names], lr_rows
+        ),
+        '',
+    ]
   if 'sweep' in summary:
     sweep = summary['sweep']
     sweep_rows = []
@@ -459,7 +601,7 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
       )
     lines += [
         f'Simplified AdEMAMix alpha sweep: {sweep["budget"]} steps, seeds '
-        f'{", ".join(map(str, sweep["seeds"]))}; final validation loss.',
+        f'{", ".join(map(str, sweep["seeds"]))}' + '; final validation loss.',
         '',
         shared_report.markdown_table(['alpha', 'val loss'], sweep_rows),
         '',
@@ -503,11 +645,13 @@ _COLORS = {
 def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
   """Loss against budget (left); the alpha sweep (right), if any."""
   sweep = summary.get('sweep')
+  lr_sweep = summary.get('lr_sweep')
+  ratios = [2] + [1] * (bool(sweep) + bool(lr_sweep))
   fig, axes = shared_report.subplots(
       1,
-      2 if sweep else 1,
-      figsize=(10, 3.8) if sweep else (6, 3.8),
-      gridspec_kw={'width_ratios': [2, 1]} if sweep else None,
+      len(ratios),
+      figsize=(6 + 4 * (len(ratios) - 1), 3.8),
+      gridspec_kw={'width_ratios': ratios} if len(ratios) > 1 else None,
       squeeze=False,
   )
   ax = axes[0][0]
@@ -518,8 +662,11 @@ def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
       continue
     x = [r['budget'] for r in rows]
     text = report.label(name)
-    if curve['alpha'] is not None:
-      text += f' (alpha {curve["alpha"]:g})'
+    settings = [
+        f'{k} {curve[k]:g}' for k in ('lr', 'alpha') if curve.get(k) is not None
+    ]
+    if settings:
+      text += f' ({", ".join(settings)})'
     ax.plot(
         x,
         [np.mean(r['val_losses']) for r in rows],
@@ -549,8 +696,27 @@ def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
-  if sweep:
+  if lr_sweep:
     ax = axes[0][1]
+    for name, sweep_n in lr_sweep['optimizers'].items():
+      done = [
+          (lr, v) for lr, v in zip(sweep_n['lrs'], sweep_n['val_losses']) if v
+      ]
+      if not done:
+        continue
+      ax.plot(
+          [lr for lr, _ in done],
+          [np.mean(v) for _, v in done],
+          'o-',
+          color=_COLORS.get(name),
+          label=report.label(name),
+      )
+    ax.set_xscale('log')
+    ax.set_xlabel('peak learning rate')
+    ax.set_title(f'Learning rate, {lr_sweep["budget"]} steps', fontsize=9)
+    ax.grid(alpha=0.3)
+  if sweep:
+    ax = axes[0][-1]
     x = np.arange(len(sweep['alphas']))
     means = [np.mean(v) if v else np.nan for v in sweep['val_losses']]
     ax.plot(x, means, 'o-', color=_COLORS['simplified_ademamix'])
@@ -596,6 +762,12 @@ def _float_list(text: str) -> tuple[float, ...]:
   return values
 
 
+def _optional_float_list(text: str) -> Optional[tuple[float, ...]]:
+  if text.strip().lower() == 'none':
+    return None
+  return _float_list(text)
+
+
 def _optimizer_list(text: str) -> tuple[str, ...]:
   values = tuple(v.strip() for v in text.split(',') if v.strip())
   if not values or set(values) - set(configs.OPTIMIZERS):
@@ -629,7 +801,7 @@ def make_parser() -> argparse.ArgumentParser:
       '--seeds',
       type=_int_list,
       default=DEFAULT_SEEDS,
-      help='Seeds, comma-separated. Default: 0,1.',
+      help='Seeds of the scan, comma-separated. Default: 0,1,2.',
   )
   parser.add_argument(
       '--optimizers',
@@ -638,24 +810,34 @@ def make_parser() -> argparse.ArgumentParser:
       help='Optimizers, comma-separated. Default: all three.',
   )
   parser.add_argument(
+      '--lrs',
+      type=_optional_float_list,
+      default=DEFAULT_LRS,
+      help="Sweep every optimizer's peak learning rate over these values "
+      'first (extended by factors of 2 where the best is at an end), and '
+      'scan each at its best; "none": no sweep, every run at --lr. '
+      'Default: 5e-4,1e-3,2e-3,4e-3.',
+  )
+  parser.add_argument(
       '--alphas',
-      type=_float_list,
-      default=None,
-      help='Sweep Simplified AdEMAMix alpha over these values first (e.g. '
-      '0,1,3,10,30,100), and scan with the best. Default: no sweep; the '
-      'scan uses --simplified-alpha.',
+      type=_optional_float_list,
+      default=DEFAULT_ALPHAS,
+      help='First sweep Simplified AdEMAMix alpha over these values, and '
+      'scan with the best; "none": no sweep, the scan uses --simplified-alpha. '
+      'Default: 3,10,30,100.',
   )
   parser.add_argument(
       '--sweep-budget',
       type=cli.positive_int,
       default=DEFAULT_SWEEP_BUDGET,
-      help="Steps of the sweep's runs. Default: 1000.",
+      help="Steps of the sweeps' runs. Default: 1000.",
   )
   parser.add_argument(
       '--sweep-seeds',
       type=_int_list,
-      default=(0,),
-      help='Seeds of the sweep. Default: 0.',
+      default=DEFAULT_SWEEP_SEEDS,
+      help="Seeds of the sweeps, kept apart from the scan's. Default: "
+      '100,101.',
   )
   cli.add_config_flags(
       parser,
@@ -702,13 +884,25 @@ def scan(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     optimizers: Sequence[str] = configs.OPTIMIZERS,
     alphas: Optional[Sequence[float]] = None,
+    lrs: Optional[Sequence[float]] = None,
+    lr_extensions: int = MAX_LR_EXTENSIONS,
     sweep_budget: int = DEFAULT_SWEEP_BUDGET,
-    sweep_seeds: Sequence[int] = (0,),
+    sweep_seeds: Sequence[int] = DEFAULT_SWEEP_SEEDS,
     report_only: bool = False,
     stop_after: Optional[int] = None,
     out: TextIO = sys.stdout,
 ) -> dict[str, Any]:
-  """Runs the sweep (if ``alphas``), then the scan; writes the report.
+  """Runs the sweeps (if ``lrs``, ``alphas``), then the scan; writes the
+  report.
+
+  The alpha sweep runs Simplified AdEMAMix at ``base.lr`` and every value
+  of ``alphas``. The learning-rate sweep then runs each optimizer at every
+  value of ``lrs`` (Simplified AdEMAMix at its best ``alpha``); where the
+  best value is at an end of the grid, the grid grows by a factor of 2 on
+  that side, up to ``MAX_LR_EXTENSIONS`` times. The scan runs each
+  optimizer at its best learning rate, and Simplified AdEMAMix at its best
+  ``alpha``. The sweeps share their seeds (``sweep_seeds``), and so the
+  runs they have in common.
 
   Args:
     base: The configuration of every run but ``steps``, ``seed``,
@@ -719,8 +913,11 @@ def scan(
     optimizers: The scan's optimizers.
     alphas: Simplified AdEMAMix alphas to sweep; the scan uses the best
       (else ``base.simplified_alpha``).
-    sweep_budget: Steps of the sweep's runs.
-    sweep_seeds: The sweep's seeds.
+    lrs: Peak learning rates to sweep for every optimizer; the scan uses
+      each one's best (else ``base.lr``).
+    lr_extensions: How many values the learning-rate grid may grow by.
+    sweep_budget: Steps of the sweeps' runs.
+    sweep_seeds: The sweeps' seeds (best kept apart from ``seeds``).
     report_only: Train nothing; report what is finished.
     stop_after: Stop each run after this many steps, as if interrupted.
     out: Where the progress lines go (each run's own log goes to its
@@ -744,7 +941,8 @@ def scan(
           results.append(result)
         continue
       result, now = run_one(spec, base, workdir, stop_after=stop_after)
-      (trained if now else skipped).append(spec.name)
+      if spec.name not in trained + skipped:
+        (trained if now else skipped).append(spec.name)
       head = f'[{what} {i + 1}/{len(specs)}] {spec.name}:'
       if result is None:
         say(f'{head} stopped at --stop-after {stop_after}.')
@@ -759,33 +957,85 @@ def scan(
           f'{result["loadavg"][0]:.2f}-{result["loadavg"][1]:.2f}'
       )
 
+  def losses_of(specs: list[RunSpec]) -> list[float]:
+    names = {spec.name for spec in specs}
+    return [r['final_val_loss'] for r in results if r['name'] in names]
+
+  def unfinished(what: str) -> dict[str, Any]:
+    say(f'The {what} is not finished; no scan yet.')
+    return {'trained': trained, 'skipped': skipped, 'finished': False}
+
+  # 1. Simplified AdEMAMix's alpha, at the base learning rate.
   sweep = None
   alpha = base.simplified_alpha
   if alphas:
-    sweep = {'budget': sweep_budget, 'seeds': sweep_seeds, 'alphas': alphas}
-    do(sweep_specs(alphas, sweep_budget, sweep_seeds), 'sweep')
+    # Named with the learning rate when there is a learning-rate sweep, which
+    # then finds the best alpha's run done.
+    lr = base.lr if lrs else None
+    sweep = {
+        'budget': sweep_budget,
+        'seeds': sweep_seeds,
+        'alphas': alphas,
+        'lr': lr,
+    }
+    do(sweep_specs(alphas, sweep_budget, sweep_seeds, lr), 'alpha sweep')
     losses = {
-        float(a): [
-            r['final_val_loss']
-            for r in results
-            if r['optimizer'] == 'simplified_ademamix'
-            and r['alpha'] == float(a)
-            and r['steps'] == sweep_budget
-            and r['seed'] in sweep_seeds
-        ]
+        float(a): losses_of(sweep_specs([a], sweep_budget, sweep_seeds, lr))
         for a in alphas
     }
     complete = all(len(v) == len(sweep_seeds) for v in losses.values())
     if not complete and not report_only:
-      say('The sweep is not finished; no scan yet.')
-      return {'trained': trained, 'skipped': skipped, 'finished': False}
+      return unfinished('alpha sweep')
     found = best_alpha(losses)
     if found is None:
       say('No sweep run finished; nothing to report.')
       return {'trained': trained, 'skipped': skipped, 'finished': False}
     alpha = found
     say(f'Best Simplified AdEMAMix alpha at {sweep_budget} steps: {alpha:g}')
-  specs = scan_specs(optimizers, budgets, seeds, alpha)
+
+  # 2. Each optimizer's learning rate (Simplified AdEMAMix at that alpha).
+  lr_sweep = None
+  best_lrs: dict[str, float] = {}
+  if lrs:
+    lr_sweep = {
+        'budget': sweep_budget,
+        'seeds': sweep_seeds,
+        'simplified_alpha': alpha,
+        'lrs': {},
+    }
+    for name in optimizers:
+      tried = sorted(float(lr) for lr in lrs)
+      while True:
+        do(lr_specs(name, tried, sweep_budget, sweep_seeds, alpha), 'lr sweep')
+        losses = {
+            lr: losses_of(
+                lr_specs(name, [lr], sweep_budget, sweep_seeds, alpha)
+            )
+            for lr in tried
+        }
+        if any(len(v) < len(sweep_seeds) for v in losses.values()):
+          if not report_only:
+            return unfinished('learning-rate sweep')
+          break
+        extra = lr_to_add(losses, len(tried) - len(lrs), lr_extensions)
+        if extra is None:
+          break
+        say(
+            f'{report.label(name)}: the best learning rate is at the end of '
+            f'the grid; trying {extra:g}.'
+        )
+        tried = sorted(tried + [extra])
+      lr_sweep['lrs'][name] = tried
+      found = best_alpha(losses)
+      if found is not None:
+        best_lrs[name] = found
+        say(
+            f'Best {report.label(name)} learning rate at {sweep_budget} '
+            f'steps: {found:g}'
+        )
+
+  # 3. The scan, each optimizer at its settings.
+  specs = scan_specs(optimizers, budgets, seeds, alpha, best_lrs)
   do(specs, 'scan')
   # A sweep run may also be a scan run: count it once.
   results = list({r['name']: r for r in results}.values())
@@ -796,6 +1046,8 @@ def scan(
       seeds=seeds,
       simplified_alpha=alpha,
       sweep=sweep,
+      lrs=best_lrs,
+      lr_sweep=lr_sweep,
   )
   summary['finished'] = not summary['missing']
   elapsed = time.perf_counter() - start
@@ -844,7 +1096,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser = make_parser()
   args = parser.parse_args(argv)
   if args.alphas is not None and 'simplified_alpha' in vars(args):
-    parser.error('--simplified-alpha and --alphas exclude each other.')
+    parser.error('--simplified-alpha needs --alphas none.')
+  if args.lrs is not None and 'lr' in vars(args):
+    parser.error('--lr needs --lrs none.')
   base = cli.config_from_args(parser, args, configs.SCAN_CONFIGS[args.config])
   try:
     return scan(
@@ -854,6 +1108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         seeds=args.seeds,
         optimizers=args.optimizers,
         alphas=args.alphas,
+        lrs=args.lrs,
         sweep_budget=args.sweep_budget,
         sweep_seeds=args.sweep_seeds,
         report_only=args.report_only,

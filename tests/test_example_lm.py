@@ -22,7 +22,6 @@ import optax
 import pytest
 
 import ademamix_optax as amx
-from examples._shared import cli as shared_cli
 from examples._shared import corpus
 from examples.lm import __main__ as cli
 from examples.lm import configs
@@ -93,13 +92,7 @@ def test_tiny_config_is_derived_from_default():
 
 def _config(argv: list[str]) -> configs.Config:
   parser = cli.make_parser()
-  args = parser.parse_args(argv)
-  return shared_cli.config_from_args(
-      parser,
-      args,
-      configs.CONFIGS[args.config],
-      **dict(zip(('mesh_data', 'mesh_model'), args.mesh or ())),
-  )
+  return cli.make_config(parser, parser.parse_args(argv))
 
 
 def test_cli_flags_override_config():
@@ -135,8 +128,19 @@ def test_cli_flags_override_config():
   assert _config(
       ['--config', 'tiny', '--optimizers', 'ademamix', 'adamw', '--lr', '0.01']
   ) == dataclasses.replace(
-      configs.TINY, optimizers=('ademamix', 'adamw'), lr=0.01
+      configs.TINY,
+      optimizers=('ademamix', 'adamw'),
+      lr=0.01,
+      adamw_lr=None,
+      ademamix_lr=None,
+      simplified_lr=None,
   )
+  # --lr sets every optimizer's peak learning rate, but those given their own.
+  config = _config(['--lr', '0.01', '--adamw-lr', '0.02'])
+  assert [config.peak_lr(n) for n in configs.OPTIMIZERS] == [0.02, 0.01, 0.01]
+  config = _config(['--ademamix-lr', '0.03'])
+  assert config.peak_lr('ademamix') == 0.03
+  assert config.peak_lr('adamw') == configs.ADAMW_LR
   # Every field but the mesh's (set by --mesh) has a flag.
   usage = cli.make_parser().format_usage()
   missing = {
@@ -277,9 +281,10 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, capsys):
   assert stopped['runs']['ademamix']['step'] == 4
   assert not (tmp_path / 'curves.json').exists()
   with pytest.raises(SystemExit) as exit_info:
-    _run_cli(argv + ['--resume', '--lr', '0.1'])
+    _run_cli(argv + ['--resume', '--ademamix-lr', '0.1'])
   assert exit_info.value.code == 2
-  assert 'Cannot resume: the config changed (lr: 0.001 -> 0.1)' in (
+  lr = configs.ADEMAMIX_LR
+  assert f'Cannot resume: the config changed (ademamix_lr: {lr} -> 0.1)' in (
       capsys.readouterr().err
   )
   resumed, _ = _run_cli(argv + ['--resume'])
@@ -471,7 +476,7 @@ def test_simplified_ademamix_follows_the_authors_recipe():
   # First step: m = g, nu = (1 - b2) g**2 bias-corrected to g**2, so the
   # direction is (alpha + 1) sign(g) (plus decay); the learning rate is
   # AdamW's scaled by sqrt((1 - 0.9) (1 - 0.99)).
-  lr0 = float(train.learning_rate_schedule(config)(0))
+  lr0 = float(train.learning_rate_schedule(config, 'simplified_ademamix')(0))
   scale = np.sqrt(0.1 * 0.01)
   expected = -scale * lr0 * (config.simplified_alpha + 1.0)
   # Weight decay times the learning rate stays AdamW's: lr0 * wd * param.

@@ -41,12 +41,40 @@ def nonnegative_int(text: str) -> int:
   return int(text)
 
 
+def lr_changes(args: argparse.Namespace) -> dict[str, None]:
+  """``--lr`` sets the peak learning rate of every optimizer that is not
+  given its own (``--adamw-lr``, ...) on the same command line."""
+  if 'lr' not in vars(args):
+    return {}
+  return {
+      f: None
+      for f in ('adamw_lr', 'ademamix_lr', 'simplified_lr')
+      if f not in vars(args)
+  }
+
+
+def make_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> configs.Config:
+  """The base config with the flags; a bad value exits (2)."""
+  changes = (
+      {}
+      if args.mesh is None
+      else dict(zip(('mesh_data', 'mesh_model'), args.mesh))
+  )
+  changes.update(lr_changes(args))
+  return cli.config_from_args(
+      parser, args, configs.CONFIGS[args.config], **changes
+  )
+
+
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m examples.lm',
       description='Train a byte-level Transformer LM with AdamW and '
-      'AdEMAMix on the same data, init and schedule; print a results '
-      'table and write curves, a plot and checkpoints to --workdir.',
+      'AdEMAMix on the same data, init and schedule shape, each at its '
+      'tuned peak learning rate; print a results table and write curves, '
+      'a plot and checkpoints to --workdir.',
   )
   parser.add_argument(
       '--config',
@@ -145,14 +173,7 @@ def distributed_kwargs(
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = make_parser()
   args = parser.parse_args(argv)
-  mesh = (
-      {}
-      if args.mesh is None
-      else dict(zip(('mesh_data', 'mesh_model'), args.mesh))
-  )
-  config = cli.config_from_args(
-      parser, args, configs.CONFIGS[args.config], **mesh
-  )
+  config = make_config(parser, args)
   distributed = distributed_kwargs(parser, args)
   import jax
 

@@ -91,8 +91,9 @@ class RunSpec:
     changes: dict[str, Any] = {}
     if self.alpha is not None:
       changes['simplified_alpha'] = self.alpha
-    if self.lr is not None:
-      changes['lr'] = self.lr
+    if self.lr is not None:  # For this run's optimizer, whatever its own.
+      changes.update(lr=self.lr, adamw_lr=None, ademamix_lr=None)
+      changes.update(simplified_lr=None)
     return dataclasses.replace(
         base,
         steps=self.steps,
@@ -160,8 +161,12 @@ def scan_specs(
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+  """The fields that change results; a field at ``None`` counts as absent
+  (a run saved before the field was added had it at ``None``)."""
   config = json.loads(json.dumps(config))
-  return {k: v for k, v in config.items() if k not in _IRRELEVANT}
+  return {
+      k: v for k, v in config.items() if k not in _IRRELEVANT and v is not None
+  }
 
 
 def load_result(

@@ -140,14 +140,18 @@ def decay_mask(params: Any) -> Any:
   )
 
 
-def learning_rate_schedule(config: configs.Config) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to ``end_lr_ratio * lr``."""
+def learning_rate_schedule(
+    config: configs.Config, name: configs.Optimizer
+) -> optax.Schedule:
+  """Linear warmup from 0 to ``name``'s peak learning rate, then cosine
+  decay to ``end_lr_ratio`` times it."""
+  peak = config.peak_lr(name)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
-      peak_value=config.lr,
+      peak_value=peak,
       warmup_steps=config.warmup_steps,
       decay_steps=config.steps,
-      end_value=config.lr * config.end_lr_ratio,
+      end_value=peak * config.end_lr_ratio,
   )
 
 
@@ -170,7 +174,7 @@ def make_optimizer(
     name: str, config: configs.Config
 ) -> optax.GradientTransformation:
   """Gradient clipping, then AdamW or AdEMAMix with masked weight decay."""
-  lr = learning_rate_schedule(config)
+  lr = learning_rate_schedule(config, name)
   if name == 'adamw':
     tx = optax.adamw(
         lr,
@@ -219,7 +223,7 @@ def logged_schedules(name: str, config: configs.Config) -> dict[str, list]:
   warmups at the 1-based step; entry ``i`` here is what step ``i + 1`` used.
   """
   count = jnp.arange(config.steps)
-  out = {'lr': learning_rate_schedule(config)(count)}
+  out = {'lr': learning_rate_schedule(config, name)(count)}
   if name == 'ademamix':
     out['alpha'] = amx.alpha_warmup(config.alpha, config.steps)(count + 1)
     out['b3'] = amx.beta3_warmup(
@@ -657,7 +661,11 @@ def train_and_evaluate(
       f'Model: d_model={config.d_model} layers={config.layers} '
       f'heads={config.heads} context={config.context}; '
       f'{config.steps} steps of {config.batch} x {config.context} bytes, '
-      f'lr {config.lr:g}, AdEMAMix b3={config.resolved_b3:g} '
+      'peak lr '
+      + ', '.join(
+          f'{report.label(n)} {config.peak_lr(n):g}' for n in config.optimizers
+      )
+      + f'; AdEMAMix b3={config.resolved_b3:g} '
       f'alpha={config.alpha:g} T_alpha_beta3={config.steps}'
   )
 

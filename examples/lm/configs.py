@@ -203,7 +203,7 @@ class Config:
 # values a factor of 2 apart, and Simplified AdEMAMix's best alpha.
 ADAMW_LR = 4e-3
 ADEMAMIX_LR = 4e-3
-SIMPLIFIED_LR = 1e-3
+SIMPLIFIED_LR = 2e-3
 SIMPLIFIED_ALPHA = 30.0
 
 DEFAULT = Config(

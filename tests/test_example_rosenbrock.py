@@ -29,15 +29,15 @@ def test_tiny_run(tmp_path):
   assert 'Adam b1=0.9 ' in results['table']
   assert 'AdEMAMix b3=0.999 ' in results['table']
   assert len(results['runs']) == 5
-  f_start = float(rosenbrock.train.rosenbrock(np.asarray(config.start)))
+  f_start = float(rosenbrock.rosenbrock(np.asarray(config.start)))
   for run in results['runs'].values():
     assert np.all(np.isfinite(run['path']))
-    f_end = float(rosenbrock.train.rosenbrock(np.asarray(run['final'])))
+    f_end = float(rosenbrock.rosenbrock(np.asarray(run['final'])))
     assert f_end < 0.5 * f_start  # From 1616: every optimizer descends.
 
 
 def test_steps_to_stay_within():
   dist = np.array([5.0, 0.5, 2.0, 0.5, 0.1])
-  assert rosenbrock.train.steps_to_stay_within(dist, 1.0) == 3
-  assert rosenbrock.train.steps_to_stay_within(dist, 10.0) == 0
-  assert rosenbrock.train.steps_to_stay_within(dist, 0.1) is None
+  assert rosenbrock.steps_to_stay_within(dist, 1.0) == 3
+  assert rosenbrock.steps_to_stay_within(dist, 10.0) == 0
+  assert rosenbrock.steps_to_stay_within(dist, 0.1) is None

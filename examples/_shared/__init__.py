@@ -1,4 +1,4 @@
-"""Pieces shared by the small examples: byte corpus, byte MLP, training loop.
+"""Pieces shared by the examples: flags, byte corpus, byte MLP, loop, reports.
 
-Not an example itself; ``examples/lm`` does not use it.
+Not an example itself.
 """

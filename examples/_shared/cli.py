@@ -189,10 +189,10 @@ def check_fields(
     config: Any,
     *,
     integers: Optional[Sequence[str]] = None,
-    positive: Sequence[str] = (),
-    nonnegative: Sequence[str] = (),
-    decays: Sequence[str] = (),
-    fractions: Sequence[str] = (),
+    positive: Sequence[str] | str = (),
+    nonnegative: Sequence[str] | str = (),
+    decays: Sequence[str] | str = (),
+    fractions: Sequence[str] | str = (),
 ) -> None:
   """Raises ``ValueError`` naming the first field out of its range.
 
@@ -205,7 +205,8 @@ def check_fields(
     decays: Fields in [0, 1) (EMA decays).
     fractions: Fields in (0, 1).
 
-  A ``None`` value passes every rule (an optional field left unset).
+  Each rule takes a sequence of names or one string of them separated by
+  spaces. A ``None`` value passes every rule (an optional field left unset).
   """
   if integers is None:
     integers = integer_fields(config)
@@ -217,7 +218,7 @@ def check_fields(
       (fractions, lambda v: 0 < v < 1, 'in (0, 1)'),
   ]
   for names, ok, text in rules:
-    for name in names:
+    for name in names.split() if isinstance(names, str) else names:
       value = getattr(config, name)
       values = value if isinstance(value, tuple) else (value,)
       if not values or not all(
@@ -262,13 +263,14 @@ def example_main(
     train_and_evaluate: ``train_and_evaluate(config, workdir)``, writing
       ``<workdir>/<name>.md`` among its results.
     argv: The flags (``sys.argv[1:]`` when ``None``).
-    description: For ``--help``.
+    description: For ``--help``: its first line (an example's docstring).
 
   Returns:
     What ``train_and_evaluate`` returned.
   """
   parser = argparse.ArgumentParser(
-      prog=f'python -m examples.{name}', description=description
+      prog=f'python -m examples.{name}',
+      description=description and description.splitlines()[0],
   )
   parser.add_argument(
       '--workdir',

@@ -1,9 +1,10 @@
-"""A jitted multi-step training loop (``lax.scan``) for the byte MLP."""
+"""Training loops: chunks of steps under a progress bar; the byte MLP's scan."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import optax
 
 from examples._shared import byte_mlp
+from examples._shared import cli
 from examples._shared import corpus
 
 BatchFn = Callable[[jax.Array, Any], jax.Array]
@@ -21,19 +23,18 @@ def make_runner(
     tx: optax.GradientTransformation,
     batch_fn: BatchFn,
     probe_fn: Optional[ProbeFn] = None,
-) -> Callable[..., tuple[Any, Any, np.ndarray, np.ndarray]]:
-  """Returns ``run(params, opt_state, start, num, aux=None)``.
+) -> Callable[..., tuple[Any, np.ndarray, np.ndarray]]:
+  """Returns ``run(state, start, num, aux=None)`` for :func:`train`.
 
-  ``run`` makes ``num`` steps from the 0-based step ``start``.
-  ``batch_fn(step, aux)`` gives the training windows of a step, so two
-  optimizers, or two branches of one run, see exactly the same batches;
-  ``aux`` is any array tree passed through to it (traced, so changing it does
-  not recompile). ``probe_fn(params)``, if given, is evaluated after every
-  update.
+  ``run`` makes ``num`` steps of the byte MLP from the 0-based step ``start``;
+  ``state`` is ``(params, opt_state)``. ``batch_fn(step, aux)`` gives the
+  training windows of a step, so two optimizers, or two branches of one run,
+  see exactly the same batches; ``aux`` is any array tree passed through to it
+  (traced, so changing it does not recompile). ``probe_fn(params)``, if given,
+  is evaluated after every update.
 
-  ``run`` returns the new parameters and optimizer state, the per-step
-  training losses and the per-step probe values (zeros without a probe), as
-  NumPy arrays, and raises ``FloatingPointError`` on a non-finite loss.
+  ``run`` returns the new state, the per-step training losses and the per-step
+  probe values (zeros without a probe), as NumPy arrays.
   """
 
   def body(carry, step, aux):
@@ -45,32 +46,104 @@ def make_runner(
     probe = jnp.zeros(()) if probe_fn is None else probe_fn(params)
     return (params, opt_state), (loss, probe)
 
-  @functools.partial(jax.jit, static_argnums=3)
-  def scan(params, opt_state, start, num, aux):
+  @functools.partial(jax.jit, static_argnums=2)
+  def scan(state, start, num, aux):
     steps = start + jnp.arange(num)
-    (params, opt_state), (losses, probes) = jax.lax.scan(
-        functools.partial(body, aux=aux), (params, opt_state), steps
-    )
-    return params, opt_state, losses, probes
+    return jax.lax.scan(functools.partial(body, aux=aux), state, steps)
 
-  def run(params, opt_state, start: int, num: int, aux: Any = None):
-    params, opt_state, losses, probes = scan(
-        params, opt_state, jnp.asarray(start, jnp.int32), num, aux
-    )
-    losses, probes = np.asarray(losses), np.asarray(probes)
-    if not np.all(np.isfinite(losses)):
-      raise FloatingPointError(
-          f'Non-finite training loss between steps {start} and {start + num}.'
-      )
-    return params, opt_state, losses, probes
+  def run(state, start: int, num: int, aux: Any = None):
+    start = jnp.asarray(start, jnp.int32)
+    state, (losses, probes) = scan(state, start, num, aux)
+    return state, np.asarray(losses), np.asarray(probes)
 
   return run
 
 
-def make_evaluator(windows: jax.Array) -> Callable[[Any], float]:
-  """Mean loss of the parameters on a fixed set of windows."""
+class Trained(NamedTuple):
+  """What :func:`train` returns.
+
+  Attributes:
+    state: The final state.
+    curves: ``step`` (the end of each chunk), ``train_loss`` (the chunk's mean
+      training loss) and each metric of ``evaluate``, one value per chunk.
+    losses: The training loss of every step.
+    probes: The probe value of every step (``None`` without probes).
+    kept: The state at each step of ``keep``.
+    seconds: The wall time of the run.
+  """
+
+  state: Any
+  curves: dict[str, list[Any]]
+  losses: np.ndarray
+  probes: Optional[np.ndarray]
+  kept: dict[int, Any]
+  seconds: float
+
+
+def train(
+    run: Callable[[Any, int, int], tuple[Any, Any, Any]],
+    state: Any,
+    stop: int,
+    every: int,
+    desc: str,
+    *,
+    start: int = 0,
+    evaluate: Optional[Callable[[Any], dict[str, float]]] = None,
+    keep: Sequence[int] = (),
+) -> Trained:
+  """Steps ``[start, stop)`` in chunks of ``every``, under a progress bar.
+
+  Args:
+    run: ``run(state, start, num)`` makes ``num`` steps from step ``start``
+      and returns the new state, the ``num`` training losses and the ``num``
+      probe values (or ``None``).
+    state: The state at step ``start``.
+    stop: The step at which to stop.
+    every: Steps per chunk.
+    desc: The progress bar's label.
+    start: The first step.
+    evaluate: ``evaluate(state)``, metrics after each chunk, shown on the bar
+      (the chunk's mean training loss is shown without it).
+    keep: Steps whose state is returned.
+
+  Returns:
+    The :class:`Trained` state, curves, per-step values and kept states.
+
+  Raises:
+    FloatingPointError: On a non-finite training loss.
+  """
+  curves: dict[str, list[Any]] = {'step': [], 'train_loss': []}
+  losses, probes, kept, t0 = [], [], {}, time.time()
+  with cli.progress(stop, desc, initial=start) as bar:
+    for chunk_start in range(start, stop, every):
+      num = min(every, stop - chunk_start)
+      state, loss, probe = run(state, chunk_start, num)
+      step = chunk_start + num
+      if not np.all(np.isfinite(loss)):
+        raise FloatingPointError(
+            f'Non-finite training loss between steps {chunk_start} and {step}.'
+        )
+      losses.append(loss)
+      probes.append(probe)
+      curves['step'].append(step)
+      curves['train_loss'].append(float(np.mean(loss)))
+      metrics = {} if evaluate is None else evaluate(state)
+      for name, value in metrics.items():
+        curves.setdefault(name, []).append(value)
+      if step in keep:
+        kept[step] = state
+      shown = {k: f'{v:.4f}' for k, v in metrics.items()}
+      bar.set_postfix(shown or {'loss': f'{loss.mean():.3f}'}, refresh=False)
+      bar.update(num)
+  probes = None if probe is None else np.concatenate(probes)
+  losses = np.concatenate(losses)
+  return Trained(state, curves, losses, probes, kept, time.time() - t0)
+
+
+def make_evaluator(windows: jax.Array) -> Callable[[Any], dict[str, float]]:
+  """``evaluate((params, opt_state))``: ``val_loss`` on fixed windows."""
   evaluate = jax.jit(byte_mlp.loss)
-  return lambda params: float(evaluate(params, windows))
+  return lambda state: {'val_loss': float(evaluate(state[0], windows))}
 
 
 def corpus_batches(

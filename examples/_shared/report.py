@@ -66,7 +66,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def save_results(
-    workdir: pathlib.Path,
+    workdir: str | os.PathLike[str],
     name: str,
     results: dict[str, Any],
     plot: Any,
@@ -84,6 +84,7 @@ def save_results(
   Returns:
     ``results`` with its ``environment`` entry.
   """
+  workdir = workdir_path(workdir)
   results = dict(results, environment=environment())
   write_json(workdir / f'{name}.json', results)
   plot(results, workdir / f'{name}.png')

@@ -14,14 +14,13 @@ that gain for longer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from examples._shared import byte_mlp
 from examples._shared import cli
@@ -72,10 +71,10 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        positive=('steps', 'batch_size', 'learning_rate', 'chunk', 'max_bytes'),
-        nonnegative=('warmup_steps', 'weight_decay', 'alpha', 'seed'),
-        decays=('b1', 'b2', 'b3'),
-        fractions=('val_fraction',),
+        positive='steps batch_size learning_rate chunk max_bytes',
+        nonnegative='warmup_steps weight_decay alpha seed',
+        decays='b1 b2 b3',
+        fractions='val_fraction',
     )
     if not 0 < self.inject_at < self.steps - 1:
       raise ValueError(
@@ -84,74 +83,43 @@ class Config:
       )
 
 
-def make_optimizers(config: Config) -> dict[str, optax.GradientTransformation]:
-  return optimizers.adamw_and_ademamix(config, mask=byte_mlp.is_decayed)
-
-
-def _run(config, run, tx, params, inject_at, desc) -> tuple[np.ndarray, ...]:
-  opt_state = tx.init(params)
-  losses, probes = [], []
-  inject_at = jnp.asarray(inject_at, jnp.int32)
-  with cli.progress(config.steps, desc) as bar:
-    for start in range(0, config.steps, config.chunk):
-      num = min(config.chunk, config.steps - start)
-      params, opt_state, loss, probe = run(
-          params, opt_state, start, num, inject_at
-      )
-      losses.append(loss)
-      probes.append(probe)
-      bar.set_postfix(loss=f'{loss.mean():.3f}', refresh=False)
-      bar.update(num)
-  return np.concatenate(losses), np.concatenate(probes)
-
-
 def train_and_evaluate(
     config: Config, workdir: str | os.PathLike[str]
 ) -> dict[str, Any]:
   """Trains each optimizer with and without the injection; JSON and PNG."""
-  workdir = report.workdir_path(workdir)
   text, length, batches = loop.corpus_batches(config)
   held_out = corpus.fixed_windows(
       text.val_U8, config.seed + 3, config.batch_size, length
   )
 
-  def batch_fn(step, inject_at):
-    # inject_at is traced: -1 (the control run) reuses the compiled loop.
+  def batch_fn(step, inject_at):  # Traced: the control run's -1 reuses it.
     return jnp.where(step == inject_at, held_out, batches(step))
 
-  def probe_fn(params):
-    return byte_mlp.loss(params, held_out)
-
-  params0 = byte_mlp.init(config.model, jax.random.key(config.seed))
+  params = byte_mlp.init(config.model, jax.random.key(config.seed))
   runs: dict[str, dict[str, Any]] = {}
-  for name, tx in make_optimizers(config).items():
-    t0 = time.time()
-    run = loop.make_runner(tx, batch_fn, probe_fn)
-    train_inj, probe_inj = _run(
-        config, run, tx, params0, config.inject_at, f'{name}, injected'
-    )
-    train_ctl, probe_ctl = _run(
-        config, run, tx, params0, -1, f'{name}, control'
-    )
+  txs = optimizers.adamw_and_ademamix(config, mask=byte_mlp.is_decayed)
+  for name, tx in txs.items():
+    run = loop.make_runner(tx, batch_fn, lambda p: byte_mlp.loss(p, held_out))
+    out = {}
+    for kind, k in (('injected', config.inject_at), ('control', -1)):
+      run_k = functools.partial(run, aux=jnp.int32(k))
+      state, desc = (params, tx.init(params)), f'{name}, {kind}'
+      out[kind] = loop.train(run_k, state, config.steps, config.chunk, desc)
     # probe[i] is the loss on the held-out batch after update i (0-based).
-    runs[name] = {
-        'probe_injected': probe_inj.tolist(),
-        'probe_control': probe_ctl.tolist(),
-        'train_loss_injected': train_inj.tolist(),
-        'train_loss_control': train_ctl.tolist(),
-        'seconds': time.time() - t0,
-    }
+    runs[name] = {f'probe_{kind}': o.probes.tolist() for kind, o in out.items()}
+    runs[name].update(
+        {f'train_loss_{kind}': o.losses.tolist() for kind, o in out.items()},
+        seconds=sum(o.seconds for o in out.values()),
+    )
 
-  k = config.inject_at
-  delays = [d for d in (10, 100, 1000) if k + d < config.steps]
+  k, steps = config.inject_at, config.steps
+  delays = [d for d in (10, 100, 1000) if k + d < steps]
   rows = []
   for name, r in runs.items():
-    inj = np.asarray(r['probe_injected'])
-    ctl = np.asarray(r['probe_control'])
-    # gap[d - 1]: gain d steps after the injection (d = 1 is right after).
-    gap = (ctl - inj)[k:]
+    inj, ctl = np.asarray(r['probe_injected']), np.asarray(r['probe_control'])
+    gap = (ctl - inj)[k:]  # gap[d - 1]: the gain d steps after the injection.
     peak = int(np.argmax(gap))
-    r['summary'] = {
+    s = r['summary'] = {
         'before': float(inj[k - 1]),
         'right_after': float(inj[k]),
         'end': float(inj[-1]),
@@ -162,49 +130,24 @@ def train_and_evaluate(
         'gain_after': {str(d): float(gap[d - 1]) for d in delays},
         'gain_end': float(gap[-1]),
     }
-    s = r['summary']
     rows.append(
-        [name]
-        + [
-            f'{s[key]:.4f}'
-            for key in (
-                'before',
-                'right_after',
-                'end',
-                'end_control',
-                'gain_right_after',
-            )
-        ]
-        + [f'{s["peak_gain"]:.4f} (+{s["peak_gain_after_steps"]})']
-        + [f'{s["gain_after"][str(d)]:.4f}' for d in delays]
-        + [f'{s["gain_end"]:.4f}']
+        [name, *list(s.values())[:5]]
+        + [f'{s["peak_gain"]:.4f} (+{peak + 1})']
+        + [*s['gain_after'].values(), s['gain_end']]
     )
-  table = report.markdown_table(
-      [
-          'optimizer',
-          f'loss before (after {k} steps)',
-          f'right after (step {k + 1})',
-          f'at end (step {config.steps})',
-          'at end, never seen',
-          'gain right after',
-          'peak gain (steps after)',
-      ]
-      + [f'gain +{d}' for d in delays]
-      + ['gain at end'],
-      rows,
-  )
-  results = {
-      'config': dataclasses.asdict(config),
-      'runs': runs,
-      'table': table,
-  }
+  header = [
+      'optimizer',
+      f'loss before (after {k} steps)',
+      f'right after (step {k + 1})',
+      f'at end (step {steps})',
+      'at end, never seen',
+      'gain right after',
+      'peak gain (steps after)',
+  ]
+  header += [f'gain +{d}' for d in delays] + ['gain at end']
+  table = report.markdown_table(header, rows)
+  results = {'config': dataclasses.asdict(config), 'runs': runs, 'table': table}
   return report.save_results(workdir, 'forgetting', results, plot, table)
-
-
-def _smooth(x: np.ndarray, width: int) -> np.ndarray:
-  if width <= 1 or len(x) < width:
-    return x
-  return np.convolve(x, np.ones(width) / width, mode='valid')
 
 
 def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
@@ -212,38 +155,31 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
   k = results['config']['inject_at']
   fig, axes = report.subplots(1, 2, figsize=(11, 4))
   for i, (name, r) in enumerate(results['runs'].items()):
-    color = f'C{i}'
-    inj = np.asarray(r['probe_injected'])
-    ctl = np.asarray(r['probe_control'])
+    inj, ctl = np.asarray(r['probe_injected']), np.asarray(r['probe_control'])
     steps = np.arange(1, len(inj) + 1)
     lo = max(k - (len(inj) - k) // 4, 0)
+    kw = dict(color=f'C{i}', lw=0.8)
     axes[0].plot(
-        steps[lo:],
-        inj[lo:],
-        color=color,
-        lw=0.8,
-        label=f'{name}, injected at step {k}',
+        steps[lo:], inj[lo:], label=f'{name}, injected at step {k}', **kw
     )
     axes[0].plot(
-        steps[lo:],
-        ctl[lo:],
-        color=color,
-        lw=0.8,
-        ls='--',
-        label=f'{name}, never seen',
+        steps[lo:], ctl[lo:], ls='--', label=f'{name}, never seen', **kw
     )
     gap = (ctl - inj)[k:]
-    after = np.arange(1, len(gap) + 1)
-    axes[1].plot(after, gap, color=color, lw=0.8, label=name)
+    axes[1].plot(np.arange(1, len(gap) + 1), gap, label=name, **kw)
   axes[0].axvline(k + 1, color='grey', lw=0.5, ls=':')
-  axes[0].set_xlabel('step')
-  axes[0].set_ylabel('loss on the held-out batch')
+  axes[0].set(xlabel='step', ylabel='loss on the held-out batch')
   axes[0].set_title('loss on a batch trained on once')
-  axes[0].legend(fontsize=8)
   axes[1].axhline(0.0, color='grey', lw=0.5)
-  axes[1].set_xscale('log')
-  axes[1].set_xlabel('steps since the injection')
-  axes[1].set_ylabel('loss(never seen) - loss(injected)')
+  axes[1].set(xscale='log', xlabel='steps since the injection')
+  axes[1].set(ylabel='loss(never seen) - loss(injected)')
   axes[1].set_title('what is left of the one-time gain')
-  axes[1].legend(fontsize=8)
+  for ax in axes:
+    ax.legend(fontsize=8)
   report.save_figure(fig, path)
+
+
+if __name__ == '__main__':
+  cli.example_main(
+      'forgetting', Config(), train_and_evaluate, description=__doc__
+  )

@@ -63,15 +63,10 @@ class Config:
   def __post_init__(self):
     cli.check_fields(
         self,
-        positive=(
-            'steps',
-            'learning_rate',
-            'sweep_learning_rates',
-            'checkpoints',
-            'tolerances',
-        ),
-        nonnegative=('alpha',),
-        decays=('adam_b1s', 'b2', 'ademamix_b1', 'ademamix_b3s'),
+        positive='steps learning_rate sweep_learning_rates checkpoints '
+        'tolerances',
+        nonnegative='alpha',
+        decays='adam_b1s b2 ademamix_b1 ademamix_b3s',
     )
 
 
@@ -79,17 +74,15 @@ def rosenbrock(p: jax.Array) -> jax.Array:
   return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
 
 
-def make_optimizers(
-    config: Config, learning_rate: float
-) -> dict[str, optax.GradientTransformation]:
-  txs = {}
+def make_optimizers(config: Config, lr: float) -> dict[str, Any]:
+  b2, txs = config.b2, {}
   for b1 in config.adam_b1s:
-    txs[f'Adam b1={b1}'] = optax.adam(learning_rate, b1=b1, b2=config.b2)
+    txs[f'Adam b1={b1}'] = optax.adam(lr, b1=b1, b2=b2)
   for b3 in config.ademamix_b3s:
     txs[f'AdEMAMix b3={b3}'] = amx.ademamix(
-        learning_rate,
+        lr,
         b1=config.ademamix_b1,
-        b2=config.b2,
+        b2=b2,
         b3=b3,
         alpha=config.alpha,
         t_alpha_beta3=config.steps,
@@ -97,23 +90,18 @@ def make_optimizers(
   return txs
 
 
-def trajectory(
-    tx: optax.GradientTransformation, start: tuple[float, float], steps: int
-) -> np.ndarray:
+def trajectory(tx, start: tuple[float, float], steps: int) -> np.ndarray:
   """The iterates ``(steps + 1, 2)``, the start included, in float32."""
 
-  @jax.jit
-  def scan(p0):
-    def body(carry, _):
-      p, state = carry
-      updates, state = tx.update(jax.grad(rosenbrock)(p), state, p)
-      p = optax.apply_updates(p, updates)
-      return (p, state), p
+  def body(carry, _):
+    p, state = carry
+    updates, state = tx.update(jax.grad(rosenbrock)(p), state, p)
+    p = optax.apply_updates(p, updates)
+    return (p, state), p
 
-    _, ps = jax.lax.scan(body, (p0, tx.init(p0)), None, length=steps)
-    return jnp.concatenate([p0[None], ps])
-
-  return np.asarray(scan(jnp.asarray(start, jnp.float32)))
+  p0 = jnp.asarray(start, jnp.float32)
+  scan = jax.jit(lambda p0: jax.lax.scan(body, (p0, tx.init(p0)), length=steps))
+  return np.concatenate([p0[None], scan(p0)[1]])
 
 
 def steps_to_stay_within(dist: np.ndarray, tol: float) -> Optional[int]:
@@ -121,76 +109,55 @@ def steps_to_stay_within(dist: np.ndarray, tol: float) -> Optional[int]:
   above = np.nonzero(dist >= tol)[0]
   if len(above) == 0:
     return 0
-  if above[-1] == len(dist) - 1:
-    return None
-  return int(above[-1] + 1)
-
-
-def _fmt_steps(s: Optional[int]) -> str:
-  return 'never' if s is None else str(s)
+  return None if above[-1] == len(dist) - 1 else int(above[-1] + 1)
 
 
 def train_and_evaluate(
     config: Config, workdir: str | os.PathLike[str]
 ) -> dict[str, Any]:
   """Runs every optimizer (and the sweep); writes JSON, PNG and tables."""
-  workdir = report.workdir_path(workdir)
   t0 = time.time()
   lrs = sorted(set(config.sweep_learning_rates) | {config.learning_rate})
+  checkpoints = [c for c in config.checkpoints if c <= config.steps]
   runs: dict[str, dict[str, Any]] = {}
   for lr in lrs:
     for name, tx in make_optimizers(config, lr).items():
       path = trajectory(tx, config.start, config.steps)
       dist = np.linalg.norm(path - 1.0, axis=1)
+      plotted = lr == config.learning_rate  # Every 10th point: enough.
       runs[f'{name} lr={lr:g}'] = {
           'name': name,
           'learning_rate': lr,
           'final': path[-1].tolist(),
-          'distance_at': {
-              str(c): float(dist[c])
-              for c in config.checkpoints
-              if c <= config.steps
-          },
+          'distance_at': {str(c): float(dist[c]) for c in checkpoints},
           'steps_to': {
               str(t): steps_to_stay_within(dist, t) for t in config.tolerances
           },
-          # Every 10th point is plenty for the plot and keeps the JSON small.
-          'path': path[::10].tolist() if lr == config.learning_rate else None,
-          'distance': (
-              dist[::10].tolist() if lr == config.learning_rate else None
-          ),
+          'path': path[::10].tolist() if plotted else None,
+          'distance': dist[::10].tolist() if plotted else None,
       }
   seconds = time.time() - t0
 
-  main = {
-      r['name']: r
-      for r in runs.values()
-      if r['learning_rate'] == config.learning_rate
-  }
-  checkpoints = [c for c in config.checkpoints if c <= config.steps]
+  def fmt(steps):
+    return 'never' if steps is None else str(steps)
+
+  main = {r['name']: r for r in runs.values() if r['path'] is not None}
   rows = [
       [name]
       + [f'{r["distance_at"][str(c)]:.2e}' for c in checkpoints]
-      + [_fmt_steps(r['steps_to'][str(t)]) for t in config.tolerances]
+      + [fmt(r['steps_to'][str(t)]) for t in config.tolerances]
       for name, r in main.items()
   ]
-  table = report.markdown_table(
-      ['optimizer']
-      + [f'dist @ {c}' for c in checkpoints]
-      + [f'steps to stay < {t:g}' for t in config.tolerances],
-      rows,
-  )
+  header = ['optimizer'] + [f'dist @ {c}' for c in checkpoints]
+  header += [f'steps to stay < {t:g}' for t in config.tolerances]
+  table = report.markdown_table(header, rows)
   tol = config.tolerances[0]
-  names = list(main)
   sweep_rows = [
       [f'{lr:g}']
-      + [
-          _fmt_steps(runs[f'{n} lr={lr:g}']['steps_to'][str(tol)])
-          for n in names
-      ]
+      + [fmt(runs[f'{n} lr={lr:g}']['steps_to'][str(tol)]) for n in main]
       for lr in lrs
   ]
-  sweep_table = report.markdown_table(['lr'] + names, sweep_rows)
+  sweep_table = report.markdown_table(['lr'] + list(main), sweep_rows)
   results = {
       'config': dataclasses.asdict(config),
       'runs': runs,
@@ -206,47 +173,34 @@ def train_and_evaluate(
 def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
   """Trajectories on log-scale contours, and distances against steps."""
   config = results['config']
-  lr = config['learning_rate']
-  main = [r for r in results['runs'].values() if r['learning_rate'] == lr]
-  fig, axes = report.subplots(1, 2, figsize=(12, 4.8))
+  main = [r for r in results['runs'].values() if r['path'] is not None]
+  fig, (ax, ax2) = report.subplots(1, 2, figsize=(12, 4.8))
   pts = np.concatenate([np.asarray(r['path']) for r in main])
-  lo = np.minimum(pts.min(0), [-3.5, -1.0])
-  hi = np.maximum(pts.max(0), [2.0, 6.0])
-  lo, hi = np.maximum(lo, [-6.0, -5.0]), np.minimum(hi, [6.0, 12.0])
-  xs, ys = np.meshgrid(
-      np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200)
-  )
-  zs = (1 - xs) ** 2 + 100 * (ys - xs**2) ** 2
-  ax = axes[0]
-  ax.contour(
-      xs, ys, np.log10(zs + 1e-3), levels=20, cmap='Greys', linewidths=0.5
-  )
+  lo = np.maximum(np.minimum(pts.min(0), [-3.5, -1.0]), [-6.0, -5.0])
+  hi = np.minimum(np.maximum(pts.max(0), [2.0, 6.0]), [6.0, 12.0])
+  xs, ys = np.meshgrid(*(np.linspace(lo[i], hi[i], 200) for i in (0, 1)))
+  zs = np.log10(rosenbrock(np.stack([xs, ys])) + 1e-3)
+  ax.contour(xs, ys, zs, levels=20, cmap='Greys', linewidths=0.5)
   for i, r in enumerate(main):
-    p = np.asarray(r['path'])
+    p, d = np.asarray(r['path']), np.asarray(r['distance'])
     ax.plot(p[:, 0], p[:, 1], color=f'C{i}', lw=0.8, label=r['name'])
     ax.plot(*p[-1], 'o', color=f'C{i}', ms=4)
+    d = np.maximum(d, 1e-8)
+    ax2.semilogy(np.arange(len(d)) * 10, d, color=f'C{i}', lw=0.8)
   ax.plot(*config['start'], 'ks', ms=5)
   ax.plot(1.0, 1.0, 'r*', ms=10)
-  ax.set_xlim(lo[0], hi[0])
-  ax.set_ylim(lo[1], hi[1])
-  ax.set_xlabel('x')
-  ax.set_ylabel('y')
+  ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel='x', ylabel='y')
   ax.set_title(
-      f'Rosenbrock from {tuple(config["start"])}, lr={lr:g}, '
-      f'{config["steps"]} steps'
+      f'Rosenbrock from {tuple(config["start"])}, '
+      f'lr={config["learning_rate"]:g}, {config["steps"]} steps'
   )
   ax.legend(fontsize=7, loc='upper right')
-  ax = axes[1]
-  for i, r in enumerate(main):
-    d = np.asarray(r['distance'])
-    ax.semilogy(
-        np.arange(len(d)) * 10,
-        np.maximum(d, 1e-8),
-        color=f'C{i}',
-        lw=0.8,
-        label=r['name'],
-    )
-  ax.set_xlabel('step')
-  ax.set_ylabel('distance to (1, 1) (floored at 1e-8)')
-  ax.legend(fontsize=7)
+  ax2.set(xlabel='step', ylabel='distance to (1, 1) (floored at 1e-8)')
+  ax2.legend([r['name'] for r in main], fontsize=7)
   report.save_figure(fig, path)
+
+
+if __name__ == '__main__':
+  cli.example_main(
+      'rosenbrock', Config(), train_and_evaluate, description=__doc__
+  )

@@ -717,6 +717,12 @@ def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
           label=report.label(name),
       )
     ax.set_xscale('log')
+    values = sorted(
+        {lr for v in lr_sweep['optimizers'].values() for lr in v['lrs']}
+    )
+    ax.set_xticks(values)
+    ax.set_xticklabels([f'{lr:g}' for lr in values], fontsize=7)
+    ax.minorticks_off()
     ax.set_xlabel('peak learning rate')
     ax.set_title(f'Learning rate, {lr_sweep["budget"]} steps', fontsize=9)
     ax.grid(alpha=0.3)

@@ -770,9 +770,9 @@ def _linen_step(state, x, y):
 
 @pytest.mark.parametrize(
     'config',
-    [  # NNX runs every format in the fast set; Linen, one.
+    [  # NNX runs every format in the fast set; Linen, with the slow tests.
         pytest.param(c, marks=pytest.mark.slow)
-        if c in ('ademamix_compact', 'ademamix_8bit')
+        if c in ('ademamix_compact', 'ademamix_8bit', 'simplified_8bit')
         else c
         for c in FLAX_CONFIGS
     ],

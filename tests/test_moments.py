@@ -231,9 +231,9 @@ MESH_CHECKS = {
 
 
 # The fast set runs a configuration of each kind (AdEMAMix float32 with
-# every option, bfloat16, Simplified, a state format); the others run with
-# the slow tests, in a worker of their own.
-FAST_CONFIGS = ('warmup_decay', 'bf16_all', 'simplified_bf16', 'compact')
+# every option, Simplified with bfloat16 states, a state format); the others
+# run with the slow tests, in a worker of their own.
+FAST_CONFIGS = ('warmup_decay', 'simplified_bf16', 'simplified_8bit')
 CONFIG_PARAMS = [
     c if c in FAST_CONFIGS else pytest.param(c, marks=pytest.mark.slow)
     for c in CONFIGS
@@ -241,18 +241,18 @@ CONFIG_PARAMS = [
 
 
 @pytest.fixture(scope='module')
-def result(worker):
+def result(worker, once):
   """The fast configurations, and the checks that are not per
-  configuration."""
-  return worker(WORKER, devices=8, args=('--configs', ','.join(FAST_CONFIGS)))
+  configuration: one run, whatever the number of xdist workers."""
+  args = ('--configs', ','.join(FAST_CONFIGS))
+  return once('sharding', lambda: worker(WORKER, devices=8, args=args))
 
 
 @pytest.fixture(scope='module')
-def slow_result(worker):
+def slow_result(worker, once):
   rest = [c for c in CONFIGS if c not in FAST_CONFIGS]
-  return worker(
-      WORKER, devices=8, args=('--configs', ','.join(rest), '--configs-only')
-  )
+  args = ('--configs', ','.join(rest), '--configs-only')
+  return once('sharding_slow', lambda: worker(WORKER, devices=8, args=args))
 
 
 @pytest.fixture

@@ -71,10 +71,11 @@ class Config:
       parameter of the large leaves) or '8bit' (3.07); AdamW keeps
       ``state_dtype``.
     simplified_b1: Simplified AdEMAMix's momentum decay, warmed up from
-      ``b1`` over the run (the authors' recipe; its learning rate is ``lr``
-      times ``sqrt((1 - b1) (1 - simplified_b1))``).
+      ``b1`` over the run (the authors' recipe; its learning rate is its
+      peak learning rate times ``sqrt((1 - b1) (1 - simplified_b1))``).
     simplified_alpha: Simplified AdEMAMix's weight of the current gradient
-      (the authors' value at 32k tokens per batch; not tuned here).
+      (the field's default is the authors' value at 32k tokens per batch;
+      ``DEFAULT`` takes the budgets scan's swept one).
     optimizers: Which optimizers to train, in order.
     seed: Seeds the model init and the data order.
     eval_every: Evaluate the validation loss every this many steps (and at

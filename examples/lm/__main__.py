@@ -46,11 +46,7 @@ def lr_changes(args: argparse.Namespace) -> dict[str, None]:
   given its own (``--adamw-lr``, ...) on the same command line."""
   if 'lr' not in vars(args):
     return {}
-  return {
-      f: None
-      for f in ('adamw_lr', 'ademamix_lr', 'simplified_lr')
-      if f not in vars(args)
-  }
+  return {f: None for f in configs.LR_FIELDS.values() if f not in vars(args)}
 
 
 def make_config(

@@ -27,6 +27,13 @@ OPTIMIZERS: tuple[Optimizer, ...] = typing.get_args(Optimizer)
 DEFAULT_OPTIMIZERS: tuple[Optimizer, ...] = ('adamw', 'ademamix')
 STATE_DTYPES: tuple[StateDtype, ...] = typing.get_args(StateDtype)
 
+# The field holding each optimizer's own peak learning rate (``None``: ``lr``).
+LR_FIELDS: dict[Optimizer, str] = {
+    'adamw': 'adamw_lr',
+    'ademamix': 'ademamix_lr',
+    'simplified_ademamix': 'simplified_lr',
+}
+
 # The paper: b3 = 0.999 works better than 0.9999 for runs of up to tens of
 # thousands of steps.
 LONG_RUN_STEPS = 20_000
@@ -176,11 +183,7 @@ class Config:
 
   def peak_lr(self, optimizer: Optimizer) -> float:
     """The peak learning rate of ``optimizer``."""
-    own = {
-        'adamw': self.adamw_lr,
-        'ademamix': self.ademamix_lr,
-        'simplified_ademamix': self.simplified_lr,
-    }[optimizer]
+    own = getattr(self, LR_FIELDS[optimizer])
     return self.lr if own is None else own
 
   @property

@@ -92,8 +92,7 @@ class RunSpec:
     if self.alpha is not None:
       changes['simplified_alpha'] = self.alpha
     if self.lr is not None:  # For this run's optimizer, whatever its own.
-      changes.update(lr=self.lr, adamw_lr=None, ademamix_lr=None)
-      changes.update(simplified_lr=None)
+      changes.update(lr=self.lr, **dict.fromkeys(configs.LR_FIELDS.values()))
     return dataclasses.replace(
         base,
         steps=self.steps,
@@ -1016,8 +1015,9 @@ def scan(
     }
     for name in optimizers:
       tried = sorted(float(lr) for lr in lrs)
+      new = tried
       while True:
-        do(lr_specs(name, tried, sweep_budget, sweep_seeds, alpha), 'lr sweep')
+        do(lr_specs(name, new, sweep_budget, sweep_seeds, alpha), 'lr sweep')
         losses = {
             lr: losses_of(
                 lr_specs(name, [lr], sweep_budget, sweep_seeds, alpha)
@@ -1035,7 +1035,7 @@ def scan(
             f'{report.label(name)}: the best learning rate is at the end of '
             f'the grid; trying {extra:g}.'
         )
-        tried = sorted(tried + [extra])
+        tried, new = sorted(tried + [extra]), [extra]
       lr_sweep['lrs'][name] = tried
       found = best_alpha(losses)
       if found is not None:

@@ -25,7 +25,6 @@ from sklearn import model_selection
 
 from examples._shared import cli
 from examples._shared import loop
-from examples._shared import optimizers
 from examples._shared import report
 
 
@@ -155,17 +154,24 @@ def train_and_evaluate(
   digits = datasets.load_digits()  # A fixed stratified split, NHWC in [0, 1].
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   y = digits.target.astype(np.int32)
-  size, seed = config.test_size, config.split_seed
   split = model_selection.train_test_split(
-      x, y, test_size=size, stratify=y, random_state=seed
+      x,
+      y,
+      test_size=config.test_size,
+      stratify=y,
+      random_state=config.split_seed,
   )
   names = ('x_train', 'x_test', 'y_train', 'y_test')
   data = {k: jnp.asarray(v) for k, v in zip(names, split)}
-  runs = {}
-  for name, tx in optimizers.adamw_and_ademamix(config).items():
-    runs[name] = [
-        train_one(config, tx, s, data, f'{name} seed {s}') for s in config.seeds
-    ]
+  runs = {
+      name: [
+          train_one(config, tx, s, data, f'{name} seed {s}')
+          for s in config.seeds
+      ]
+      for name, tx in loop.adamw_and_ademamix(config).items()
+  }
+  header = ['optimizer', f'test accuracy % (seeds {config.seeds})']
+  header += ['mean ± std', 'test loss', 'final train loss']
   rows = []
   for name, curves in runs.items():
     acc = np.array([c['test_acc'][-1] for c in curves])
@@ -178,8 +184,6 @@ def train_and_evaluate(
             np.mean([c['train_loss'][-1] for c in curves]),
         ]
     )
-  header = ['optimizer', f'test accuracy % (seeds {config.seeds})']
-  header += ['mean ± std', 'test loss', 'final train loss']
   table = report.markdown_table(header, rows)
   results = {
       'config': dataclasses.asdict(config),
@@ -209,4 +213,4 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
 
 
 if __name__ == '__main__':
-  cli.example_main('digits', Config(), train_and_evaluate, description=__doc__)
+  cli.example_main('digits', Config(), train_and_evaluate, None, __doc__)

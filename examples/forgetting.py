@@ -24,9 +24,7 @@ import numpy as np
 
 from examples._shared import byte_mlp
 from examples._shared import cli
-from examples._shared import corpus
 from examples._shared import loop
-from examples._shared import optimizers
 from examples._shared import report
 
 
@@ -87,19 +85,18 @@ def train_and_evaluate(
     config: Config, workdir: str | os.PathLike[str]
 ) -> dict[str, Any]:
   """Trains each optimizer with and without the injection; JSON and PNG."""
-  text, length, batches = loop.corpus_batches(config)
-  held_out = corpus.fixed_windows(
-      text.val_U8, config.seed + 3, config.batch_size, length
-  )
+  batches, held_out_windows = byte_mlp.stdlib_windows(config)
+  held_out = held_out_windows(config.seed + 3, config.batch_size)
 
   def batch_fn(step, inject_at):  # Traced: the control run's -1 reuses it.
     return jnp.where(step == inject_at, held_out, batches(step))
 
   params = byte_mlp.init(config.model, jax.random.key(config.seed))
   runs: dict[str, dict[str, Any]] = {}
-  txs = optimizers.adamw_and_ademamix(config, mask=byte_mlp.is_decayed)
-  for name, tx in txs.items():
-    run = loop.make_runner(tx, batch_fn, lambda p: byte_mlp.loss(p, held_out))
+  for name, tx in loop.adamw_and_ademamix(config, byte_mlp.is_decayed).items():
+    run = byte_mlp.make_runner(
+        tx, batch_fn, lambda p: byte_mlp.loss(p, held_out)
+    )
     out = {}
     for kind, k in (('injected', config.inject_at), ('control', -1)):
       run_k = functools.partial(run, aux=jnp.int32(k))
@@ -114,6 +111,14 @@ def train_and_evaluate(
 
   k, steps = config.inject_at, config.steps
   delays = [d for d in (10, 100, 1000) if k + d < steps]
+  header = ['optimizer', f'loss before (after {k} steps)']
+  header += [f'right after (step {k + 1})', f'at end (step {steps})']
+  header += [
+      'at end, never seen',
+      'gain right after',
+      'peak gain (steps after)',
+  ]
+  header += [f'gain +{d}' for d in delays] + ['gain at end']
   rows = []
   for name, r in runs.items():
     inj, ctl = np.asarray(r['probe_injected']), np.asarray(r['probe_control'])
@@ -131,20 +136,9 @@ def train_and_evaluate(
         'gain_end': float(gap[-1]),
     }
     rows.append(
-        [name, *list(s.values())[:5]]
-        + [f'{s["peak_gain"]:.4f} (+{peak + 1})']
+        [name, *list(s.values())[:5], f'{s["peak_gain"]:.4f} (+{peak + 1})']
         + [*s['gain_after'].values(), s['gain_end']]
     )
-  header = [
-      'optimizer',
-      f'loss before (after {k} steps)',
-      f'right after (step {k + 1})',
-      f'at end (step {steps})',
-      'at end, never seen',
-      'gain right after',
-      'peak gain (steps after)',
-  ]
-  header += [f'gain +{d}' for d in delays] + ['gain at end']
   table = report.markdown_table(header, rows)
   results = {'config': dataclasses.asdict(config), 'runs': runs, 'table': table}
   return report.save_results(workdir, 'forgetting', results, plot, table)
@@ -156,8 +150,7 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
   fig, axes = report.subplots(1, 2, figsize=(11, 4))
   for i, (name, r) in enumerate(results['runs'].items()):
     inj, ctl = np.asarray(r['probe_injected']), np.asarray(r['probe_control'])
-    steps = np.arange(1, len(inj) + 1)
-    lo = max(k - (len(inj) - k) // 4, 0)
+    steps, lo = np.arange(1, len(inj) + 1), max(k - (len(inj) - k) // 4, 0)
     kw = dict(color=f'C{i}', lw=0.8)
     axes[0].plot(
         steps[lo:], inj[lo:], label=f'{name}, injected at step {k}', **kw
@@ -180,6 +173,4 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
 
 
 if __name__ == '__main__':
-  cli.example_main(
-      'forgetting', Config(), train_and_evaluate, description=__doc__
-  )
+  cli.example_main('forgetting', Config(), train_and_evaluate, None, __doc__)

@@ -75,17 +75,14 @@ def rosenbrock(p: jax.Array) -> jax.Array:
 
 
 def make_optimizers(config: Config, lr: float) -> dict[str, Any]:
-  b2, txs = config.b2, {}
-  for b1 in config.adam_b1s:
-    txs[f'Adam b1={b1}'] = optax.adam(lr, b1=b1, b2=b2)
+  """Adam for each of ``adam_b1s``, AdEMAMix for each of ``ademamix_b3s``."""
+  txs = {
+      f'Adam b1={b1}': optax.adam(lr, b1, config.b2) for b1 in config.adam_b1s
+  }
+  b1, b2, alpha = config.ademamix_b1, config.b2, config.alpha
   for b3 in config.ademamix_b3s:
     txs[f'AdEMAMix b3={b3}'] = amx.ademamix(
-        lr,
-        b1=config.ademamix_b1,
-        b2=b2,
-        b3=b3,
-        alpha=config.alpha,
-        t_alpha_beta3=config.steps,
+        lr, b1, b2, b3, alpha, t_alpha_beta3=config.steps
     )
   return txs
 
@@ -138,35 +135,32 @@ def train_and_evaluate(
       }
   seconds = time.time() - t0
 
-  def fmt(steps):
+  def steps_to(run, tol):
+    steps = run['steps_to'][str(tol)]
     return 'never' if steps is None else str(steps)
 
   main = {r['name']: r for r in runs.values() if r['path'] is not None}
-  rows = [
-      [name]
-      + [f'{r["distance_at"][str(c)]:.2e}' for c in checkpoints]
-      + [fmt(r['steps_to'][str(t)]) for t in config.tolerances]
-      for name, r in main.items()
-  ]
   header = ['optimizer'] + [f'dist @ {c}' for c in checkpoints]
   header += [f'steps to stay < {t:g}' for t in config.tolerances]
-  table = report.markdown_table(header, rows)
+  rows = [
+      [name, *(f'{r["distance_at"][str(c)]:.2e}' for c in checkpoints)]
+      + [steps_to(r, t) for t in config.tolerances]
+      for name, r in main.items()
+  ]
   tol = config.tolerances[0]
   sweep_rows = [
-      [f'{lr:g}']
-      + [fmt(runs[f'{n} lr={lr:g}']['steps_to'][str(tol)]) for n in main]
+      [f'{lr:g}', *(steps_to(runs[f'{n} lr={lr:g}'], tol) for n in main)]
       for lr in lrs
   ]
-  sweep_table = report.markdown_table(['lr'] + list(main), sweep_rows)
   results = {
       'config': dataclasses.asdict(config),
       'runs': runs,
-      'table': table,
-      'sweep_table': sweep_table,
+      'table': report.markdown_table(header, rows),
+      'sweep_table': report.markdown_table(['lr', *main], sweep_rows),
       'sweep_metric': f'steps to stay within {tol:g} of (1, 1)',
       'seconds': seconds,
   }
-  markdown = table + '\n\n' + results['sweep_metric'] + ':\n\n' + sweep_table
+  markdown = '{table}\n\n{sweep_metric}:\n\n{sweep_table}'.format(**results)
   return report.save_results(workdir, 'rosenbrock', results, plot, markdown)
 
 
@@ -182,10 +176,9 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
   zs = np.log10(rosenbrock(np.stack([xs, ys])) + 1e-3)
   ax.contour(xs, ys, zs, levels=20, cmap='Greys', linewidths=0.5)
   for i, r in enumerate(main):
-    p, d = np.asarray(r['path']), np.asarray(r['distance'])
+    p, d = np.asarray(r['path']), np.maximum(r['distance'], 1e-8)
     ax.plot(p[:, 0], p[:, 1], color=f'C{i}', lw=0.8, label=r['name'])
     ax.plot(*p[-1], 'o', color=f'C{i}', ms=4)
-    d = np.maximum(d, 1e-8)
     ax2.semilogy(np.arange(len(d)) * 10, d, color=f'C{i}', lw=0.8)
   ax.plot(*config['start'], 'ks', ms=5)
   ax.plot(1.0, 1.0, 'r*', ms=10)
@@ -201,6 +194,4 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
 
 
 if __name__ == '__main__':
-  cli.example_main(
-      'rosenbrock', Config(), train_and_evaluate, description=__doc__
-  )
+  cli.example_main('rosenbrock', Config(), train_and_evaluate, None, __doc__)

@@ -21,9 +21,7 @@ import numpy as np
 import ademamix_optax as amx
 from examples._shared import byte_mlp
 from examples._shared import cli
-from examples._shared import corpus
 from examples._shared import loop
-from examples._shared import optimizers
 from examples._shared import report
 
 
@@ -99,36 +97,32 @@ def train_and_evaluate(
     config: Config, workdir: str | os.PathLike[str]
 ) -> dict[str, Any]:
   """Runs AdamW, the switched branches and AdEMAMix; writes JSON and PNG."""
-  text, length, batches = loop.corpus_batches(config)
-  windows = corpus.fixed_windows(
-      text.val_U8, config.seed + 2, config.eval_windows, length
-  )
-  evaluate = loop.make_evaluator(windows)
+  batches, held_out = byte_mlp.stdlib_windows(config)
+  evaluate = byte_mlp.evaluator(held_out(config.seed + 2, config.eval_windows))
   params = byte_mlp.init(config.model, jax.random.key(config.seed))
   mask, runs = byte_mlp.is_decayed, {}
 
+  def runner(tx):
+    return byte_mlp.make_runner(tx, lambda step, aux: batches(step))
+
   def train(name, switch_at, run, state, keep=()):
-    every, start = config.eval_every, switch_at or 0
     out = loop.train(
         run,
         state,
         config.steps,
-        every,
+        config.eval_every,
         name,
-        start=start,
+        start=switch_at or 0,
         evaluate=evaluate,
         keep=keep,
     )
     runs[name] = {'switch_at': switch_at, **out.curves, 'seconds': out.seconds}
     return out.kept
 
-  def runner(tx):
-    return loop.make_runner(tx, lambda step, aux: batches(step))
-
-  tx = optimizers.adamw(config, mask=mask)
+  tx = loop.adamw(config, mask)
   state = (params, tx.init(params))
   kept = train('AdamW', None, runner(tx), state, keep=config.switch_at)
-  tx = optimizers.ademamix(  # After the switch: no warmups, small alpha.
+  tx = loop.ademamix(  # After the switch: no warmups, small alpha.
       config, config.switch_b3, config.switch_alpha, warmups=False, mask=mask
   )
   run = runner(tx)
@@ -138,21 +132,17 @@ def train_and_evaluate(
     train(f'AdamW -> AdEMAMix @ {s}', s, run, state)
   if config.scratch:
     b3, alpha = config.scratch_b3, config.scratch_alpha
-    tx = optimizers.ademamix(config, b3, alpha, mask=mask)
+    tx = loop.ademamix(config, b3, alpha, mask=mask)
     train('AdEMAMix', 0, runner(tx), (params, tx.init(params)))
 
   base = runs['AdamW']['val_loss'][-1]
+  header = ['run', 'switch step', f'val loss @ {config.steps}', 'vs AdamW']
   rows = [
-      [
-          name,
-          '-' if r['switch_at'] is None else r['switch_at'],
-          r['val_loss'][-1],
-          f'{r["val_loss"][-1] - base:+.4f}',
-          f'{r["seconds"]:.0f}',
-      ]
+      [name, '-' if r['switch_at'] is None else r['switch_at']]
+      + [r['val_loss'][-1], f'{r["val_loss"][-1] - base:+.4f}']
+      + [f'{r["seconds"]:.0f}']
       for name, r in runs.items()
   ]
-  header = ['run', 'switch step', f'val loss @ {config.steps}', 'vs AdamW']
   table = report.markdown_table(header + ['seconds'], rows)
   results = {'config': dataclasses.asdict(config), 'runs': runs, 'table': table}
   return report.save_results(workdir, 'switching', results, plot, table)
@@ -183,6 +173,4 @@ def plot(results: dict[str, Any], path: os.PathLike[str]) -> None:
 
 
 if __name__ == '__main__':
-  cli.example_main(
-      'switching', Config(), train_and_evaluate, description=__doc__
-  )
+  cli.example_main('switching', Config(), train_and_evaluate, None, __doc__)

@@ -1,21 +1,26 @@
-"""A next-byte MLP in plain JAX: embed ``context`` bytes, predict the next.
+"""A next-byte MLP in plain JAX, its batches and its compiled training steps.
 
 Bengio-style: the embeddings of the last ``context`` bytes are concatenated
 and fed through ``depth`` GELU layers of width ``hidden``; the output is a
 distribution over the 256 byte values. Small enough to run thousands of steps
-a minute on a CPU.
+a minute on a CPU. A step's training windows are drawn on device from the
+step number alone (:func:`stdlib_windows`), so every optimizer, and every
+branch of a run, sees the same batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from examples._shared import cli
+from examples._shared import corpus
 
 Params = dict[str, Any]
 
@@ -37,8 +42,7 @@ class ModelConfig:
   depth: int = 2
 
   def __post_init__(self):
-    names = ('context', 'embed', 'hidden', 'depth')
-    cli.check_fields(self, positive=names)
+    cli.check_fields(self, positive='context embed hidden depth')
 
 
 def init(config: ModelConfig, key: jax.Array) -> Params:
@@ -50,37 +54,100 @@ def init(config: ModelConfig, key: jax.Array) -> Params:
     w = jax.random.normal(k, (n_in, n_out)) * scale / jnp.sqrt(n_in)
     return {'w': w, 'b': jnp.zeros((n_out,))}
 
-  layers = [
-      dense(keys[i + 1], widths[i], widths[i + 1]) for i in range(config.depth)
-  ]
   return {
       'embed': jax.random.normal(keys[0], (256, config.embed)),
-      'layers': layers,
+      'layers': [
+          dense(keys[i + 1], *widths[i : i + 2]) for i in range(config.depth)
+      ],
       'out': dense(keys[-1], widths[-1], 256, scale=0.1),
   }
 
 
-def apply(params: Params, x_BxC: jax.Array) -> jax.Array:
-  """Logits (B, 256) of the byte following each row of ``x_BxC``."""
+def loss(params: Params, windows_BxL: jax.Array) -> jax.Array:
+  """Mean cross-entropy (nats) of each window's last byte given the ones
+  before it (the last ``context`` of them)."""
+  context = params['layers'][0]['w'].shape[0] // params['embed'].shape[1]
+  x_BxC, y_B = windows_BxL[:, -context - 1 : -1], windows_BxL[:, -1]
   h = params['embed'][x_BxC].reshape(x_BxC.shape[0], -1)
   for layer in params['layers']:
     h = jax.nn.gelu(h @ layer['w'] + layer['b'])
-  return h @ params['out']['w'] + params['out']['b']
-
-
-def loss(params: Params, windows_BxL: jax.Array) -> jax.Array:
-  """Mean cross-entropy (nats) of the last byte of each window given the rest.
-
-  Only the last ``context`` bytes before the target are used, so windows may be
-  longer than ``context + 1``.
-  """
-  context = params['layers'][0]['w'].shape[0] // params['embed'].shape[1]
-  x = windows_BxL[:, -context - 1 : -1]
-  y = windows_BxL[:, -1]
-  logits = apply(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  logits = h @ params['out']['w'] + params['out']['b']
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y_B).mean()
 
 
 def is_decayed(params: Params) -> Any:
   """Weight-decay mask: matrices and embeddings, not biases."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _windows(data_U8: jax.Array, key: jax.Array, n: int, length: int):
+  """``n`` random windows of ``length`` bytes, as int32 ``(n, length)``."""
+  starts = jax.random.randint(key, (n,), 0, data_U8.shape[0] - length)
+
+  def take(s):
+    return jax.lax.dynamic_slice(data_U8, (s,), (length,))
+
+  return jax.vmap(take)(starts).astype(jnp.int32)
+
+
+def stdlib_windows(config: Any) -> tuple[Callable[..., jax.Array], ...]:
+  """``batch(step)``, the training windows, and ``held_out(seed, n)``.
+
+  From the stdlib corpus of ``config.max_bytes`` and ``val_fraction``;
+  windows of ``model.context + 1`` bytes. ``batch(step)`` (the step may be
+  traced) draws ``batch_size`` training windows from
+  ``jax.random.key(seed + 1)`` folded with the step; ``held_out(seed, n)``
+  draws ``n`` validation windows once.
+  """
+  text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
+  train_U8, val_U8 = jnp.asarray(text.train_U8), jnp.asarray(text.val_U8)
+  key, length = jax.random.key(config.seed + 1), config.model.context + 1
+
+  def batch(step):
+    key_k = jax.random.fold_in(key, step)
+    return _windows(train_U8, key_k, config.batch_size, length)
+
+  def held_out(seed, n):
+    return _windows(val_U8, jax.random.key(seed), n, length)
+
+  return batch, held_out
+
+
+def make_runner(
+    tx: optax.GradientTransformation,
+    batch_fn: Callable[[jax.Array, Any], jax.Array],
+    probe_fn: Optional[Callable[[Params], jax.Array]] = None,
+) -> Callable[..., tuple[Any, np.ndarray, np.ndarray]]:
+  """``run(state, start, num, aux=None)``: ``num`` steps in one ``lax.scan``.
+
+  ``state`` is ``(params, opt_state)`` at the 0-based step ``start``; the
+  windows of a step are ``batch_fn(step, aux)``, ``aux`` any array tree
+  (traced: a new value does not recompile). ``run`` returns the new state and,
+  as NumPy arrays, the training loss of every step and ``probe_fn(params)``
+  after every update (zeros without a probe).
+  """
+
+  def body(carry, step, aux):
+    params, opt_state = carry
+    value, grads = jax.value_and_grad(loss)(params, batch_fn(step, aux))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    probe = jnp.zeros(()) if probe_fn is None else probe_fn(params)
+    return (params, opt_state), (value, probe)
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def scan(state, start, num, aux):
+    steps = start + jnp.arange(num)
+    return jax.lax.scan(functools.partial(body, aux=aux), state, steps)
+
+  def run(state, start: int, num: int, aux: Any = None):
+    state, (losses, probes) = scan(state, jnp.int32(start), num, aux)
+    return state, np.asarray(losses), np.asarray(probes)
+
+  return run
+
+
+def evaluator(windows: jax.Array) -> Callable[[Any], dict[str, float]]:
+  """``evaluate((params, opt_state))``: ``{'val_loss': ...}`` on ``windows``."""
+  compiled = jax.jit(loss)
+  return lambda state: {'val_loss': float(compiled(state[0], windows))}

@@ -1,14 +1,12 @@
-"""Command lines generated from a ``Config`` dataclass; progress bars.
+"""Command lines made from a frozen ``Config`` dataclass; progress bars.
 
-Every field of an example's frozen ``Config`` becomes a flag: ``--steps``
-for ``steps``, ``--model-context`` for ``context`` of a nested ``model``
-config (``--learning_rate`` is accepted for ``--learning-rate``). The type
-comes from the annotation (``int``, ``float``, ``str``, ``Optional[...]``,
-``Literal[...]`` gives the choices, ``bool`` gives ``--flag/--no-flag``,
-``tuple[X, ...]`` takes one or more values), the help text from the
-``Attributes:`` section of the class docstring. A value the ``Config``
-refuses (its ``__post_init__`` raises ``ValueError``), or a
-:class:`UsageError` raised later, ends like any other bad flag: the usage, the
+Every field is a flag: ``--steps`` for ``steps``, ``--model-context`` for
+``context`` of a nested ``model`` config (``--learning_rate`` still works for
+``--learning-rate``). The annotation gives the type (``Literal`` the choices,
+``bool`` a ``--x/--no-x`` pair, ``tuple[X, ...]`` one or more values), the
+``Attributes:`` section of the class docstring the help. A value the
+``Config`` refuses (``ValueError`` from ``__post_init__``), or a
+:class:`UsageError` raised later, ends as any bad flag does: the usage, the
 message and exit code 2.
 """
 
@@ -33,55 +31,33 @@ class UsageError(ValueError):
 
 def field_docs(cls: type) -> dict[str, str]:
   """The ``Attributes:`` entries of a Google-style class docstring."""
-  docs, name, inside = {}, None, False
-  for line in (inspect.getdoc(cls) or '').splitlines():
-    if line == 'Attributes:':
-      inside = True
-    elif inside and line and not line.startswith(' '):
-      break  # The next section.
-    elif inside and (match := re.fullmatch(r'  (\w+): (.*)', line)):
-      name = match.group(1)
-      docs[name] = match.group(2)
-    elif inside and name and line.strip():
-      docs[name] += ' ' + line.strip()
-  return docs
+  section = (inspect.getdoc(cls) or '').partition('\nAttributes:\n')[2]
+  section = re.split(r'\n(?=\S)', section)[0]  # Up to the next section.
+  entries = re.finditer(r'^  (\w+): (.*(?:\n   +.*)*)', section, re.M)
+  return {m[1]: ' '.join(m[2].split()) for m in entries}
 
 
 def _unwrap_optional(tp: Any) -> Any:
-  if typing.get_origin(tp) in (typing.Union, types.UnionType):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if len(args) == 1:
-      return args[0]
-  return tp
-
-
-def _value_kwargs(tp: Any) -> dict[str, Any]:
-  """argparse ``type``/``choices`` for one value of type ``tp``."""
-  tp = _unwrap_optional(tp)
-  if typing.get_origin(tp) is typing.Literal:
-    choices = typing.get_args(tp)
-    return {'type': type(choices[0]), 'choices': choices}
-  if tp in (int, float, str):
-    return {'type': tp}
-  raise TypeError(f'No flag for a field of type {tp!r}.')
+  args = [a for a in typing.get_args(tp) if a is not type(None)]
+  is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+  return args[0] if is_union and len(args) == 1 else tp
 
 
 def _flag_kwargs(tp: Any) -> dict[str, Any]:
-  tp = _unwrap_optional(tp)
+  """The ``add_argument`` keywords of a field annotated ``tp``."""
+  tp, kwargs = _unwrap_optional(tp), {}
   if tp is bool:
     return {'action': argparse.BooleanOptionalAction}
   if typing.get_origin(tp) is tuple:
     args = typing.get_args(tp)
-    if len(args) == 2 and args[1] is Ellipsis:
-      return {'nargs': '+', **_value_kwargs(args[0])}
-    return {'nargs': len(args), **_value_kwargs(args[0])}
-  return _value_kwargs(tp)
-
-
-def _format(value: Any) -> str:
-  if isinstance(value, tuple):
-    return ' '.join(str(v) for v in value) or '()'
-  return str(value)
+    kwargs['nargs'] = '+' if args[1:] == (Ellipsis,) else len(args)
+    tp = args[0]
+  if typing.get_origin(tp) is typing.Literal:
+    kwargs['choices'] = typing.get_args(tp)
+    tp = type(kwargs['choices'][0])
+  if tp not in (int, float, str):
+    raise TypeError(f'No flag for a field of type {tp!r}.')
+  return dict(kwargs, type=tp)
 
 
 def add_config_flags(
@@ -93,52 +69,40 @@ def add_config_flags(
 ) -> None:
   """Adds a flag for every field of the dataclass instance ``config``.
 
-  The help shows ``config``'s value as the default; flags that are not given
-  are left out of the parsed namespace (see :func:`config_from_args`).
-
-  Args:
-    parser: Where the flags go.
-    config: A dataclass instance, the defaults shown.
-    exclude: Fields that get no flag.
-    prefix: Dotted path of a nested config (internal).
+  The help shows ``config``'s values as the defaults; a flag not given is left
+  out of the parsed namespace (see :func:`config_from_args`). ``exclude``
+  names fields without a flag; ``prefix`` is the dotted path of a nested
+  config (internal).
   """
+  hints, docs = typing.get_type_hints(type(config)), field_docs(type(config))
   exclude = set(exclude)
-  cls = type(config)
-  hints = typing.get_type_hints(cls)
-  docs = field_docs(cls)
-  for field in dataclasses.fields(cls):
+  for field in dataclasses.fields(config):
+    value, path = getattr(config, field.name), prefix + field.name
     if field.name in exclude:
       continue
-    value = getattr(config, field.name)
-    path = prefix + field.name
     if dataclasses.is_dataclass(value):
       add_config_flags(parser, value, prefix=path + '.')
       continue
-    flag = '--' + path.replace('.', '-').replace('_', '-')
-    kwargs = dict(
-        dest=path,
-        default=argparse.SUPPRESS,
-        metavar=field.name.upper(),
-        **_flag_kwargs(hints[field.name]),
-    )
-    if 'action' in kwargs or 'choices' in kwargs:
-      del kwargs['metavar']
+    kwargs = dict(dest=path, default=argparse.SUPPRESS)
+    kwargs.update(_flag_kwargs(hints[field.name]))
+    if not {'action', 'choices'} & set(kwargs):
+      kwargs['metavar'] = field.name.upper()
     doc = docs.get(field.name, '').replace('``', '').replace('%', '%%')
-    if value is not None:
-      doc += f' Default: {_format(value)}.'
-    parser.add_argument(flag, help=doc.strip(), **kwargs)
+    if isinstance(value, tuple):
+      doc += f' Default: {" ".join(map(str, value)) or "()"}.'
+    elif value is not None:
+      doc += f' Default: {value}.'
+    flag = '--' + path.replace('.', '-')
+    parser.add_argument(flag.replace('_', '-'), help=doc.strip(), **kwargs)
     if '_' in path:  # The old spelling, e.g. --learning_rate; not listed.
-      parser.add_argument(
-          '--' + path.replace('.', '-'), help=argparse.SUPPRESS, **kwargs
-      )
+      parser.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
 
 
 def apply_flags(config: Any, values: dict[str, Any], prefix: str = '') -> Any:
   """``config`` with the parsed flag ``values`` (dotted names) replacing."""
   changes = {}
   for field in dataclasses.fields(config):
-    path = prefix + field.name
-    value = getattr(config, field.name)
+    path, value = prefix + field.name, getattr(config, field.name)
     if dataclasses.is_dataclass(value):
       changes[field.name] = apply_flags(value, values, path + '.')
     elif path in values:
@@ -196,17 +160,12 @@ def check_fields(
 ) -> None:
   """Raises ``ValueError`` naming the first field out of its range.
 
-  Args:
-    config: The dataclass instance checked.
-    integers: Fields that must be integers (or tuples of them); by default
-      those typed so (:func:`integer_fields`).
-    positive: Fields that must be > 0.
-    nonnegative: Fields that must be >= 0.
-    decays: Fields in [0, 1) (EMA decays).
-    fractions: Fields in (0, 1).
-
-  Each rule takes a sequence of names or one string of them separated by
-  spaces. A ``None`` value passes every rule (an optional field left unset).
+  Each rule takes field names, as a sequence or one string separated by
+  spaces: ``integers`` (by default the fields typed so, see
+  :func:`integer_fields`), ``positive`` (> 0), ``nonnegative`` (>= 0),
+  ``decays`` (in [0, 1)) and ``fractions`` (in (0, 1)). A field that is a
+  tuple must be non-empty with every value passing; ``None`` passes every rule
+  (an optional field left unset).
   """
   if integers is None:
     integers = integer_fields(config)
@@ -255,18 +214,13 @@ def example_main(
     argv: Optional[Sequence[str]] = None,
     description: Optional[str] = None,
 ) -> dict[str, Any]:
-  """``python -m examples.<name>``: flags, run, print the table(s).
+  """``python -m examples.<name>``: parse the flags, train, print the table.
 
-  Args:
-    name: The example; the stem of its output files.
-    config: The default ``Config``.
-    train_and_evaluate: ``train_and_evaluate(config, workdir)``, writing
-      ``<workdir>/<name>.md`` among its results.
-    argv: The flags (``sys.argv[1:]`` when ``None``).
-    description: For ``--help``: its first line (an example's docstring).
-
-  Returns:
-    What ``train_and_evaluate`` returned.
+  ``train_and_evaluate(config, workdir)`` gets the default ``config`` with
+  the flags (``sys.argv[1:]`` when ``argv`` is ``None``) and writes
+  ``<workdir>/<name>.md`` among its results; the first line of
+  ``description`` (the example's docstring) heads ``--help``. Returns what
+  ``train_and_evaluate`` returned.
   """
   parser = argparse.ArgumentParser(
       prog=f'python -m examples.{name}',

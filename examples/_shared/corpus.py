@@ -1,15 +1,15 @@
-"""The byte corpus of every text example, and its training windows.
+"""The byte corpus of the text examples, and its training windows.
 
-The Python standard library's own ``.py`` files (they ship with every Python
-installation, so nothing is downloaded), or one text file. The split is
-stated here only: a stdlib file goes to validation by a CRC32 of its path
-(:func:`is_validation_file`, about ``val_fraction`` of the files), and a
-single file holds out its last ``val_fraction`` of bytes (:func:`load_file`).
+The Python standard library's own ``.py`` files (they ship with every Python,
+so nothing is downloaded), or one text file. The split is stated here only: a
+stdlib file goes to validation by a CRC32 of its path
+(:func:`is_validation_file`, about ``val_fraction`` of the files); a single
+file holds out its last ``val_fraction`` of bytes (:func:`load_file`).
 
-Everything here is deterministic. The corpus is read in a fixed order and
-split in a fixed way, and training batch ``i`` is a pure function of
-``(seed, i)``, so a run resumed at step ``i`` sees exactly the batches that an
-uninterrupted run would have seen, with no data-loader state to save.
+Everything is deterministic: the corpus is read in a fixed order and split in
+a fixed way, and training batch ``i`` is a pure function of ``(seed, i)``, so
+a run resumed at step ``i`` sees the batches an uninterrupted run would have,
+with no data-loader state to save.
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ import dataclasses
 import os
 import pathlib
 import sysconfig
-from typing import Callable, Optional, Sequence
+from typing import Optional
 import zlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from examples._shared import cli
 
-# Third-party packages installed next to the standard library are not part of
-# it.
+# Third-party packages installed next to the standard library are not in it.
 _SKIP_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
 
 
@@ -72,53 +69,40 @@ def list_python_files(root: pathlib.Path) -> list[str]:
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
     relative_dir = pathlib.Path(dirpath).relative_to(root)
-    paths.extend(
+    paths += [
         (relative_dir / f).as_posix() for f in filenames if f.endswith('.py')
-    )
+    ]
   return sorted(paths)
-
-
-def _concat(chunks: Sequence[bytes]) -> np.ndarray:
-  return np.frombuffer(b''.join(chunks), dtype=np.uint8).copy()
 
 
 def load_stdlib(
     max_bytes: int, val_fraction: float, root: Optional[pathlib.Path] = None
 ) -> Corpus:
-  """Reads the standard library's ``.py`` files, split by file.
+  """The ``.py`` files under ``root`` (the stdlib when ``None``), by file.
 
-  Files are taken in sorted order of their relative paths until ``max_bytes``
-  is reached (the file that crosses the cap is the last one), then each file
-  goes to validation or training by :func:`is_validation_file`. Each file
-  ends with a newline.
-
-  Args:
-    max_bytes: Cap on the bytes read, both splits together.
-    val_fraction: Expected fraction of files held out.
-    root: Directory to read; the interpreter's stdlib when ``None``.
-
-  Returns:
-    The :class:`Corpus`.
+  Files are read in sorted order of their relative paths until ``max_bytes``
+  is reached (the file that crosses it is the last), each ending with a
+  newline, and go to validation or training by :func:`is_validation_file`.
   """
   root = stdlib_dir() if root is None else root
-  train, val = [], []
+  split: dict[bool, list[bytes]] = {False: [], True: []}
   total = 0
   for relative in list_python_files(root):
     if total >= max_bytes:
       break
     text = (root / relative).read_bytes()
-    if not text.endswith(b'\n'):
-      text += b'\n'
+    text += b'' if text.endswith(b'\n') else b'\n'
     total += len(text)
-    (val if is_validation_file(relative, val_fraction) else train).append(text)
+    split[is_validation_file(relative, val_fraction)].append(text)
+  train, val = split[False], split[True]
   if not train or not val:
     raise cli.UsageError(
         f'{root} gave {len(train)} training and {len(val)} validation files '
         f'under max_bytes={max_bytes}; raise max_bytes.'
     )
   return Corpus(
-      train_U8=_concat(train),
-      val_U8=_concat(val),
+      train_U8=np.frombuffer(b''.join(train), dtype=np.uint8).copy(),
+      val_U8=np.frombuffer(b''.join(val), dtype=np.uint8).copy(),
       source=f'Python stdlib .py files under {root}',
       num_train_files=len(train),
       num_val_files=len(val),
@@ -168,16 +152,14 @@ def check_length(corpus: Corpus, context: int, val_sequences: int) -> None:
 def train_batch(
     train_U8: np.ndarray, seed: int, index: int, batch: int, context: int
 ) -> np.ndarray:
-  """Training batch ``index``: random windows, a pure function of the args.
+  """Training batch ``index``, random windows: a pure function of the args.
 
-  Returns:
-    A ``uint8`` array of shape ``(batch, context + 1)``: inputs are
-    ``[:, :-1]`` and next-byte targets ``[:, 1:]``.
+  Returns ``uint8`` of shape ``(batch, context + 1)``: inputs are ``[:, :-1]``
+  and next-byte targets ``[:, 1:]``.
   """
   rng = np.random.default_rng([seed, index])
   starts_B = rng.integers(0, len(train_U8) - context, size=batch)
-  offsets_L1 = np.arange(context + 1)
-  return train_U8[starts_B[:, None] + offsets_L1[None, :]]
+  return train_U8[starts_B[:, None] + np.arange(context + 1)[None, :]]
 
 
 def val_batches(
@@ -185,45 +167,9 @@ def val_batches(
 ) -> np.ndarray:
   """Fixed validation windows, spread evenly over the validation text.
 
-  Returns:
-    A ``uint8`` array of shape ``(num_batches, batch, context + 1)``.
+  Returns ``uint8`` of shape ``(num_batches, batch, context + 1)``.
   """
   n = num_batches * batch
   starts = np.linspace(0, len(val_U8) - (context + 1), n).astype(np.int64)
   windows = val_U8[starts[:, None] + np.arange(context + 1)[None, :]]
   return windows.reshape(num_batches, batch, context + 1)
-
-
-def sample_windows(
-    data_U8: jax.Array, key: jax.Array, batch_size: int, length: int
-) -> jax.Array:
-  """``batch_size`` random windows of ``length`` bytes, as int32 (B, L)."""
-  starts = jax.random.randint(key, (batch_size,), 0, data_U8.shape[0] - length)
-
-  def take(s):
-    return jax.lax.dynamic_slice(data_U8, (s,), (length,))
-
-  return jax.vmap(take)(starts).astype(jnp.int32)
-
-
-def fixed_windows(
-    data_U8: np.ndarray, seed: int, batch_size: int, length: int
-) -> jax.Array:
-  """A fixed set of windows (for evaluation), drawn once from ``seed``."""
-  return sample_windows(
-      jnp.asarray(data_U8), jax.random.key(seed), batch_size, length
-  )
-
-
-def training_batches(
-    train_U8: np.ndarray, key: jax.Array, batch_size: int, length: int
-) -> Callable[[jax.Array], jax.Array]:
-  """``batch(step)``: the step's random training windows, drawn on device.
-
-  A pure function of the (possibly traced) step, so a compiled training loop
-  (``lax.scan``) draws its batches itself and a rerun sees the same ones.
-  """
-  data_U8 = jnp.asarray(train_U8)
-  return lambda step: sample_windows(
-      data_U8, jax.random.fold_in(key, step), batch_size, length
-  )

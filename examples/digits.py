@@ -93,10 +93,10 @@ class CNN(nn.Module):
     return nn.Dense(10)(x)
 
 
-def _loss_and_logits(params, apply_fn, x, y):
+def _loss_and_accuracy(params, apply_fn, x, y):
   logits = apply_fn({'params': params}, x)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return loss, logits
+  return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
 
 @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
@@ -109,15 +109,14 @@ def _train_step(state, data, key, batch_size):
   """
   idx = jax.random.choice(key, len(data['y_train']), (batch_size,), False)
   x, y = data['x_train'][idx], data['y_train'][idx]
-  grad_fn = jax.value_and_grad(_loss_and_logits, has_aux=True)
+  grad_fn = jax.value_and_grad(_loss_and_accuracy, has_aux=True)
   (loss, _), grads = grad_fn(state.params, state.apply_fn, x, y)
   return state.apply_gradients(grads=grads), loss
 
 
 @jax.jit
 def _evaluate(state, x, y):
-  loss, logits = _loss_and_logits(state.params, state.apply_fn, x, y)
-  return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+  return _loss_and_accuracy(state.params, state.apply_fn, x, y)
 
 
 def train_one(config, tx, seed, data, desc) -> dict[str, Any]:
@@ -141,9 +140,8 @@ def train_one(config, tx, seed, data, desc) -> dict[str, Any]:
     loss, acc = _evaluate(state, data['x_test'], data['y_test'])
     return {'test_loss': float(loss), 'test_acc': float(acc)}
 
-  out = loop.train(
-      run, state, config.steps, config.eval_every, desc, evaluate=evaluate
-  )
+  chunks = range(0, config.steps, config.eval_every)
+  out = loop.train(run, state, chunks, desc, evaluate)
   return dict(out.curves, seed=seed, seconds=out.seconds)
 
 
@@ -154,22 +152,17 @@ def train_and_evaluate(
   digits = datasets.load_digits()  # A fixed stratified split, NHWC in [0, 1].
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   y = digits.target.astype(np.int32)
+  size, seed = config.test_size, config.split_seed
   split = model_selection.train_test_split(
-      x,
-      y,
-      test_size=config.test_size,
-      stratify=y,
-      random_state=config.split_seed,
+      x, y, test_size=size, stratify=y, random_state=seed
   )
   names = ('x_train', 'x_test', 'y_train', 'y_test')
   data = {k: jnp.asarray(v) for k, v in zip(names, split)}
-  runs = {
-      name: [
-          train_one(config, tx, s, data, f'{name} seed {s}')
-          for s in config.seeds
-      ]
-      for name, tx in loop.adamw_and_ademamix(config).items()
-  }
+  runs = {}
+  for name, tx in loop.optimizers(config).items():
+    runs[name] = [
+        train_one(config, tx, s, data, f'{name} seed {s}') for s in config.seeds
+    ]
   header = ['optimizer', f'test accuracy % (seeds {config.seeds})']
   header += ['mean ± std', 'test loss', 'final train loss']
   rows = []

@@ -93,7 +93,7 @@ def train_and_evaluate(
 
   params = byte_mlp.init(config.model, jax.random.key(config.seed))
   runs: dict[str, dict[str, Any]] = {}
-  for name, tx in loop.adamw_and_ademamix(config, byte_mlp.is_decayed).items():
+  for name, tx in loop.optimizers(config, mask=byte_mlp.is_decayed).items():
     run = byte_mlp.make_runner(
         tx, batch_fn, lambda p: byte_mlp.loss(p, held_out)
     )
@@ -101,7 +101,8 @@ def train_and_evaluate(
     for kind, k in (('injected', config.inject_at), ('control', -1)):
       run_k = functools.partial(run, aux=jnp.int32(k))
       state, desc = (params, tx.init(params)), f'{name}, {kind}'
-      out[kind] = loop.train(run_k, state, config.steps, config.chunk, desc)
+      chunks = range(0, config.steps, config.chunk)
+      out[kind] = loop.train(run_k, state, chunks, desc)
     # probe[i] is the loss on the held-out batch after update i (0-based).
     runs[name] = {f'probe_{kind}': o.probes.tolist() for kind, o in out.items()}
     runs[name].update(

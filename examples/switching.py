@@ -106,25 +106,16 @@ def train_and_evaluate(
     return byte_mlp.make_runner(tx, lambda step, aux: batches(step))
 
   def train(name, switch_at, run, state, keep=()):
-    out = loop.train(
-        run,
-        state,
-        config.steps,
-        config.eval_every,
-        name,
-        start=switch_at or 0,
-        evaluate=evaluate,
-        keep=keep,
-    )
+    chunks = range(switch_at or 0, config.steps, config.eval_every)
+    out = loop.train(run, state, chunks, name, evaluate, keep)
     runs[name] = {'switch_at': switch_at, **out.curves, 'seconds': out.seconds}
     return out.kept
 
-  tx = loop.adamw(config, mask)
-  state = (params, tx.init(params))
-  kept = train('AdamW', None, runner(tx), state, keep=config.switch_at)
-  tx = loop.ademamix(  # After the switch: no warmups, small alpha.
-      config, config.switch_b3, config.switch_alpha, warmups=False, mask=mask
-  )
+  # AdamW, and the AdEMAMix after a switch: no warmups, a small alpha.
+  b3, alpha = config.switch_b3, config.switch_alpha
+  adamw, tx = loop.optimizers(config, b3, alpha, False, mask).values()
+  state = (params, adamw.init(params))
+  kept = train('AdamW', None, runner(adamw), state, keep=config.switch_at)
   run = runner(tx)
   for s in config.switch_at:
     params_s, adam_state = kept[s]
@@ -132,7 +123,7 @@ def train_and_evaluate(
     train(f'AdamW -> AdEMAMix @ {s}', s, run, state)
   if config.scratch:
     b3, alpha = config.scratch_b3, config.scratch_alpha
-    tx = loop.ademamix(config, b3, alpha, mask=mask)
+    tx = loop.optimizers(config, b3, alpha, mask=mask)['AdEMAMix']
     train('AdEMAMix', 0, runner(tx), (params, tx.init(params)))
 
   base = runs['AdamW']['val_loss'][-1]

@@ -127,18 +127,17 @@ def make_runner(
   after every update (zeros without a probe).
   """
 
-  def body(carry, step, aux):
-    params, opt_state = carry
-    value, grads = jax.value_and_grad(loss)(params, batch_fn(step, aux))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    probe = jnp.zeros(()) if probe_fn is None else probe_fn(params)
-    return (params, opt_state), (value, probe)
-
   @functools.partial(jax.jit, static_argnums=2)
   def scan(state, start, num, aux):
-    steps = start + jnp.arange(num)
-    return jax.lax.scan(functools.partial(body, aux=aux), state, steps)
+    def body(carry, step):
+      params, opt_state = carry
+      value, grads = jax.value_and_grad(loss)(params, batch_fn(step, aux))
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      probe = jnp.zeros(()) if probe_fn is None else probe_fn(params)
+      return (params, opt_state), (value, probe)
+
+    return jax.lax.scan(body, state, start + jnp.arange(num))
 
   def run(state, start: int, num: int, aux: Any = None):
     state, (losses, probes) = scan(state, jnp.int32(start), num, aux)

@@ -1,13 +1,10 @@
 """Command lines made from a frozen ``Config`` dataclass; progress bars.
 
-Every field is a flag: ``--steps`` for ``steps``, ``--model-context`` for
-``context`` of a nested ``model`` config (``--learning_rate`` still works for
-``--learning-rate``). The annotation gives the type (``Literal`` the choices,
-``bool`` a ``--x/--no-x`` pair, ``tuple[X, ...]`` one or more values), the
-``Attributes:`` section of the class docstring the help. A value the
-``Config`` refuses (``ValueError`` from ``__post_init__``), or a
-:class:`UsageError` raised later, ends as any bad flag does: the usage, the
-message and exit code 2.
+Every field is a flag (``--model-context`` for ``context`` of a nested
+``model``; ``--learning_rate`` still works for ``--learning-rate``), typed by
+its annotation and helped by the class docstring's ``Attributes:``. A value
+the ``Config`` refuses (``ValueError``), or a :class:`UsageError` raised later,
+ends as a bad flag does: the usage, the message and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import dataclasses
 import inspect
 import pathlib
 import re
-import sys
 import types
 import typing
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -67,13 +63,8 @@ def add_config_flags(
     exclude: Iterable[str] = (),
     prefix: str = '',
 ) -> None:
-  """Adds a flag for every field of the dataclass instance ``config``.
-
-  The help shows ``config``'s values as the defaults; a flag not given is left
-  out of the parsed namespace (see :func:`config_from_args`). ``exclude``
-  names fields without a flag; ``prefix`` is the dotted path of a nested
-  config (internal).
-  """
+  """Adds a flag for each field of ``config`` not in ``exclude`` (``prefix``:
+  the path of a nested config); a flag not given stays out of the namespace."""
   hints, docs = typing.get_type_hints(type(config)), field_docs(type(config))
   exclude = set(exclude)
   for field in dataclasses.fields(config):
@@ -195,16 +186,8 @@ def progress(
     disable: bool = False,
 ) -> tqdm.tqdm:
   """A ``tqdm`` bar of optimizer steps (``out``: stderr by default)."""
-  return tqdm.tqdm(
-      total=total,
-      initial=initial,
-      desc=desc,
-      unit='step',
-      file=out,
-      disable=disable,
-      dynamic_ncols=True,
-      leave=True,
-  )
+  kwargs = dict(total=total, initial=initial, desc=desc, disable=disable)
+  return tqdm.tqdm(file=out, unit='step', dynamic_ncols=True, **kwargs)
 
 
 def example_main(
@@ -214,23 +197,16 @@ def example_main(
     argv: Optional[Sequence[str]] = None,
     description: Optional[str] = None,
 ) -> dict[str, Any]:
-  """``python -m examples.<name>``: parse the flags, train, print the table.
+  """``python -m examples.<name> [argv]``: ``train_and_evaluate(config,
+  workdir)`` with the flags, then print the ``<workdir>/<name>.md`` it wrote.
 
-  ``train_and_evaluate(config, workdir)`` gets the default ``config`` with
-  the flags (``sys.argv[1:]`` when ``argv`` is ``None``) and writes
-  ``<workdir>/<name>.md`` among its results; the first line of
-  ``description`` (the example's docstring) heads ``--help``. Returns what
-  ``train_and_evaluate`` returned.
+  ``description`` is the example's docstring, whose first line heads --help.
   """
-  parser = argparse.ArgumentParser(
-      prog=f'python -m examples.{name}',
-      description=description and description.splitlines()[0],
-  )
-  parser.add_argument(
-      '--workdir',
-      default=f'runs/{name}',
-      help=f'Output directory. Default: runs/{name}.',
-  )
+  prog, default = f'python -m examples.{name}', f'runs/{name}'
+  summary = description and description.splitlines()[0]
+  parser = argparse.ArgumentParser(prog=prog, description=summary)
+  help_ = f'Output directory. Default: {default}.'
+  parser.add_argument('--workdir', default=default, help=help_)
   add_config_flags(parser, config)
   args = parser.parse_args(argv)
   config = config_from_args(parser, args, config)
@@ -239,8 +215,5 @@ def example_main(
   except UsageError as e:
     parser.error(str(e))
   table = pathlib.Path(args.workdir, f'{name}.md').read_text()
-  sys.stdout.write(
-      f'{table}\nWrote {args.workdir}/{name}.json, '
-      f'{name}.png and {name}.md\n'
-  )
+  print(f'{table}\nWrote {args.workdir}/{name}.json, {name}.png and {name}.md')
   return results

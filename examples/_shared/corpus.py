@@ -4,7 +4,7 @@ The Python standard library's own ``.py`` files (they ship with every Python,
 so nothing is downloaded), or one text file. The split is stated here only: a
 stdlib file goes to validation by a CRC32 of its path
 (:func:`is_validation_file`, about ``val_fraction`` of the files); a single
-file holds out its last ``val_fraction`` of bytes (:func:`load_file`).
+file holds out its last ``val_fraction`` of bytes (:func:`load_corpus`).
 
 Everything is deterministic: the corpus is read in a fixed order and split in
 a fixed way, and training batch ``i`` is a pure function of ``(seed, i)``, so
@@ -48,11 +48,6 @@ class Corpus:
   num_val_files: int = 0
 
 
-def stdlib_dir() -> pathlib.Path:
-  """The running interpreter's standard library directory."""
-  return pathlib.Path(sysconfig.get_paths()['stdlib'])
-
-
 def is_validation_file(relative_path: str, val_fraction: float) -> bool:
   """The split rule: a CRC32 of the file's relative POSIX path.
 
@@ -78,13 +73,12 @@ def list_python_files(root: pathlib.Path) -> list[str]:
 def load_stdlib(
     max_bytes: int, val_fraction: float, root: Optional[pathlib.Path] = None
 ) -> Corpus:
-  """The ``.py`` files under ``root`` (the stdlib when ``None``), by file.
+  """The ``.py`` files under ``root`` (default: the stdlib), split by file.
 
-  Files are read in sorted order of their relative paths until ``max_bytes``
-  is reached (the file that crosses it is the last), each ending with a
-  newline, and go to validation or training by :func:`is_validation_file`.
+  Read in sorted order until ``max_bytes`` (the file that crosses it is the
+  last), each ending with a newline.
   """
-  root = stdlib_dir() if root is None else root
+  root = root or pathlib.Path(sysconfig.get_paths()['stdlib'])
   split: dict[bool, list[bytes]] = {False: [], True: []}
   total = 0
   for relative in list_python_files(root):
@@ -109,29 +103,20 @@ def load_stdlib(
   )
 
 
-def load_file(path: str, max_bytes: int, val_fraction: float) -> Corpus:
-  """Reads one file; its last ``val_fraction`` of bytes is validation."""
-  try:
-    with open(path, 'rb') as f:
-      text = f.read(max_bytes)
-  except OSError as e:
-    raise cli.UsageError(f'Cannot read the data file: {e}') from e
-  split = len(text) - int(len(text) * val_fraction)
-  u8 = np.frombuffer(text, dtype=np.uint8)
-  return Corpus(
-      train_U8=u8[:split].copy(),
-      val_U8=u8[split:].copy(),
-      source=f'{path} (last {val_fraction:.0%} of bytes held out)',
-  )
-
-
 def load_corpus(
     path: Optional[str], max_bytes: int, val_fraction: float
 ) -> Corpus:
   """The stdlib when ``path`` is ``None``, else the named text file."""
   if path is None:
     return load_stdlib(max_bytes, val_fraction)
-  return load_file(path, max_bytes, val_fraction)
+  try:
+    with open(path, 'rb') as f:
+      u8 = np.frombuffer(f.read(max_bytes), dtype=np.uint8)
+  except OSError as e:
+    raise cli.UsageError(f'Cannot read the data file: {e}') from e
+  split = len(u8) - int(len(u8) * val_fraction)  # The last bytes: validation.
+  source = f'{path} (last {val_fraction:.0%} of bytes held out)'
+  return Corpus(u8[:split].copy(), u8[split:].copy(), source)
 
 
 def check_length(corpus: Corpus, context: int, val_sequences: int) -> None:

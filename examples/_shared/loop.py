@@ -1,8 +1,4 @@
-"""The examples' training loop under a progress bar, and their optimizers.
-
-The optimizers read the fields ``learning_rate``, ``warmup_steps``, ``steps``,
-``b1``, ``b2`` and ``weight_decay`` of an example's ``Config``.
-"""
+"""The examples' training loop under a progress bar, and their optimizers."""
 
 from __future__ import annotations
 
@@ -17,16 +13,9 @@ from examples._shared import cli
 
 
 class Trained(NamedTuple):
-  """What :func:`train` returns.
-
-  Attributes:
-    curves: ``step`` (the end of each chunk), ``train_loss`` (the chunk's mean
-      training loss) and each metric of ``evaluate``, one value per chunk.
-    losses: The training loss of every step.
-    probes: The probe value of every step (``None`` without probes).
-    kept: The state at each step of ``keep``.
-    seconds: The wall time of the run.
-  """
+  """Per chunk, ``curves``: ``step`` (its end), ``train_loss`` (its mean) and
+  each metric of ``evaluate``; per step, ``losses`` and ``probes``; ``kept``:
+  the states of the steps in ``keep``; the wall time in ``seconds``."""
 
   curves: dict[str, list[Any]]
   losses: np.ndarray
@@ -38,15 +27,12 @@ class Trained(NamedTuple):
 def train(
     run: Callable[[Any, int, int], tuple[Any, np.ndarray, Any]],
     state: Any,
-    stop: int,
-    every: int,
+    chunks: range,
     desc: str,
-    *,
-    start: int = 0,
     evaluate: Optional[Callable[[Any], dict[str, float]]] = None,
     keep: Sequence[int] = (),
 ) -> Trained:
-  """Steps ``[start, stop)`` in chunks of ``every``, under a progress bar.
+  """Steps ``chunks.start`` to ``chunks.stop`` in chunks, under a progress bar.
 
   ``run(state, start, num)`` makes ``num`` steps from step ``start`` and
   returns the new state, the ``num`` training losses and the ``num`` probe
@@ -56,9 +42,9 @@ def train(
   """
   curves: dict[str, list[Any]] = {'step': [], 'train_loss': []}
   losses, probes, kept, t0 = [], [], {}, time.time()
-  with cli.progress(stop, desc, initial=start) as bar:
-    for chunk_start in range(start, stop, every):
-      num = min(every, stop - chunk_start)
+  with cli.progress(chunks.stop, desc, initial=chunks.start) as bar:
+    for chunk_start in chunks:
+      num = min(chunks.step, chunks.stop - chunk_start)
       state, loss, probe = run(state, chunk_start, num)
       step = chunk_start + num
       if not np.all(np.isfinite(loss)):
@@ -83,45 +69,32 @@ def train(
   )
 
 
-def schedule(config: Any) -> optax.Schedule:
-  """Linear warmup over ``warmup_steps``, cosine decay to 1% at ``steps``."""
-  lr = config.learning_rate
-  return optax.warmup_cosine_decay_schedule(
-      0.0, lr, config.warmup_steps, config.steps, lr / 100
+def optimizers(
+    config: Any,
+    b3: Optional[float] = None,
+    alpha: Optional[float] = None,
+    warmups: bool = True,
+    mask: Any = None,
+) -> dict[str, optax.GradientTransformation]:
+  """``{'AdamW': ..., 'AdEMAMix': ...}`` under one schedule (linear warmup,
+  cosine decay to 1%) with the same b1, b2 and weight decay (where ``mask``).
+
+  AdEMAMix takes ``b3`` and ``alpha`` (by default ``config``'s); with
+  ``warmups`` they warm up over the whole run.
+  """
+  lr, steps = config.learning_rate, config.steps
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, lr, config.warmup_steps, steps, lr / 100
   )
-
-
-def adamw(config: Any, mask: Any = None) -> optax.GradientTransformation:
-  """AdamW under :func:`schedule`, decaying the weights where ``mask`` is on."""
-  return optax.adamw(
-      schedule(config),
-      b1=config.b1,
-      b2=config.b2,
-      weight_decay=config.weight_decay,
-      mask=mask,
-  )
-
-
-def ademamix(
-    config: Any, b3: float, alpha: float, warmups: bool = True, mask: Any = None
-) -> optax.GradientTransformation:
-  """AdEMAMix with :func:`adamw`'s schedule, b1, b2 and decay; ``warmups``:
-  alpha and b3 warm up over the whole run."""
-  return amx.ademamix(
-      schedule(config),
-      b1=config.b1,
-      b2=config.b2,
-      b3=b3,
-      alpha=alpha,
-      weight_decay=config.weight_decay,
-      mask=mask,
-      t_alpha_beta3=config.steps if warmups else None,
-  )
-
-
-def adamw_and_ademamix(config: Any, mask: Any = None) -> dict[str, Any]:
-  """AdamW, and AdEMAMix with ``config.b3`` and ``config.alpha`` (warmed up)."""
+  common = dict(b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
   return {
-      'AdamW': adamw(config, mask),
-      'AdEMAMix': ademamix(config, config.b3, config.alpha, mask=mask),
+      'AdamW': optax.adamw(schedule, mask=mask, **common),
+      'AdEMAMix': amx.ademamix(
+          schedule,
+          b3=config.b3 if b3 is None else b3,
+          alpha=config.alpha if alpha is None else alpha,
+          mask=mask,
+          t_alpha_beta3=steps if warmups else None,
+          **common,
+      ),
   }

@@ -91,13 +91,10 @@ def _windows(data_U8: jax.Array, key: jax.Array, n: int, length: int):
 
 
 def stdlib_windows(config: Any) -> tuple[Callable[..., jax.Array], ...]:
-  """``batch(step)``, the training windows, and ``held_out(seed, n)``.
+  """``batch(step)`` and ``held_out(seed, n)``: windows of the stdlib corpus.
 
-  From the stdlib corpus of ``config.max_bytes`` and ``val_fraction``;
-  windows of ``model.context + 1`` bytes. ``batch(step)`` (the step may be
-  traced) draws ``batch_size`` training windows from
-  ``jax.random.key(seed + 1)`` folded with the step; ``held_out(seed, n)``
-  draws ``n`` validation windows once.
+  ``batch`` draws ``config.batch_size`` training windows from the (maybe
+  traced) step and ``config.seed``; ``held_out``, ``n`` validation windows.
   """
   text = corpus.load_corpus(None, config.max_bytes, config.val_fraction)
   train_U8, val_U8 = jnp.asarray(text.train_U8), jnp.asarray(text.val_U8)
@@ -120,11 +117,10 @@ def make_runner(
 ) -> Callable[..., tuple[Any, np.ndarray, np.ndarray]]:
   """``run(state, start, num, aux=None)``: ``num`` steps in one ``lax.scan``.
 
-  ``state`` is ``(params, opt_state)`` at the 0-based step ``start``; the
-  windows of a step are ``batch_fn(step, aux)``, ``aux`` any array tree
-  (traced: a new value does not recompile). ``run`` returns the new state and,
-  as NumPy arrays, the training loss of every step and ``probe_fn(params)``
-  after every update (zeros without a probe).
+  From ``state = (params, opt_state)`` at step ``start``, on the windows
+  ``batch_fn(step, aux)`` (``aux``: traced, a new value does not recompile).
+  Returns the new state, and per step the training loss and
+  ``probe_fn(params)`` after the update (zeros without a probe).
   """
 
   @functools.partial(jax.jit, static_argnums=2)

@@ -113,7 +113,8 @@ def train_and_evaluate(
 
   # AdamW, and the AdEMAMix after a switch: no warmups, a small alpha.
   b3, alpha = config.switch_b3, config.switch_alpha
-  adamw, tx = loop.optimizers(config, b3, alpha, False, mask).values()
+  txs = loop.optimizers(config, b3, alpha, warmups=False, mask=mask)
+  adamw, tx = txs['AdamW'], txs['AdEMAMix']
   state = (params, adamw.init(params))
   kept = train('AdamW', None, runner(adamw), state, keep=config.switch_at)
   run = runner(tx)

@@ -127,8 +127,7 @@ def distributed_kwargs(
     parser: argparse.ArgumentParser, args: argparse.Namespace
 ) -> Optional[dict]:
   """``jax.distributed.initialize``'s arguments; ``None``: single process."""
-  given = {k: getattr(args, k) for k in _DISTRIBUTED}
-  given = {k: v for k, v in given.items() if v is not None}
+  given = {k: v for k in _DISTRIBUTED if (v := getattr(args, k)) is not None}
   if not args.distributed:
     if given:
       parser.error(
@@ -163,14 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     jax.distributed.initialize(**distributed)
   from examples.lm import train  # pylint: disable=g-import-not-at-top
 
+  kwargs = dict(resume=args.resume, stop_after=args.stop_after, out=sys.stdout)
   try:
-    return train.train_and_evaluate(
-        config,
-        args.workdir,
-        resume=args.resume,
-        stop_after=args.stop_after,
-        out=sys.stdout,
-    )
+    return train.train_and_evaluate(config, args.workdir, **kwargs)
   except cli.UsageError as e:
     parser.error(str(e))
 

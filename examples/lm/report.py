@@ -11,20 +11,16 @@ import numpy as np
 from examples._shared import report as shared_report
 from examples.lm import configs
 
-_LABELS = {
-    'adamw': 'AdamW',
-    'ademamix': 'AdEMAMix',
-    'simplified_ademamix': 'Simplified AdEMAMix',
-}
-_COLORS = {
-    'adamw': 'tab:blue',
-    'ademamix': 'tab:red',
-    'simplified_ademamix': 'tab:green',
+# Each optimizer's name in the table and the plot, and its colour there.
+_LOOKS = {
+    'adamw': ('AdamW', 'tab:blue'),
+    'ademamix': ('AdEMAMix', 'tab:red'),
+    'simplified_ademamix': ('Simplified AdEMAMix', 'tab:green'),
 }
 
 
 def label(name: str) -> str:
-  return _LABELS.get(name, name)
+  return _LOOKS.get(name, (name,))[0]
 
 
 def steps_to_reach(
@@ -157,7 +153,8 @@ def plot_curves(
   window, skip = max(1, config.steps // 50), config.steps // 10
   lows, highs = [], []
   for name, c in curves.items():
-    color, text, train = _COLORS.get(name), label(name), c['train_loss']
+    text, color = _LOOKS.get(name, (name, None))
+    train = c['train_loss']
     smooth = _smooth(np.asarray(train), window)
     style = dict(color=color, lw=1, alpha=0.6)
     ax_loss.plot(

@@ -94,7 +94,7 @@ def decay_mask(params: Any) -> Any:
   the biases, LayerNorms and embeddings, as in the paper's GPT-2 code)."""
 
   def is_kernel(path: tuple[Any, ...], _: Any) -> bool:
-    return 'kernel' in (getattr(k, 'key', getattr(k, 'name', 0)) for k in path)
+    return any(getattr(key, 'key', None) == 'kernel' for key in path)
 
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
@@ -112,17 +112,17 @@ def learning_rate_schedule(
 
 def state_kwargs(config: configs.Config, name: str) -> dict[str, Any]:
   """How optimizer ``name`` stores its state: AdEMAMix's ``state_format``,
-  or the dtype (and rounding) of ``state_dtype``; AdamW has only ``mu``."""
+  or ``state_dtype``'s dtype and rounding (AdamW: its ``mu`` in that dtype)."""
   if config.state_format is not None and name != 'adamw':
     return {'state_format': config.state_format}
   if config.state_dtype == 'float32':
     return {}
   dtype, _, rounding = config.state_dtype.partition('-')
-  dtype = jnp.dtype(dtype)
-  if name == 'adamw':
-    return {'mu_dtype': dtype}
-  rounding = {'stochastic_rounding': rounding != 'nearest'}
-  return {'mu_dtype': dtype, 'nu_dtype': dtype, **rounding}
+  kwargs = {'mu_dtype': jnp.dtype(dtype)}
+  if name != 'adamw':
+    kwargs.update(nu_dtype=kwargs['mu_dtype'])
+    kwargs.update(stochastic_rounding=rounding != 'nearest')
+  return kwargs
 
 
 def make_optimizer(

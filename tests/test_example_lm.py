@@ -51,6 +51,13 @@ def _flat(tree: Any) -> dict[str, np.ndarray]:
   return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
 
 
+def _assert_close(got: dict, want: dict, atol: float = 0.0) -> None:
+  """The same arrays by name, within ``atol`` (by default, bit for bit)."""
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], 0, atol, err_msg=key)
+
+
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
   """The tiny config, both optimizers, through the command line."""
@@ -174,14 +181,11 @@ def test_fsdp_spec_and_decay_mask():
   assert train.decay_mask(params) == is_kernel
 
 
-def test_steps_to_reach():
+def test_steps_to_reach_and_non_finite_losses():
   steps, losses = [10, 20, 30], [3.0, 2.0, 1.0]
   assert report.steps_to_reach(steps, losses, 2.5) == 15.0
   assert report.steps_to_reach(steps, losses, 3.5) == 10.0
   assert report.steps_to_reach(steps, losses, 0.5) is None
-
-
-def test_non_finite_loss_raises():
   with pytest.raises(FloatingPointError, match='adamw.*step 4'):
     train.check_finite('adamw', [3, 4], np.array([1.0, np.nan]))
   train.check_finite('adamw', [3, 4], np.array([1.0, 2.0]))
@@ -218,44 +222,32 @@ def test_tiny_run_writes_table_json_and_plot(tiny_run):
 def test_resume_is_bit_identical(tiny_run, tmp_path, capsys):
   # In one process the compiled step is shared (train.make_program caches
   # it); across processes XLA compiles the same program to the same code.
-  _, reference, _ = tiny_run
-  flags = f'--optimizers ademamix --workdir {tmp_path}'
-  stopped, text = _run_cli(f'{flags} --stop-after 4')
-  assert 'continue with --resume' in text
-  assert stopped['runs']['ademamix']['step'] == 4
-  assert not (tmp_path / 'curves.json').exists()
-  with pytest.raises(SystemExit) as exit_info:
-    _run_cli(f'{flags} --resume --ademamix-lr 0.1')
-  assert exit_info.value.code == 2
-  lr = configs.ADEMAMIX_LR
-  assert f'Cannot resume: the config changed (ademamix_lr: {lr} -> 0.1)' in (
-      capsys.readouterr().err
-  )
-  resumed, _ = _run_cli(f'{flags} --resume')
-  run, ref = resumed['runs']['ademamix'], reference['runs']['ademamix']
-  assert run['step'] == configs.TINY.steps
-  for key in ('step', 'train_loss', 'eval_step', 'val_loss'):
-    assert run['history'][key] == ref['history'][key], key
-  got, want = _flat(run['params']), _flat(ref['params'])
-  assert got.keys() == want.keys()
-  for key in want:
-    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  assert (tmp_path / 'curves.json').exists()
-
-
-def test_resume_without_a_checkpoint_starts_from_step_0(tiny_run, tmp_path):
   # A preemptible job passes --resume every time, the first one included.
   _, reference, _ = tiny_run
-  result, text = _run_cli(
-      f'--optimizers ademamix --workdir {tmp_path} --resume'
-  )
+  flags = f'--optimizers ademamix --workdir {tmp_path} --resume'
+  stopped, text = _run_cli(f'{flags} --stop-after 4')
   ckpt_dir = tmp_path / 'checkpoints' / 'ademamix'
   assert (
       f'--resume: no checkpoint found in {ckpt_dir}; training starts '
       'from step 0.'
   ) in text
-  run, ref = result['runs']['ademamix'], reference['runs']['ademamix']
-  assert run['history']['train_loss'] == ref['history']['train_loss']
+  assert 'continue with --resume' in text
+  assert stopped['runs']['ademamix']['step'] == 4
+  assert not (tmp_path / 'curves.json').exists()
+  with pytest.raises(SystemExit) as exit_info:
+    _run_cli(f'{flags} --ademamix-lr 0.1')
+  assert exit_info.value.code == 2
+  lr = configs.ADEMAMIX_LR
+  assert f'Cannot resume: the config changed (ademamix_lr: {lr} -> 0.1)' in (
+      capsys.readouterr().err
+  )
+  resumed, text = _run_cli(flags)
+  assert 'no checkpoint found' not in text
+  run, ref = resumed['runs']['ademamix'], reference['runs']['ademamix']
+  assert run['step'] == configs.TINY.steps
+  for key in ('step', 'train_loss', 'eval_step', 'val_loss'):
+    assert run['history'][key] == ref['history'][key], key
+  _assert_close(_flat(run['params']), _flat(ref['params']))
   assert (tmp_path / 'curves.json').exists()
 
 
@@ -271,28 +263,21 @@ def test_mesh_run_matches_single_device(tiny_run, tmp_path, worker):
     )
   want = _flat(ref['params'])
   with np.load(tmp_path / 'params.npz') as params:
-    assert set(params.files) == set(want)
-    for key in want:
-      np.testing.assert_allclose(
-          params[key], want[key], rtol=0, atol=_MESH_PARAM_ATOL, err_msg=key
-      )
+    _assert_close(dict(params), want, _MESH_PARAM_ATOL)
   # Every moment of the optimizer is sharded like its parameter, and the
   # parameters follow the largest-divisible-dimension rule.
-  specs = got['specs']
-  sharded = 0
+  specs, sharded = got['specs'], 0
   for path, spec in specs.items():
-    if not path.startswith('model'):
-      continue
-    param = path[len('model') :]
-    shape = want[param.removesuffix('.value')].shape
-    assert spec == train.spec_entries(train.fsdp_spec(shape, 2), len(shape))
-    sharded += 'model' in spec
-    moments = [
-        p for p in specs if p.startswith('optimizer') and p.endswith(param)
-    ]
-    assert len(moments) == 3, (path, moments)  # m1, m2, nu.
-    for moment in moments:
-      assert specs[moment] == spec, moment
+    if path.startswith('model'):
+      param = path.removeprefix('model')
+      shape = want[param.removesuffix('.value')].shape
+      assert spec == train.spec_entries(train.fsdp_spec(shape, 2), len(shape))
+      sharded += 'model' in spec
+      moments = [
+          p for p in specs if p.startswith('optimizer') and p.endswith(param)
+      ]
+      assert len(moments) == 3, (path, moments)  # m1, m2, nu.
+      assert all(specs[p] == spec for p in moments), moments
   assert sharded > 0
 
 

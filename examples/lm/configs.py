@@ -127,21 +127,20 @@ class Config:
   mesh_model: int = 1
 
   def __post_init__(self):
-    # Numbers not named here must be positive, except mesh_data (below) and
-    # simplified_b1 and simplified_alpha, which are not checked.
     rules = dict(
         nonnegative='end_lr_ratio weight_decay alpha seed',
         decays='b1 b2 b3 warmup_fraction',
         fractions='val_fraction',
     )
-    named = (
-        ' '.join(rules.values()) + ' mesh_data simplified_b1 simplified_alpha'
-    )
+    # Every other number must be positive, but mesh_data (checked below),
+    # simplified_b1 and simplified_alpha (not checked).
+    others = ' '.join(rules.values()).split()
+    others += ['mesh_data', 'simplified_b1', 'simplified_alpha']
+    numbers = ('int', 'float', 'Optional[float]')  # Annotations are strings.
     positive = [
         f.name
         for f in dataclasses.fields(self)
-        if f.type in ('int', 'float', 'Optional[float]')
-        and f.name not in named.split()
+        if f.type in numbers and f.name not in others
     ]
     cli.check_fields(self, positive=positive, **rules)
     if self.d_model % self.heads:

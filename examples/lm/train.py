@@ -186,7 +186,9 @@ class Program:
   train_step: Callable[..., jax.Array]
 
 
-def make_program(name: str, config: configs.Config, mesh: Any) -> Program:
+def make_program(
+    name: str, config: configs.Config, mesh: jax.sharding.Mesh
+) -> Program:
   """The :class:`Program` of optimizer ``name`` under ``config``, cached:
   repeated runs in one process (tests, notebooks) compile once."""
   compiled_only = {f: getattr(configs.DEFAULT, f) for f in _NOT_COMPILED}
@@ -194,7 +196,7 @@ def make_program(name: str, config: configs.Config, mesh: Any) -> Program:
 
 
 @functools.lru_cache(maxsize=8)
-def _make_program(name: str, config: configs.Config, mesh: Any) -> Program:
+def _make_program(name, config, mesh):
   tx = make_optimizer(name, config)
 
   def create() -> tuple[model_lib.TransformerLM, nnx.Optimizer]:
@@ -221,7 +223,7 @@ def _make_program(name: str, config: configs.Config, mesh: Any) -> Program:
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
 
   @nnx.jit
-  def train_step(model, optimizer, seq_BxL1: jax.Array) -> jax.Array:
+  def train_step(model, optimizer, seq_BxL1):
     def loss_fn(model):
       return model_lib.next_byte_loss(model, seq_BxL1), None
 
@@ -282,7 +284,7 @@ def checkpoint_manager(
   return ocp.CheckpointManager(path.absolute(), options=options)
 
 
-def restore_or_init(program, manager, config, resume, out) -> tuple:
+def restore_or_init(program, manager, config, resume, out):
   """The model, the optimizer, the steps done and the history: from the
   latest checkpoint when resuming and there is one, else freshly made."""
   latest = manager.latest_step() if resume else None
@@ -325,10 +327,10 @@ def restore_or_init(program, manager, config, resume, out) -> tuple:
   return model, optimizer, step, meta['history']
 
 
-def save_checkpoint(manager, step, model, optimizer, history, config) -> None:
+def save_checkpoint(manager, step, model, optimizer, history, config):
   """Saves the state and the metadata at ``step``, in the background."""
-  # Training goes on during the save: it gets its own tree of the arrays
-  # (nnx.state's shares the Variables) and its own copy of the history.
+  # Training goes on during the save, so the save gets arrays of its own
+  # (nnx.state shares the model's Variables) and a copy of the history.
   state = jax.tree.map(lambda x: x, nnx.state((model, optimizer)))
   meta = dict(step=step, history=history, config=dataclasses.asdict(config))
   meta['data_position'] = step  # The index of the next training batch.
@@ -436,24 +438,22 @@ def train_and_evaluate(
     stop_after: Optional[int] = None,
     out: TextIO = sys.stdout,
 ) -> dict[str, Any]:
-  """Trains each optimizer in ``config.optimizers`` and reports.
-
-  Writes to ``workdir``: ``checkpoints/<optimizer>/`` (orbax), and once every
-  optimizer has reached ``config.steps``: ``curves.json``, ``loss_curves.png``
-  and ``results.md`` (the printed table).
+  """Trains each optimizer of ``config.optimizers`` in turn, then reports.
 
   Args:
     config: The run's settings.
-    workdir: Output directory, created if needed.
+    workdir: Gets ``checkpoints/<optimizer>/`` (orbax) and, once every
+      optimizer has reached ``config.steps``, ``curves.json``,
+      ``loss_curves.png`` and ``results.md`` (the printed table).
     resume: Continue each optimizer from its latest checkpoint, if any;
-      without it, old checkpoints of the optimizers trained are deleted.
-    stop_after: Stop each optimizer after this many steps in all (a
-      checkpoint is saved there), as if interrupted; ``--resume`` continues.
+      without it, the old checkpoints of the optimizers trained are deleted.
+    stop_after: Stop each optimizer after this many steps in all, with a
+      checkpoint, as if interrupted; ``resume`` continues.
     out: Where the progress and the results go.
 
   Returns:
-    A dict with ``runs`` (per optimizer: see :func:`train_one`),
-    ``summary`` (the numbers of the table) and ``corpus`` (its description).
+    ``runs`` (per optimizer: see :func:`train_one`), ``summary`` (the
+    table's numbers) and ``corpus`` (its description).
   """
   start_time = time.perf_counter()
   workdir = pathlib.Path(workdir)

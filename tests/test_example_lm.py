@@ -95,27 +95,14 @@ def test_cli_flags_override_config():
       '--steps 7 --d-model 64 --b3 0.99 --optimizers ademamix --mesh '
       'data=2,model=4 --state-dtype bfloat16 --clip_norm 2'
   )
-  assert config == dataclasses.replace(
-      configs.DEFAULT,
-      steps=7,
-      d_model=64,
-      b3=0.99,
-      optimizers=('ademamix',),
-      mesh_data=2,
-      mesh_model=4,
-      state_dtype='bfloat16',
-      clip_norm=2.0,
-  )
+  want = dict(steps=7, d_model=64, b3=0.99, optimizers=('ademamix',))
+  want.update(mesh_data=2, mesh_model=4, state_dtype='bfloat16', clip_norm=2.0)
+  assert config == dataclasses.replace(configs.DEFAULT, **want)
   # --lr sets every optimizer's peak learning rate, but those given their own.
   tiny = _config('--config tiny --optimizers ademamix adamw --lr 0.01')
-  assert tiny == dataclasses.replace(
-      configs.TINY,
-      optimizers=('ademamix', 'adamw'),
-      lr=0.01,
-      adamw_lr=None,
-      ademamix_lr=None,
-      simplified_lr=None,
-  )
+  want = dict(adamw_lr=None, ademamix_lr=None, simplified_lr=None, lr=0.01)
+  want.update(optimizers=('ademamix', 'adamw'))
+  assert tiny == dataclasses.replace(configs.TINY, **want)
   config = _config('--lr 0.01 --adamw-lr 0.02')
   assert [config.peak_lr(n) for n in configs.OPTIMIZERS] == [0.02, 0.01, 0.01]
   config = _config('--ademamix-lr 0.03')
@@ -281,26 +268,26 @@ def test_mesh_run_matches_single_device(tiny_run, tmp_path, worker):
   assert sharded > 0
 
 
+_BF16 = {'mu_dtype': jnp.bfloat16, 'nu_dtype': jnp.bfloat16}
+
+
 @pytest.mark.parametrize(
-    'state_dtype, dtype, stochastic',
+    'state_dtype, expected',
     [
-        ('float32', None, None),
-        ('bfloat16', jnp.bfloat16, True),
-        ('bfloat16-nearest', jnp.bfloat16, False),
+        ('float32', {}),
+        ('bfloat16', {**_BF16, 'stochastic_rounding': True}),
+        ('bfloat16-nearest', {**_BF16, 'stochastic_rounding': False}),
     ],
 )
-def test_state_dtype_reaches_the_optimizers(state_dtype, dtype, stochastic):
+def test_state_dtype_reaches_the_optimizers(state_dtype, expected):
   config = dataclasses.replace(configs.TINY, state_dtype=state_dtype)
-  expected = {} if dtype is None else {'mu_dtype': dtype, 'nu_dtype': dtype}
-  if stochastic is not None:
-    expected['stochastic_rounding'] = stochastic
   assert train.state_kwargs(config, 'ademamix') == expected
   adamw = train.state_kwargs(config, 'adamw')
-  assert adamw == ({} if dtype is None else {'mu_dtype': dtype})
+  assert adamw == ({} if not expected else {'mu_dtype': jnp.bfloat16})
   # The optimizer state really is stored that way.
   state = train.make_optimizer('ademamix', config).init({'w': jnp.ones((4, 4))})
   dtypes = {x.dtype for x in jax.tree.leaves(state) if jnp.ndim(x) == 2}
-  assert dtypes == {jnp.dtype(dtype or jnp.float32)}
+  assert dtypes == {jnp.dtype(expected.get('mu_dtype', jnp.float32))}
 
 
 @pytest.mark.parametrize('state_format', ['compact', '8bit'])

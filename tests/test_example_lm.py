@@ -18,10 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-import ademamix_optax as amx
 from examples._shared import corpus
 from examples.lm import __main__ as cli
 from examples.lm import configs
@@ -30,6 +28,7 @@ from examples.lm import train
 
 pytestmark = pytest.mark.slow
 
+P = jax.sharding.PartitionSpec
 
 # Measured (2-core CPU, jax 0.10.2): data=4,model=2 (also 2x4 and 8x1)
 # differs from the single-device run by <= 1e-6 in the losses and <= 3.1e-6
@@ -39,26 +38,31 @@ _MESH_LOSS_ATOL = 1e-5
 _MESH_PARAM_ATOL = 3e-5
 
 
-def _run_cli(argv: list[str]) -> tuple[dict, str]:
+def _run_cli(flags: str) -> tuple[dict, str]:
+  """``python -m examples.lm --config tiny FLAGS``: its result and output."""
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    result = cli.main(argv)
+    result = cli.main(['--config', 'tiny', *flags.split()])
   return result, out.getvalue()
 
 
 def _flat(tree: Any) -> dict[str, np.ndarray]:
-  return {
-      jax.tree_util.keystr(path): np.asarray(leaf)
-      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-  }
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+def _assert_close(got: dict, want: dict, atol: float = 0.0) -> None:
+  """The same arrays by name, within ``atol`` (by default, bit for bit)."""
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], 0, atol, err_msg=key)
 
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
   """The tiny config, both optimizers, through the command line."""
   workdir = tmp_path_factory.mktemp('tiny')
-  result, text = _run_cli(['--config', 'tiny', '--workdir', str(workdir)])
-  return workdir, result, text
+  return (workdir, *_run_cli(f'--workdir {workdir}'))
 
 
 def test_tiny_config_is_derived_from_default():
@@ -67,19 +71,10 @@ def test_tiny_config_is_derived_from_default():
       for f in dataclasses.fields(configs.Config)
       if getattr(configs.TINY, f.name) != getattr(configs.DEFAULT, f.name)
   }
-  assert changed <= {
-      'max_bytes',
-      'd_model',
-      'layers',
-      'heads',
-      'context',
-      'steps',
-      'batch',
-      'eval_every',
-      'eval_batches',
-      'log_every',
-      'checkpoint_every',
-  }
+  assert changed <= set(
+      'max_bytes d_model layers heads context steps batch eval_every '
+      'eval_batches log_every checkpoint_every'.split()
+  )
   assert configs.DEFAULT.resolved_b3 == 0.999
   long_run = dataclasses.replace(configs.DEFAULT, steps=100_000)
   assert long_run.resolved_b3 == 0.9999
@@ -90,55 +85,27 @@ def test_tiny_config_is_derived_from_default():
     dataclasses.replace(configs.DEFAULT, optimizers=('sgd',))
 
 
-def _config(argv: list[str]) -> configs.Config:
+def _config(flags: str) -> configs.Config:
   parser = cli.make_parser()
-  return cli.make_config(parser, parser.parse_args(argv))
+  return cli.make_config(parser, parser.parse_args(flags.split()))
 
 
 def test_cli_flags_override_config():
   config = _config(
-      [
-          '--steps',
-          '7',
-          '--d-model',
-          '64',
-          '--b3',
-          '0.99',
-          '--optimizers',
-          'ademamix',
-          '--mesh',
-          'data=2,model=4',
-          '--state-dtype',
-          'bfloat16',
-          '--clip_norm',
-          '2',
-      ]
+      '--steps 7 --d-model 64 --b3 0.99 --optimizers ademamix --mesh '
+      'data=2,model=4 --state-dtype bfloat16 --clip_norm 2'
   )
-  assert config == dataclasses.replace(
-      configs.DEFAULT,
-      steps=7,
-      d_model=64,
-      b3=0.99,
-      optimizers=('ademamix',),
-      mesh_data=2,
-      mesh_model=4,
-      state_dtype='bfloat16',
-      clip_norm=2.0,
-  )
-  assert _config(
-      ['--config', 'tiny', '--optimizers', 'ademamix', 'adamw', '--lr', '0.01']
-  ) == dataclasses.replace(
-      configs.TINY,
-      optimizers=('ademamix', 'adamw'),
-      lr=0.01,
-      adamw_lr=None,
-      ademamix_lr=None,
-      simplified_lr=None,
-  )
+  want = dict(steps=7, d_model=64, b3=0.99, optimizers=('ademamix',))
+  want.update(mesh_data=2, mesh_model=4, state_dtype='bfloat16', clip_norm=2.0)
+  assert config == dataclasses.replace(configs.DEFAULT, **want)
   # --lr sets every optimizer's peak learning rate, but those given their own.
-  config = _config(['--lr', '0.01', '--adamw-lr', '0.02'])
+  tiny = _config('--config tiny --optimizers ademamix adamw --lr 0.01')
+  want = dict(adamw_lr=None, ademamix_lr=None, simplified_lr=None, lr=0.01)
+  want.update(optimizers=('ademamix', 'adamw'))
+  assert tiny == dataclasses.replace(configs.TINY, **want)
+  config = _config('--lr 0.01 --adamw-lr 0.02')
   assert [config.peak_lr(n) for n in configs.OPTIMIZERS] == [0.02, 0.01, 0.01]
-  config = _config(['--ademamix-lr', '0.03'])
+  config = _config('--ademamix-lr 0.03')
   assert config.peak_lr('ademamix') == 0.03
   assert config.peak_lr('adamw') == configs.ADAMW_LR
   # Every field but the mesh's (set by --mesh) has a flag.
@@ -152,11 +119,8 @@ def test_cli_flags_override_config():
 
 
 def test_stdlib_split_is_by_file_and_deterministic(tmp_path):
-  for name, text in [
-      ('a.py', 'x = 1\n'),
-      ('b/c.py', 'y = 2'),
-      ('site-packages/d.py', 'z = 3\n'),
-  ]:
+  files = {'a.py': 'x = 1\n', 'b/c.py': 'y = 2', 'site-packages/d.py': 'z'}
+  for name, text in files.items():
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text(text)
   assert corpus.list_python_files(tmp_path) == ['a.py', 'b/c.py']
@@ -168,73 +132,52 @@ def test_stdlib_split_is_by_file_and_deterministic(tmp_path):
   else:
     pytest.skip('no fraction separates the two files')
   text = corpus.load_stdlib(10**6, fraction, root=tmp_path)
-  val_text, train_text = (
-      (b'x = 1\n', b'y = 2\n') if held[0] else (b'y = 2\n', b'x = 1\n')
+  a, c = b'x = 1\n', b'y = 2\n'
+  assert (text.val_U8.tobytes(), text.train_U8.tobytes()) == (
+      (a, c) if held[0] else (c, a)
   )
-  assert text.val_U8.tobytes() == val_text
-  assert text.train_U8.tobytes() == train_text
 
 
 def test_batches_are_a_pure_function_of_seed_and_index():
   text_U8 = np.arange(1000, dtype=np.int64).astype(np.uint8)
-  a = corpus.train_batch(text_U8, seed=3, index=5, batch=4, context=8)
+
+  def batch(seed, index):
+    return corpus.train_batch(text_U8, seed, index, batch=4, context=8)
+
+  a = batch(3, 5)
   assert a.shape == (4, 9) and a.dtype == np.uint8
-  np.testing.assert_array_equal(
-      a, corpus.train_batch(text_U8, seed=3, index=5, batch=4, context=8)
-  )
-  assert not np.array_equal(
-      a, corpus.train_batch(text_U8, seed=3, index=6, batch=4, context=8)
-  )
-  assert not np.array_equal(
-      a, corpus.train_batch(text_U8, seed=4, index=5, batch=4, context=8)
-  )
+  np.testing.assert_array_equal(a, batch(3, 5))
+  assert not np.array_equal(a, batch(3, 6))
+  assert not np.array_equal(a, batch(4, 5))
   # Windows are contiguous text.
   np.testing.assert_array_equal(np.diff(a.astype(np.int64), axis=1) % 256, 1)
 
 
 def test_fsdp_spec_and_decay_mask():
-  assert train.fsdp_spec((256, 32), 2) == jax.sharding.PartitionSpec(
-      'model', None
-  )
-  assert train.fsdp_spec((32, 128), 2) == jax.sharding.PartitionSpec(
-      None, 'model'
-  )
-  assert train.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
-  assert train.fsdp_spec((), 2) == jax.sharding.PartitionSpec()
-  assert train.fsdp_spec((64, 64), 1) == jax.sharding.PartitionSpec()
+  assert train.fsdp_spec((256, 32), 2) == P('model', None)
+  assert train.fsdp_spec((32, 128), 2) == P(None, 'model')
+  assert train.fsdp_spec((3, 5), 2) == P()
+  assert train.fsdp_spec((), 2) == P()
+  assert train.fsdp_spec((64, 64), 1) == P()
   params = {
-      'blocks': [
-          {'mlp': {'up': {'kernel': 1, 'bias': 2}}, 'ln_mlp': {'scale': 3}}
-      ],
+      'blocks': [{'mlp': {'up': {'kernel': 1, 'bias': 2}}, 'ln': {'scale': 3}}],
       'embed': {'embedding': 4},
       'pos_embed': 5,
   }
-  assert train.decay_mask(params) == {
-      'blocks': [
-          {
-              'mlp': {'up': {'kernel': True, 'bias': False}},
-              'ln_mlp': {'scale': False},
-          }
-      ],
-      'embed': {'embedding': False},
-      'pos_embed': False,
-  }
+  is_kernel = jax.tree.map(lambda x: x == 1, params)
+  assert train.decay_mask(params) == is_kernel
 
 
-def test_steps_to_reach():
+def test_steps_to_reach_and_non_finite_losses():
   steps, losses = [10, 20, 30], [3.0, 2.0, 1.0]
   assert report.steps_to_reach(steps, losses, 2.5) == 15.0
   assert report.steps_to_reach(steps, losses, 3.5) == 10.0
   assert report.steps_to_reach(steps, losses, 0.5) is None
-
-
-def test_non_finite_loss_raises():
   with pytest.raises(FloatingPointError, match='adamw.*step 4'):
     train.check_finite('adamw', [3, 4], np.array([1.0, np.nan]))
   train.check_finite('adamw', [3, 4], np.array([1.0, 2.0]))
 
 
-@pytest.mark.slow
 def test_tiny_run_writes_table_json_and_plot(tiny_run):
   workdir, result, text = tiny_run
   steps = configs.TINY.steps
@@ -263,150 +206,87 @@ def test_tiny_run_writes_table_json_and_plot(tiny_run):
   assert payload['curves']['adamw']['train_loss'][0] == amx['train_loss'][0]
 
 
-@pytest.mark.slow
 def test_resume_is_bit_identical(tiny_run, tmp_path, capsys):
   # In one process the compiled step is shared (train.make_program caches
   # it); across processes XLA compiles the same program to the same code.
-  _, reference, _ = tiny_run
-  argv = [
-      '--config',
-      'tiny',
-      '--optimizers',
-      'ademamix',
-      '--workdir',
-      str(tmp_path),
-  ]
-  stopped, text = _run_cli(argv + ['--stop-after', '4'])
-  assert 'continue with --resume' in text
-  assert stopped['runs']['ademamix']['step'] == 4
-  assert not (tmp_path / 'curves.json').exists()
-  with pytest.raises(SystemExit) as exit_info:
-    _run_cli(argv + ['--resume', '--ademamix-lr', '0.1'])
-  assert exit_info.value.code == 2
-  lr = configs.ADEMAMIX_LR
-  assert f'Cannot resume: the config changed (ademamix_lr: {lr} -> 0.1)' in (
-      capsys.readouterr().err
-  )
-  resumed, _ = _run_cli(argv + ['--resume'])
-  run, ref = resumed['runs']['ademamix'], reference['runs']['ademamix']
-  assert run['step'] == configs.TINY.steps
-  for key in ('step', 'train_loss', 'eval_step', 'val_loss'):
-    assert run['history'][key] == ref['history'][key], key
-  got, want = _flat(run['params']), _flat(ref['params'])
-  assert got.keys() == want.keys()
-  for key in want:
-    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  assert (tmp_path / 'curves.json').exists()
-
-
-@pytest.mark.slow
-def test_resume_without_a_checkpoint_starts_from_step_0(tiny_run, tmp_path):
   # A preemptible job passes --resume every time, the first one included.
   _, reference, _ = tiny_run
-  result, text = _run_cli(
-      [
-          '--config',
-          'tiny',
-          '--optimizers',
-          'ademamix',
-          '--workdir',
-          str(tmp_path),
-          '--resume',
-      ]
-  )
+  flags = f'--optimizers ademamix --workdir {tmp_path} --resume'
+  stopped, text = _run_cli(f'{flags} --stop-after 4')
   ckpt_dir = tmp_path / 'checkpoints' / 'ademamix'
   assert (
       f'--resume: no checkpoint found in {ckpt_dir}; training starts '
       'from step 0.'
   ) in text
-  run, ref = result['runs']['ademamix'], reference['runs']['ademamix']
-  assert run['history']['train_loss'] == ref['history']['train_loss']
+  assert 'continue with --resume' in text
+  assert stopped['runs']['ademamix']['step'] == 4
+  assert not (tmp_path / 'curves.json').exists()
+  with pytest.raises(SystemExit) as exit_info:
+    _run_cli(f'{flags} --ademamix-lr 0.1')
+  assert exit_info.value.code == 2
+  lr = configs.ADEMAMIX_LR
+  assert f'Cannot resume: the config changed (ademamix_lr: {lr} -> 0.1)' in (
+      capsys.readouterr().err
+  )
+  resumed, text = _run_cli(flags)
+  assert 'no checkpoint found' not in text
+  run, ref = resumed['runs']['ademamix'], reference['runs']['ademamix']
+  assert run['step'] == configs.TINY.steps
+  for key in ('step', 'train_loss', 'eval_step', 'val_loss'):
+    assert run['history'][key] == ref['history'][key], key
+  _assert_close(_flat(run['params']), _flat(ref['params']))
   assert (tmp_path / 'curves.json').exists()
 
 
-@pytest.mark.slow
 def test_mesh_run_matches_single_device(tiny_run, tmp_path, worker):
   _, reference, _ = tiny_run
-  got = worker(
-      os.path.join(os.path.dirname(__file__), 'lm_mesh_worker.py'),
-      devices=8,
-      timeout=300,
-      args=[tmp_path],
-  )
+  path = os.path.join(os.path.dirname(__file__), 'lm_mesh_worker.py')
+  got = worker(path, devices=8, timeout=300, args=[tmp_path])
   assert "'data': 4, 'model': 2" in got['log']
   ref = reference['runs']['ademamix']
-  np.testing.assert_allclose(
-      got['history']['train_loss'],
-      ref['history']['train_loss'],
-      rtol=0,
-      atol=_MESH_LOSS_ATOL,
-  )
-  np.testing.assert_allclose(
-      got['history']['val_loss'],
-      ref['history']['val_loss'],
-      rtol=0,
-      atol=_MESH_LOSS_ATOL,
-  )
+  for key in ('train_loss', 'val_loss'):
+    np.testing.assert_allclose(
+        got['history'][key], ref['history'][key], rtol=0, atol=_MESH_LOSS_ATOL
+    )
   want = _flat(ref['params'])
   with np.load(tmp_path / 'params.npz') as params:
-    assert set(params.files) == set(want)
-    for key in want:
-      np.testing.assert_allclose(
-          params[key], want[key], rtol=0, atol=_MESH_PARAM_ATOL, err_msg=key
-      )
+    _assert_close(dict(params), want, _MESH_PARAM_ATOL)
   # Every moment of the optimizer is sharded like its parameter, and the
   # parameters follow the largest-divisible-dimension rule.
-  specs = got['specs']
-  sharded = 0
+  specs, sharded = got['specs'], 0
   for path, spec in specs.items():
-    if not path.startswith('model'):
-      continue
-    param = path[len('model') :]
-    shape = want[param.removesuffix('.value')].shape
-    assert spec == train.spec_entries(train.fsdp_spec(shape, 2), len(shape))
-    sharded += 'model' in spec
-    moments = [
-        p for p in specs if p.startswith('optimizer') and p.endswith(param)
-    ]
-    assert len(moments) == 3, (path, moments)  # m1, m2, nu.
-    for moment in moments:
-      assert specs[moment] == spec, moment
+    if path.startswith('model'):
+      param = path.removeprefix('model')
+      shape = want[param.removesuffix('.value')].shape
+      assert spec == train.spec_entries(train.fsdp_spec(shape, 2), len(shape))
+      sharded += 'model' in spec
+      moments = [
+          p for p in specs if p.startswith('optimizer') and p.endswith(param)
+      ]
+      assert len(moments) == 3, (path, moments)  # m1, m2, nu.
+      assert all(specs[p] == spec for p in moments), moments
   assert sharded > 0
+
+
+_BF16 = {'mu_dtype': jnp.bfloat16, 'nu_dtype': jnp.bfloat16}
 
 
 @pytest.mark.parametrize(
     'state_dtype, expected',
     [
         ('float32', {}),
-        (
-            'bfloat16',
-            {
-                'mu_dtype': jnp.bfloat16,
-                'nu_dtype': jnp.bfloat16,
-                'stochastic_rounding': True,
-            },
-        ),
-        (
-            'bfloat16-nearest',
-            {
-                'mu_dtype': jnp.bfloat16,
-                'nu_dtype': jnp.bfloat16,
-                'stochastic_rounding': False,
-            },
-        ),
+        ('bfloat16', {**_BF16, 'stochastic_rounding': True}),
+        ('bfloat16-nearest', {**_BF16, 'stochastic_rounding': False}),
     ],
 )
 def test_state_dtype_reaches_the_optimizers(state_dtype, expected):
   config = dataclasses.replace(configs.TINY, state_dtype=state_dtype)
-  assert train._state_dtype_kwargs(config, amx.ademamix) == expected
-  adamw = train._state_dtype_kwargs(config, optax.adamw)
+  assert train.state_kwargs(config, 'ademamix') == expected
+  adamw = train.state_kwargs(config, 'adamw')
   assert adamw == ({} if not expected else {'mu_dtype': jnp.bfloat16})
   # The optimizer state really is stored that way.
-  tx = train.make_optimizer('ademamix', config)
-  state = tx.init({'w': jnp.ones((4, 4))})
-  dtypes = {
-      x.dtype for x in jax.tree.leaves(state) if getattr(x, 'ndim', 0) == 2
-  }
+  state = train.make_optimizer('ademamix', config).init({'w': jnp.ones((4, 4))})
+  dtypes = {x.dtype for x in jax.tree.leaves(state) if jnp.ndim(x) == 2}
   assert dtypes == {jnp.dtype(expected.get('mu_dtype', jnp.float32))}
 
 
@@ -415,28 +295,15 @@ def test_state_format_trains_from_the_command_line(tmp_path, state_format):
   """--state-format packs AdEMAMix's large buffers (AdamW keeps float32)
   and the tiny run trains."""
   config = dataclasses.replace(configs.TINY, state_format=state_format)
-  assert train._state_dtype_kwargs(config, amx.ademamix) == {
+  assert train.state_kwargs(config, 'ademamix') == {
       'state_format': state_format
   }
-  assert train._state_dtype_kwargs(config, optax.adamw) == {}
+  assert train.state_kwargs(config, 'adamw') == {}
   tx = train.make_optimizer('ademamix', config)
-  state = tx.init({'w': jnp.ones((64, 128)), 'b': jnp.ones((128,))})
-  inner = state[1][0]
-  assert {inner.m2['w'].dtype, inner.m2['b'].dtype} == {
-      jnp.dtype(jnp.uint8),
-      jnp.dtype(jnp.float32),
-  }
+  inner = tx.init({'w': jnp.ones((64, 128)), 'b': jnp.ones((128,))})[1][0]
+  assert (inner.m2['w'].dtype, inner.m2['b'].dtype) == (jnp.uint8, jnp.float32)
   result, text = _run_cli(
-      [
-          '--config',
-          'tiny',
-          '--workdir',
-          str(tmp_path),
-          '--optimizers',
-          'ademamix',
-          '--state-format',
-          state_format,
-      ]
+      f'--workdir {tmp_path} --optimizers ademamix --state-format {state_format}'
   )
   assert '| AdEMAMix | 6 |' in text
   history = result['runs']['ademamix']['history']
@@ -445,17 +312,8 @@ def test_state_format_trains_from_the_command_line(tmp_path, state_format):
 
 
 def test_simplified_ademamix_trains_from_the_command_line(tmp_path):
-  result, text = _run_cli(
-      [
-          '--config',
-          'tiny',
-          '--workdir',
-          str(tmp_path),
-          '--optimizers',
-          'simplified_ademamix',
-          'adamw',
-      ]
-  )
+  flags = f'--workdir {tmp_path} --optimizers simplified_ademamix adamw'
+  result, text = _run_cli(flags)
   assert 'Simplified AdEMAMix' in text
   runs = result['runs']
   assert set(runs) == {'simplified_ademamix', 'adamw'}
@@ -470,9 +328,8 @@ def test_simplified_ademamix_follows_the_authors_recipe():
   )
   tx = train.make_optimizer('simplified_ademamix', config)
   params = {'kernel': jnp.ones((4, 4))}  # decay_mask: kernels decay.
-  state = tx.init(params)
   grads = {'kernel': jnp.full((4, 4), 0.5)}
-  updates, _ = tx.update(grads, state, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
   # First step: m = g, nu = (1 - b2) g**2 bias-corrected to g**2, so the
   # direction is (alpha + 1) sign(g) (plus decay); the learning rate is
   # AdamW's scaled by sqrt((1 - 0.9) (1 - 0.99)).

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 from examples._shared import cli
 from examples.lm import configs
 
+_DISTRIBUTED = ('coordinator_address', 'num_processes', 'process_id')
+
 
 def parse_mesh(text: str) -> tuple[int, int]:
   """``'data=4,model=2'`` -> ``(4, 2)``; either part may be left out."""
@@ -41,29 +43,6 @@ def nonnegative_int(text: str) -> int:
   return int(text)
 
 
-def lr_changes(args: argparse.Namespace) -> dict[str, None]:
-  """``--lr`` sets the peak learning rate of every optimizer that is not
-  given its own (``--adamw-lr``, ...) on the same command line."""
-  if 'lr' not in vars(args):
-    return {}
-  return {f: None for f in configs.LR_FIELDS.values() if f not in vars(args)}
-
-
-def make_config(
-    parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> configs.Config:
-  """The base config with the flags; a bad value exits (2)."""
-  changes = (
-      {}
-      if args.mesh is None
-      else dict(zip(('mesh_data', 'mesh_model'), args.mesh))
-  )
-  changes.update(lr_changes(args))
-  return cli.config_from_args(
-      parser, args, configs.CONFIGS[args.config], **changes
-  )
-
-
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m examples.lm',
@@ -84,7 +63,6 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       '--mesh',
       type=parse_mesh,
-      default=None,
       help='Device mesh, e.g. data=4,model=2: the batch is split over '
       '"data", parameters and optimizer state over "model". '
       'Default: data=<all devices>,model=1.',
@@ -101,7 +79,6 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       '--stop-after',
       type=cli.positive_int,
-      default=None,
       help='Stop each optimizer after this many steps (saving a '
       'checkpoint), as if interrupted; continue with --resume.',
   )
@@ -134,22 +111,30 @@ def make_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def make_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> configs.Config:
+  """The base config with the flags; a bad value exits (2)."""
+  changes = dict(zip(('mesh_data', 'mesh_model'), args.mesh or ()))
+  if 'lr' in vars(args):  # --lr: for each optimizer not given its own.
+    own = configs.LR_FIELDS.values()
+    changes.update({f: None for f in own if f not in vars(args)})
+  base = configs.CONFIGS[args.config]
+  return cli.config_from_args(parser, args, base, **changes)
+
+
 def distributed_kwargs(
     parser: argparse.ArgumentParser, args: argparse.Namespace
 ) -> Optional[dict]:
   """``jax.distributed.initialize``'s arguments; ``None``: single process."""
-  given = {
-      k: getattr(args, k)
-      for k in ('coordinator_address', 'num_processes', 'process_id')
-  }
-  given = {k: v for k, v in given.items() if v is not None}
+  given = {k: v for k in _DISTRIBUTED if (v := getattr(args, k)) is not None}
   if not args.distributed:
     if given:
       parser.error(
-          f'--{next(iter(given)).replace("_", "-")} needs ' '--distributed.'
+          f'--{next(iter(given)).replace("_", "-")} needs --distributed.'
       )
     return None
-  if given and len(given) < 3:
+  if 0 < len(given) < 3:
     parser.error(
         '--coordinator-address, --num-processes and --process-id '
         'go together: give all three or none.'
@@ -171,21 +156,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = parser.parse_args(argv)
   config = make_config(parser, args)
   distributed = distributed_kwargs(parser, args)
-  import jax
+  import jax  # pylint: disable=g-import-not-at-top
 
   if distributed is not None:
     jax.distributed.initialize(**distributed)
+  from examples.lm import train  # pylint: disable=g-import-not-at-top
 
-  from examples.lm import train
-
+  kwargs = dict(resume=args.resume, stop_after=args.stop_after, out=sys.stdout)
   try:
-    return train.train_and_evaluate(
-        config,
-        args.workdir,
-        resume=args.resume,
-        stop_after=args.stop_after,
-        out=sys.stdout,
-    )
+    return train.train_and_evaluate(config, args.workdir, **kwargs)
   except cli.UsageError as e:
     parser.error(str(e))
 

@@ -20,23 +20,20 @@ VOCAB_SIZE = 256  # Bytes.
 _STD = 0.02
 
 
+def _dense(d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+  kernel_init = nnx.initializers.normal(std)
+  return nnx.Linear(d_in, d_out, kernel_init=kernel_init, rngs=rngs)
+
+
 class CausalSelfAttention(nnx.Module):
   """Multi-head self-attention where position i sees positions <= i."""
 
-  def __init__(
-      self, d_model: int, heads: int, out_std: float, *, rngs: nnx.Rngs
-  ):
+  def __init__(self, d_model: int, heads: int, out_std: float, *, rngs):
     if d_model % heads:
       raise ValueError(f'd_model={d_model} is not divisible by heads={heads}.')
     self.heads = heads
-    init = nnx.initializers.normal(_STD)
-    self.qkv = nnx.Linear(d_model, 3 * d_model, kernel_init=init, rngs=rngs)
-    self.out = nnx.Linear(
-        d_model,
-        d_model,
-        kernel_init=nnx.initializers.normal(out_std),
-        rngs=rngs,
-    )
+    self.qkv = _dense(d_model, 3 * d_model, _STD, rngs)
+    self.out = _dense(d_model, d_model, out_std, rngs)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     batch, length, d_model = x_BxLxD.shape
@@ -53,18 +50,9 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
   """Two dense layers with a GELU in between."""
 
-  def __init__(
-      self, d_model: int, d_hidden: int, out_std: float, *, rngs: nnx.Rngs
-  ):
-    self.up = nnx.Linear(
-        d_model, d_hidden, kernel_init=nnx.initializers.normal(_STD), rngs=rngs
-    )
-    self.down = nnx.Linear(
-        d_hidden,
-        d_model,
-        kernel_init=nnx.initializers.normal(out_std),
-        rngs=rngs,
-    )
+  def __init__(self, d_model: int, d_hidden: int, out_std: float, *, rngs):
+    self.up = _dense(d_model, d_hidden, _STD, rngs)
+    self.down = _dense(d_hidden, d_model, out_std, rngs)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     return self.down(jax.nn.gelu(self.up(x_BxLxD)))
@@ -73,15 +61,7 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-LayerNorm residual block: attention, then MLP."""
 
-  def __init__(
-      self,
-      d_model: int,
-      heads: int,
-      d_hidden: int,
-      out_std: float,
-      *,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, d_model, heads, d_hidden, out_std, *, rngs: nnx.Rngs):
     self.ln_attn = nnx.LayerNorm(d_model, rngs=rngs)
     self.attn = CausalSelfAttention(d_model, heads, out_std, rngs=rngs)
     self.ln_mlp = nnx.LayerNorm(d_model, rngs=rngs)
@@ -112,17 +92,11 @@ class TransformerLM(nnx.Module):
       mlp_ratio: int = 4,
       rngs: nnx.Rngs,
   ):
+    init = nnx.initializers.normal(_STD)
     # GPT-2: residual output layers start smaller, by 1/sqrt(2 layers).
     out_std = _STD / math.sqrt(2 * layers)
-    self.embed = nnx.Embed(
-        VOCAB_SIZE,
-        d_model,
-        embedding_init=nnx.initializers.normal(_STD),
-        rngs=rngs,
-    )
-    self.pos_embed = nnx.Param(
-        nnx.initializers.normal(_STD)(rngs.params(), (context, d_model))
-    )
+    self.embed = nnx.Embed(VOCAB_SIZE, d_model, embedding_init=init, rngs=rngs)
+    self.pos_embed = nnx.Param(init(rngs.params(), (context, d_model)))
     self.blocks = nnx.List(
         [
             Block(d_model, heads, mlp_ratio * d_model, out_std, rngs=rngs)

@@ -11,33 +11,24 @@ import numpy as np
 from examples._shared import report as shared_report
 from examples.lm import configs
 
-_LABELS = {
-    'adamw': 'AdamW',
-    'ademamix': 'AdEMAMix',
-    'simplified_ademamix': 'Simplified AdEMAMix',
+# Each optimizer's name in the table and the plot, and its colour there.
+_LOOKS = {
+    'adamw': ('AdamW', 'tab:blue'),
+    'ademamix': ('AdEMAMix', 'tab:red'),
+    'simplified_ademamix': ('Simplified AdEMAMix', 'tab:green'),
 }
 
 
 def label(name: str) -> str:
-  return _LABELS.get(name, name)
-
-
-def final_train_loss(train_loss: list[float], steps: int) -> Optional[float]:
-  """Mean training loss over the last 5% of ``steps`` (at least one step)."""
-  if not train_loss:
-    return None
-  window = max(1, steps // 20)
-  return float(np.mean(train_loss[-window:]))
+  return _LOOKS.get(name, (name,))[0]
 
 
 def steps_to_reach(
     eval_steps: list[int], val_losses: list[float], target: float
 ) -> Optional[float]:
-  """First step where the validation curve reaches ``target``, or ``None``.
-
-  Linear interpolation between the two evaluations around the crossing; the
-  first evaluation's step if the curve starts at or below ``target``.
-  """
+  """First step where the validation curve reaches ``target``, or ``None``:
+  interpolated between the evaluations around the crossing, or the first
+  evaluation's step if the curve starts at or below ``target``."""
   for i, (step, loss) in enumerate(zip(eval_steps, val_losses)):
     if loss <= target:
       if i == 0:
@@ -52,25 +43,21 @@ def summarize(config: configs.Config, runs: dict[str, Any]) -> dict[str, Any]:
   rows = {}
   for name, run in runs.items():
     history = run['history']
+    # The final train loss: the mean over the last 5% of the steps.
+    window = history['train_loss'][-max(1, config.steps // 20) :]
     rows[name] = {
         'steps': run['step'],
         'tokens': run['step'] * config.tokens_per_step,
-        'final_train_loss': final_train_loss(
-            history['train_loss'], config.steps
-        ),
-        'final_val_loss': (
-            history['val_loss'][-1] if history['val_loss'] else None
-        ),
-        'final_val_step': (
-            history['eval_step'][-1] if history['eval_step'] else None
-        ),
+        'final_train_loss': float(np.mean(window)) if window else None,
+        'final_val_loss': (history['val_loss'] or [None])[-1],
+        'final_val_step': (history['eval_step'] or [None])[-1],
         'wall_time_s': history['wall_time_s'],
         'steps_per_s': run['steps_per_s'],
         'num_params': run.get('num_params'),
     }
   summary: dict[str, Any] = {'rows': rows}
-  both = {'adamw', 'ademamix'} <= set(runs)
-  if both and all(runs[n]['step'] == config.steps for n in runs):
+  finished = all(run['step'] == config.steps for run in runs.values())
+  if finished and {'adamw', 'ademamix'} <= set(runs):
     target = rows['ademamix']['final_val_loss']
     adamw = runs['adamw']['history']
     summary['ademamix_final_val_loss'] = target
@@ -80,12 +67,12 @@ def summarize(config: configs.Config, runs: dict[str, Any]) -> dict[str, Any]:
   return summary
 
 
-def _fmt(x: Optional[float], spec: str) -> str:
-  return '-' if x is None else format(x, spec)
-
-
 def results_table(config: configs.Config, summary: dict[str, Any]) -> str:
   """A Markdown table of the final losses, and the headline measure."""
+
+  def fmt(x: Optional[float], spec: str) -> str:
+    return '-' if x is None else format(x, spec)
+
   lines = [
       '| optimizer | steps | tokens | train loss | val loss | wall (s) '
       '| step/s |',
@@ -94,31 +81,26 @@ def results_table(config: configs.Config, summary: dict[str, Any]) -> str:
   for name, row in summary['rows'].items():
     lines.append(
         f"| {label(name)} | {row['steps']} | {row['tokens']:,} "
-        f"| {_fmt(row['final_train_loss'], '.4f')} "
-        f"| {_fmt(row['final_val_loss'], '.4f')} "
-        f"| {row['wall_time_s']:.0f} | {_fmt(row['steps_per_s'], '.2f')} |"
+        f"| {fmt(row['final_train_loss'], '.4f')} "
+        f"| {fmt(row['final_val_loss'], '.4f')} "
+        f"| {row['wall_time_s']:.0f} | {fmt(row['steps_per_s'], '.2f')} |"
     )
-  lines.append('')
-  lines.append(
+  lines += [
+      '',
       'Losses in nats per byte; train loss: mean over the last 5% of steps; '
-      f'val loss: {config.eval_batches * config.batch} held-out windows.'
-  )
+      f'val loss: {config.eval_batches * config.batch} held-out windows.',
+  ]
   if 'adamw_steps_to_match' in summary:
-    target = summary['ademamix_final_val_loss']
-    match = summary['adamw_steps_to_match']
-    if match is None:
-      verdict = (
-          f'not reached in {config.steps} steps (AdEMAMix ends '
-          'lower than AdamW ever gets)'
-      )
-    else:
-      verdict = (
-          f'~{match:.0f} steps ({match / config.steps:.2f}x '
-          f"AdEMAMix's {config.steps})"
-      )
+    match, steps = summary['adamw_steps_to_match'], config.steps
+    verdict = (
+        f'not reached in {steps} steps (AdEMAMix ends lower than AdamW ever '
+        'gets)'
+        if match is None
+        else f"~{match:.0f} steps ({match / steps:.2f}x AdEMAMix's {steps})"
+    )
     lines.append(
-        f"AdamW steps to reach AdEMAMix's final val loss {target:.4f}: "
-        f'{verdict}.'
+        "AdamW steps to reach AdEMAMix's final val loss "
+        f"{summary['ademamix_final_val_loss']:.4f}: {verdict}."
     )
   return '\n'.join(lines)
 
@@ -129,12 +111,10 @@ def curves_payload(
     summary: dict[str, Any],
     curves: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-  """What ``curves.json`` holds: config, environment, summary and curves.
-
-  ``curves[name]`` holds ``step``/``train_loss`` (every step),
-  ``eval_step``/``val_loss``, and per step the scheduled ``lr`` and, for
-  AdEMAMix, ``alpha`` and ``b3``.
-  """
+  """What ``curves.json`` holds: config, corpus, environment, summary and
+  curves (per optimizer: ``step``/``train_loss`` of every step,
+  ``eval_step``/``val_loss``, and the scheduled ``lr`` of every step, and
+  AdEMAMix's ``alpha`` and ``b3``)."""
   return {
       'config': {
           **dataclasses.asdict(config),
@@ -163,72 +143,52 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_curves(
-    path: pathlib.Path,
-    config: configs.Config,
-    curves: dict[str, dict[str, Any]],
+    path: pathlib.Path, config: configs.Config, curves: dict[str, Any]
 ) -> None:
   """Loss curves (left), learning rate (middle), alpha and b3 (right)."""
-  colors = {
-      'adamw': 'tab:blue',
-      'ademamix': 'tab:red',
-      'simplified_ademamix': 'tab:green',
-  }
   fig, (ax_loss, ax_lr, ax_amx) = shared_report.subplots(
       1, 3, figsize=(12, 3.4), gridspec_kw={'width_ratios': [2, 1, 1]}
   )
-  window = max(1, config.steps // 50)
+  steps = np.arange(1, config.steps + 1)
+  window, skip = max(1, config.steps // 50), config.steps // 10
   lows, highs = [], []
   for name, c in curves.items():
-    color = colors.get(name)
-    train = np.asarray(c['train_loss'])
+    text, color = _LOOKS.get(name, (name, None))
+    train = c['train_loss']
+    smooth = _smooth(np.asarray(train), window)
+    style = dict(color=color, lw=1, alpha=0.6)
     ax_loss.plot(
-        c['step'],
-        _smooth(train, window),
-        color=color,
-        lw=1,
-        alpha=0.6,
-        label=f'{label(name)} train (avg {window})',
+        c['step'], smooth, label=f'{text} train (avg {window})', **style
     )
+    style = dict(color=color, ms=3, lw=1.5)
     ax_loss.plot(
-        c['eval_step'],
-        c['val_loss'],
-        'o-',
-        color=color,
-        ms=3,
-        lw=1.5,
-        label=f'{label(name)} val',
+        c['eval_step'], c['val_loss'], 'o-', label=f'{text} val', **style
     )
-    lows.append(min(c['val_loss'] + [float(train[-window:].mean())]))
-    # Leave out the first tenth of the run, where the loss drops fast.
-    tail = np.asarray(c['val_loss'])[
-        np.asarray(c['eval_step']) >= config.steps // 10
-    ]
-    highs.append(float(tail.max()) if tail.size else float(train.max()))
-    ax_lr.plot(
-        np.arange(1, config.steps + 1), c['lr'], color=color, label=label(name)
-    )
-  low, high = min(lows), max(highs)
-  pad = 0.05 * (high - low) + 1e-3
-  ax_loss.set_ylim(low - pad, high + pad)
-  ax_loss.set_xlabel('step')
+    ax_lr.plot(steps, c['lr'], color=color, label=text)
+    lows.append(min(c['val_loss'] + [float(np.mean(train[-window:]))]))
+    # The top leaves out the first tenth of the run, where the loss drops.
+    tail = [v for s, v in zip(c['eval_step'], c['val_loss']) if s >= skip]
+    highs.append(max(tail or train))
+  pad = 0.05 * (max(highs) - min(lows)) + 1e-3
+  ax_loss.set_ylim(min(lows) - pad, max(highs) + pad)
   ax_loss.set_ylabel('loss (nats / byte)')
-  ax_loss.set_title('Byte-level LM: loss')
-  ax_loss.grid(alpha=0.3)
   ax_loss.legend(fontsize=7)
-  ax_lr.set_title('learning rate')
-  ax_lr.set_xlabel('step')
-  ax_lr.grid(alpha=0.3)
   ax_lr.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
-  ax_amx.set_title('AdEMAMix warmups')
-  ax_amx.set_xlabel('step')
+  titles = ('Byte-level LM: loss', 'learning rate', 'AdEMAMix warmups')
+  for ax, title in zip((ax_loss, ax_lr, ax_amx), titles):
+    ax.set_title(title)
+    ax.set_xlabel('step')
   if 'ademamix' in curves:
-    c = curves['ademamix']
-    steps = np.arange(1, config.steps + 1)
-    ax_amx.plot(steps, c['alpha'], color='tab:red', label='alpha(t)')
+    ax_amx.plot(
+        steps, curves['ademamix']['alpha'], color='tab:red', label='alpha(t)'
+    )
     ax_amx.set_ylabel('alpha(t)', color='tab:red')
     ax_b3 = ax_amx.twinx()
-    ax_b3.plot(steps, c['b3'], color='tab:green', label='b3(t)')
+    ax_b3.plot(
+        steps, curves['ademamix']['b3'], color='tab:green', label='b3(t)'
+    )
     ax_b3.set_ylabel('b3(t)', color='tab:green')
-  ax_amx.grid(alpha=0.3)
+  for ax in (ax_loss, ax_lr, ax_amx):
+    ax.grid(alpha=0.3)
   fig.tight_layout()
   shared_report.save_figure(fig, path, dpi=80)

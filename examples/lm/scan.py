@@ -128,7 +128,10 @@ def load_result(
 
 
 def _train(
-    spec: RunSpec, config: configs.Config, rundir: pathlib.Path, stop_after
+    spec: RunSpec,
+    config: configs.Config,
+    rundir: pathlib.Path,
+    stop_after: Optional[int],
 ) -> Optional[dict[str, Any]]:
   """Trains (or resumes) a run; its result, or ``None`` if it stopped early."""
   from examples.lm import train  # pylint: disable=g-import-not-at-top
@@ -394,8 +397,10 @@ def scan_tables(summary: dict[str, Any], config: configs.Config) -> str:
       'checkpoints included)'
   )
   if load := summary['loadavg_range']:
-    md += f"; 1-minute load average {load[0]:.2f}-{load[1]:.2f} at the runs'"
-    md += ' starts and ends'
+    md += (
+        f'; 1-minute load average {load[0]:.2f}-{load[1]:.2f} at the '
+        "runs' starts and ends"
+    )
   md += '.'
   if invocations := summary.get('invocations'):
     minutes = sum(e['elapsed_s'] for e in invocations) / 60
@@ -504,21 +509,17 @@ def scan(
   2. If ``lrs``: every optimizer at each learning rate (Simplified AdEMAMix
      at its best ``alpha``); the grid grows by a factor of 2 past an end
      holding the best, up to ``lr_extensions`` times.
-  3. ``optimizers`` x ``budgets`` x ``seeds``, each at its best settings
-     (else ``base``'s).
+  3. ``optimizers`` x ``budgets`` x ``seeds``, each at its best settings.
 
-  The sweeps run ``sweep_budget`` steps on ``sweep_seeds``, sharing their
-  common runs. ``report_only``: train nothing; ``stop_after``: stop each run
-  after this many steps, as if interrupted; ``out``: the progress lines.
-
-  Returns:
-    The summary (see :func:`summarize`), with ``trained`` and ``skipped``
-    (the names of the runs trained now and of those found finished).
+  The sweeps run ``sweep_budget`` steps on ``sweep_seeds``. ``stop_after``
+  stops each run after this many steps, as if interrupted; ``out`` gets the
+  progress lines. Returns the summary (:func:`summarize`) with ``trained``
+  and ``skipped``: the runs trained now and those found finished.
   """
   start = time.perf_counter()
   workdir = shared_report.workdir_path(workdir)
-  trained: list[str] = []
-  skipped: list[str] = []
+  trained: list[str] = []  # The runs trained now,
+  skipped: list[str] = []  # and those found finished.
   results: dict[str, dict[str, Any]] = {}  # By name: a run counts once.
 
   say = functools.partial(print, file=out, flush=True)

@@ -1,15 +1,14 @@
 """Tests of the budgets scan of the language-model example (examples/lm/scan).
 
-The reading of the AdamW curve, the choice of the best value and the growth
-of the learning-rate grid are checked on made-up numbers; a tiny scan (a
-2-value alpha sweep, a 2-value learning-rate sweep of each optimizer, then 2
-budgets x 3 optimizers x 2 seeds) runs end to end, is rerun (everything
-skipped), and one interrupted run is resumed from its checkpoint.
+The arithmetic is checked on made-up numbers; a tiny scan (2-value alpha and
+learning-rate sweeps, then 2 budgets x 3 optimizers x 2 seeds) runs end to
+end, is rerun (everything skipped), and one interrupted run is resumed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -32,21 +31,18 @@ _SWEEPS['sweep_budget'] = _BUDGETS[0]
 def test_adamw_budget_to_match_interpolates_in_log_budget():
   budgets, losses = [500, 1000, 2000, 4000], [2.0, 1.8, 1.6, 1.5]
   match = scan.adamw_budget_to_match
+  approx = functools.partial(pytest.approx, rel=1e-12)
   # Halfway in loss between 1000 and 2000: the geometric mean, not 1500; a
   # quarter of the way from 2000 to 4000; on a scanned budget, that budget.
   expected = [(1.7, 1000 * math.sqrt(2)), (1.575, 2000 * 2**0.25)]
   for target, budget in expected + list(zip(losses, budgets)):
-    assert match(budgets, losses, target) == (
-        '=',
-        pytest.approx(budget, rel=1e-12),
-    )
+    assert match(budgets, losses, target) == ('=', approx(budget))
   # Lower than AdamW ever gets; higher than AdamW's smallest budget.
   assert match(budgets, losses, 1.49) == ('>', 4000.0)
   assert match(budgets, losses, 2.01) == ('<', 500.0)
   # Not monotone: the first crossing counts.
   bumpy = [2.0, 1.7, 1.8, 1.6]
-  expected = ('=', pytest.approx(500 * 2 ** (0.25 / 0.3), rel=1e-12))
-  assert match(budgets, bumpy, 1.75) == expected
+  assert match(budgets, bumpy, 1.75) == ('=', approx(500 * 2 ** (0.25 / 0.3)))
   with pytest.raises(ValueError, match='increase'):
     match([1000, 500], [1.0, 2.0], 1.5)
 
@@ -76,17 +72,15 @@ def test_tables_read_the_mean_adamw_curve():
       'ademamix': dict(zip(budgets, [2.05, 1.7, 1.575, 1.45])),
   }
   ms_per_step = {'adamw': 10.0, 'ademamix': 12.0}
+  fixed = dict(alpha=None, wall_time_s=60.0, loadavg=[1.0, 2.0], num_params=1)
   results = [  # Seeds 0 and 1 end 0.01 below and above the curves.
-      {
-          'name': scan.RunSpec(name, budget, seed).name,
-          'optimizer': name,
-          'alpha': None,
-          'final_val_loss': curves[name][budget] + shift,
-          'ms_per_step': ms_per_step[name],
-          'wall_time_s': 60.0,
-          'loadavg': [1.0, 2.0],
-          'num_params': 100,
-      }
+      dict(
+          name=scan.RunSpec(name, budget, seed).name,
+          optimizer=name,
+          final_val_loss=curves[name][budget] + shift,
+          ms_per_step=ms_per_step[name],
+          **fixed,
+      )
       for seed, shift in ((0, -0.01), (1, 0.01))
       for budget in budgets
       for name in curves
@@ -126,9 +120,9 @@ def test_tables_read_the_mean_adamw_curve():
 
 
 def test_run_spec_sets_the_budget_everywhere():
-  spec = scan.RunSpec('simplified_ademamix', 2000, 1, 3.0, 4e-3)
-  config = spec.config(configs.SCAN)
-  assert config.steps == 2000 and config.eval_every == 2000
+  spec = scan.RunSpec('simplified_ademamix', 1000, 1, 3.0, 4e-3)
+  config = spec.config(configs.SCAN)  # SCAN.steps: 2000.
+  assert config.steps == 1000 and config.eval_every == 1000
   assert config.seed == 1 and config.simplified_alpha == 3.0
   assert config.lr == 4e-3 and config.optimizers == ('simplified_ademamix',)
   assert scan.RunSpec('adamw', 500, 0).name == 'adamw_steps500_seed0'
@@ -138,9 +132,9 @@ def test_run_spec_sets_the_budget_everywhere():
   # The schedules are the run's: AdEMAMix's alpha and b3 reach their final
   # values at the budget, not before.
   schedules = train.logged_schedules('ademamix', config)
-  assert len(schedules['alpha']) == 2000
+  assert len(schedules['alpha']) == 1000
   assert schedules['alpha'][-1] == pytest.approx(configs.SCAN.alpha)
-  assert schedules['alpha'][999] < 0.9 * configs.SCAN.alpha
+  assert schedules['alpha'][499] < 0.9 * configs.SCAN.alpha
 
 
 def test_scan_config_is_the_default_without_its_tuned_settings():

@@ -758,10 +758,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   if args.lrs is not None and 'lr' in vars(args):
     parser.error('--lr needs --lrs none.')
   base = cli.config_from_args(parser, args, configs.SCAN_CONFIGS[args.config])
-  own = 'budgets seeds optimizers alphas lrs sweep_budget sweep_seeds'.split()
-  own += ['report_only', 'stop_after']
+  own = {k: getattr(args, k) for k in _HELP if k not in ('config', 'workdir')}
   try:
-    return scan(base, args.workdir, **{k: getattr(args, k) for k in own})
+    return scan(base, args.workdir, **own)
   except cli.UsageError as e:
     parser.error(str(e))
 

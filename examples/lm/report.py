@@ -23,6 +23,10 @@ def label(name: str) -> str:
   return _LOOKS.get(name, (name,))[0]
 
 
+def color(name: str) -> Optional[str]:
+  return _LOOKS.get(name, (name, None))[1]
+
+
 def steps_to_reach(
     eval_steps: list[int], val_losses: list[float], target: float
 ) -> Optional[float]:

@@ -39,7 +39,6 @@ MAX_LR_EXTENSIONS = 2  # Factors of 2 past an end of the grid holding the best.
 # Config fields that do not change a run's results.
 _IRRELEVANT = {'log_every', 'checkpoint_every', 'mesh_data', 'mesh_model'}
 _SIMPLIFIED = 'simplified_ademamix'
-_COLORS = {'adamw': 'tab:blue', 'ademamix': 'tab:red', _SIMPLIFIED: 'tab:green'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,7 +425,7 @@ def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
   )
   ax = axes[0][0]
   for name in summary['optimizers']:
-    curve, color = summary['curves'][name], _COLORS.get(name)
+    curve, color = summary['curves'][name], report.color(name)
     rows = [r for r in curve['budgets'] if r['val_losses']]
     if not rows:
       continue
@@ -451,7 +450,7 @@ def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
     for name, s in sweeps.items():
       done = [(lr, np.mean(v)) for lr, v in zip(s['lrs'], s['val_losses']) if v]
       if done:
-        color, text = _COLORS.get(name), report.label(name)
+        color, text = report.color(name), report.label(name)
         ax.plot(*zip(*done), 'o-', color=color, label=text)
     lrs = sorted({lr for s in sweeps.values() for lr in s['lrs']})
     title = f'Learning rate, {lr_sweep["budget"]} steps'
@@ -466,7 +465,7 @@ def plot_scan(summary: dict[str, Any], path: pathlib.Path) -> None:
   if sweep:
     ax, x = axes[0][-1], np.arange(len(sweep['alphas']))
     means = [np.mean(v) if v else np.nan for v in sweep['val_losses']]
-    ax.plot(x, means, 'o-', color=_COLORS[_SIMPLIFIED])
+    ax.plot(x, means, 'o-', color=report.color(_SIMPLIFIED))
     labels = [f'{a:g}' for a in sweep['alphas']]
     title = f'Simplified AdEMAMix, {sweep["budget"]} steps'
     _axis(ax, x, labels, 'alpha', title, log=False)

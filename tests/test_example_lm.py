@@ -168,6 +168,16 @@ def test_fsdp_spec_and_decay_mask():
   assert train.decay_mask(params) == is_kernel
 
 
+def test_changed_fields_name_each_difference_outside_ignore():
+  saved = {'lr': 0.001, 'steps': 6, 'log_every': 2}
+  current = {'lr': 0.002, 'steps': 6, 'log_every': 3, 'seed': 1}
+  assert configs.changed_fields(saved, current, ['log_every']) == [
+      'lr: 0.001 -> 0.002',
+      'seed: None -> 1',
+  ]
+  assert configs.changed_fields(saved, saved) == []
+
+
 def test_steps_to_reach_and_non_finite_losses():
   steps, losses = [10, 20, 30], [3.0, 2.0, 1.0]
   assert report.steps_to_reach(steps, losses, 2.5) == 15.0

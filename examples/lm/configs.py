@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 from examples._shared import cli
 
@@ -185,6 +185,20 @@ class Config:
   @property
   def tokens_per_step(self) -> int:
     return self.batch * self.context
+
+
+def changed_fields(
+    saved: dict[str, Any], current: dict[str, Any], ignore: Iterable[str] = ()
+) -> list[str]:
+  """``'field: saved -> current'`` for each field outside ``ignore`` whose
+  value differs between two configs saved as JSON (a missing field reads as
+  ``None``)."""
+  ignore = set(ignore)
+  return [
+      f'{k}: {saved.get(k)!r} -> {current.get(k)!r}'
+      for k in sorted(saved.keys() | current.keys())
+      if k not in ignore and saved.get(k) != current.get(k)
+  ]
 
 
 # The budgets scan's sweeps (1000 steps, seeds 100 and 101;

@@ -95,12 +95,10 @@ def scan_specs(
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-  """The fields that change results; ``None`` counts as absent (a run saved
-  before the field was added had it at ``None``)."""
+  """``config`` as JSON, ``None`` counting as absent (a run saved before a
+  field was added had it at ``None``)."""
   config = json.loads(json.dumps(config))
-  return {
-      k: v for k, v in config.items() if k not in _IRRELEVANT and v is not None
-  }
+  return {k: v for k, v in config.items() if v is not None}
 
 
 def load_result(
@@ -114,11 +112,7 @@ def load_result(
   result = json.loads(path.read_text())
   saved = _comparable(result['config'])
   current = _comparable(dataclasses.asdict(config))
-  if changes := [
-      f'{k}: {saved.get(k)!r} -> {current.get(k)!r}'
-      for k in sorted(saved.keys() | current.keys())
-      if saved.get(k) != current.get(k)
-  ]:
+  if changes := configs.changed_fields(saved, current, _IRRELEVANT):
     raise cli.UsageError(
         f'{path} was made with another config ({", ".join(changes)}); use '
         'another --workdir.'

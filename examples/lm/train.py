@@ -305,12 +305,9 @@ def restore_or_init(program, manager, config, resume, out):
   meta = restore(meta=ocp.args.JsonRestore())['meta']
   saved = meta['config']
   current = json.loads(json.dumps(dataclasses.asdict(config)))
-  changes = ', '.join(
-      f'{k}: {saved.get(k)!r} -> {current.get(k)!r}'
-      for k in sorted(set(saved) | set(current))
-      if k not in _RESUMABLE.split() and saved.get(k) != current.get(k)
-  )
-  if changes:
+  if changes := ', '.join(
+      configs.changed_fields(saved, current, _RESUMABLE.split())
+  ):
     raise cli.UsageError(
         f'Cannot resume: the config changed ({changes}). Use another '
         'workdir, or drop --resume to start over.'

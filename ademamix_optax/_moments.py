@@ -265,7 +265,7 @@ class Writer:
     def read(n, o, *root):
       if not _formats.is_packed(n, o):
         return o
-      x = _formats.decode(o, fmt, n.shape[-1], n.dtype)
+      x = computed_once(_formats.decode(o, fmt, n.shape[-1], n.dtype))
       return x * root[0] if fmt.relative else x
 
     extra = [roots] if fmt.relative else []
@@ -337,6 +337,7 @@ class Writer:
         assert fmt is not None
         root = roots[i] if roots is not None else 1
         q = _formats.quantize(n / root, fmt, bits)
+        q = q._replace(codes=computed_once(q.codes))
         stored.append(_formats.pack(q, fmt))
         if buffer == 'nu':  # Relative buffers are stored over its root.
           kept.append(_formats.dequantize(q, fmt, n.dtype) * root)
@@ -388,6 +389,34 @@ def once(tree: Any) -> Any:
       dtype = scalars[i].dtype
       out[i] = r if r.dtype == dtype else jax.lax.bitcast_convert_type(r, dtype)
   return jax.tree.unflatten(treedef, out)
+
+
+def computed_once(x: jax.Array) -> jax.Array:
+  """``x`` as it is; on XLA:CPU computed once, not in each of its readers.
+
+  XLA:CPU fuses an elementwise producer into every loop that reads it: a
+  packed buffer's decoded values (read by the EMA, the update and, for the
+  second moment, the roots of the first moments) and its new codes (read by
+  each run of packed bytes, :func:`ademamix_optax._formats.pack`) would be
+  recomputed, hash and all, several times per element. On CPU ``x`` is read
+  from a reduction (as in :func:`once`), which XLA does not copy into its
+  readers: a ``state_format`` step about twice as fast (see
+  ``benchmarks/README.md``). Other platforms get ``x`` unchanged: unmeasured
+  there, so left to their compilers. The choice is made when the step is
+  lowered (:func:`jax.lax.platform_dependent`); the values are the same.
+  """
+
+  def cpu(x):
+    bits = _as_bits(x)
+    (reduced,) = jax.lax.reduce(
+        [jnp.stack([bits, jnp.zeros_like(bits)])],
+        [np.zeros((), bits.dtype)],
+        lambda xs, ys: [jax.lax.bitwise_or(xs[0], ys[0])],
+        (0,),
+    )
+    return jax.lax.bitcast_convert_type(reduced, x.dtype)
+
+  return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: x)
 
 
 def _as_bits(x: jax.Array) -> jax.Array:

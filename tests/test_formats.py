@@ -7,6 +7,7 @@ must give the same codes and scales, and the same decoded values.
 
 import dataclasses
 import math
+import re
 
 import chex
 import jax
@@ -322,6 +323,27 @@ def test_update_reads_the_moments_before_they_are_stored(name, preset):
     outs[fmt] = updates
   chex.assert_trees_all_equal(outs[preset][0], outs[None][0])
   assert not np.array_equal(outs[preset][1]['w'], outs[None][1]['w'])
+
+
+@pytest.mark.parametrize('preset', sorted(_formats.PRESETS))
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_packed_buffers_are_computed_once_on_cpu_only(name, preset):
+  """On CPU each packed buffer's decoded values and new codes are read from
+  a reduction (``_moments.computed_once``), chosen when the step is lowered:
+  a lowering for a GPU or a TPU has none of these reductions."""
+  tx = OPTIMIZERS[name](state_format=preset)
+  params = _params()  # Two packed leaves.
+  state = tx.init(params)
+
+  def reductions(platform):
+    exported = jax.export.export(jax.jit(tx.update), platforms=[platform])
+    text = exported(params, state).mlir_module()
+    return len(re.findall(r'stablehlo\.reduce\b(?!_)', text))
+
+  buffers = {'ademamix': 3, 'simplified': 2}[name]  # m1, m2, nu; m, nu.
+  extra = 2 * 2 * buffers  # Decoded and encoded, per packed leaf.
+  assert reductions('cuda') == reductions('tpu')
+  assert reductions('cpu') - reductions('cuda') == extra
 
 
 @pytest.mark.parametrize('preset', sorted(_formats.PRESETS))

@@ -135,7 +135,7 @@ def scale_by_ademamix(
       streams (``benchmarks/state_formats.py``). ``'8bit'``: 3.07 bytes,
       within 28%, ``m2`` within 0.9%; there ``m2`` averages ``m1`` rather
       than the gradients (a deviation from the paper). Not together with
-      ``mu_dtype`` or ``nu_dtype``. A step costs 14-22 times a float32
+      ``mu_dtype`` or ``nu_dtype``. A step costs 10-14 times a float32
       state's on XLA:CPU (see the documentation's memory page).
 
   Returns:

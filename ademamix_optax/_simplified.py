@@ -137,7 +137,7 @@ def scale_by_simplified_ademamix(
       is stored as :func:`ademamix_optax.scale_by_ademamix` stores its slow
       EMA ``m2``, ``nu`` as its ``nu``: ``'compact'`` 3.8 bytes per
       parameter, ``'8bit'`` 2.3. Not together with ``mu_dtype`` or
-      ``nu_dtype``. Slower per step on XLA:CPU (AdEMAMix's: 14-22 times a
+      ``nu_dtype``. Slower per step on XLA:CPU (AdEMAMix's: 10-14 times a
       float32 state's; see the documentation's memory page).
 
   Returns:

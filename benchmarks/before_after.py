@@ -12,6 +12,7 @@ Usage (from the repository root, in a git checkout)::
 
   python -m benchmarks.before_after --baseline a81c08e
   python -m benchmarks.before_after --baseline HEAD~1 --quick
+  python -m benchmarks.before_after --baseline HEAD~1 --state-formats
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     'bf16 m1, m2, nu': {'mu_dtype': jnp.bfloat16, 'nu_dtype': jnp.bfloat16},
 }
+# With --state-formats (the baseline must have them).
+FORMAT_CONFIGS: dict[str, dict[str, Any]] = {
+    f"`state_format='{name}'`": {'state_format': name}
+    for name in ('compact', '8bit')
+}
 
 
 def import_baseline(revision: str, directory: str) -> Any:
@@ -69,13 +75,20 @@ def import_baseline(revision: str, directory: str) -> Any:
     sys.path.remove(str(root))
 
 
-def run(baseline: Any, specs: Any, rounds: int) -> dict[str, Any]:
-  """Both versions' times for every configuration, ``rounds`` times."""
+def run(
+    baseline: Any,
+    specs: Any,
+    rounds: int,
+    configs: Optional[dict[str, dict[str, Any]]] = None,
+) -> dict[str, Any]:
+  """Both versions' times for every configuration (default
+  :data:`CONFIGS`), ``rounds`` times."""
+  configs = CONFIGS if configs is None else configs
   times: dict[tuple[str, str], list[tuple[float, float]]] = {}
   versions = [('this', amx), ('baseline', baseline)]
   for r in range(rounds):
     print(f'round {r + 1}/{rounds}', file=sys.stderr, flush=True)
-    for k, (config, kwargs) in enumerate(CONFIGS.items()):
+    for k, (config, kwargs) in enumerate(configs.items()):
       for version, module in versions if r % 2 == 0 else versions[::-1]:
         gc.collect()
         name = f'step_{version}_{k}_{r}'
@@ -86,7 +99,7 @@ def run(baseline: Any, specs: Any, rounds: int) -> dict[str, Any]:
             C.lower_and_compile(tx, specs, name)
         )
   rows = []
-  for config in CONFIGS:
+  for config in configs:
     new, old = times[(config, 'this')], times[(config, 'baseline')]
     rows.append(
         {
@@ -135,6 +148,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = C.parser('before_after', __doc__)
   p.add_argument('--baseline', required=True, help='a git revision')
   p.add_argument('--rounds', type=int, default=6)
+  p.add_argument(
+      '--state-formats',
+      action='store_true',
+      help="also state_format='compact' and '8bit' (about 6 min more)",
+  )
   C.add_quick_and_out(
       p,
       'before_after',
@@ -151,7 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   )
   with tempfile.TemporaryDirectory() as directory:
     baseline = import_baseline(args.baseline, directory)
-    result = run(baseline, specs, args.rounds)
+    configs = {**CONFIGS, **(FORMAT_CONFIGS if args.state_formats else {})}
+    result = run(baseline, specs, args.rounds, configs)
   print(markdown(result, args.baseline), flush=True)
   result.update(machine=info, baseline=args.baseline)
   C.finish(args.out, 'before_after', result)

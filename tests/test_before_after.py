@@ -38,9 +38,11 @@ def test_baseline_is_a_separate_package(tmp_path, monkeypatch):
 def test_quick_run_reports_every_config(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   result = before_after.main(
-      ['--baseline', 'HEAD', '--quick', '--rounds', '2', '--out', str(tmp_path)]
+      ['--baseline', 'HEAD', '--quick', '--rounds', '2', '--state-formats']
+      + ['--out', str(tmp_path)]
   )
-  assert [r['config'] for r in result['rows']] == list(before_after.CONFIGS)
+  configs = {**before_after.CONFIGS, **before_after.FORMAT_CONFIGS}
+  assert [r['config'] for r in result['rows']] == list(configs)
   for row in result['rows']:
     assert len(row['this_s']) == len(row['baseline_s']) == 2
     for key in ('x_lower', 'x_compile', 'x_total'):

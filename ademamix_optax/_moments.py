@@ -360,7 +360,8 @@ class Writer:
 
 
 def once(tree: Any) -> Any:
-  """``tree`` of scalars as it is, each array read from a reduction.
+  """``tree`` of scalars (or arrays) as it is, each array read from a
+  reduction.
 
   The same values and dtypes (the bits pass through ``x | 0``); Python
   numbers are left alone. XLA copies cheap scalar arithmetic into every loop
@@ -399,24 +400,13 @@ def computed_once(x: jax.Array) -> jax.Array:
   second moment, the roots of the first moments) and its new codes (read by
   each run of packed bytes, :func:`ademamix_optax._formats.pack`) would be
   recomputed, hash and all, several times per element. On CPU ``x`` is read
-  from a reduction (as in :func:`once`), which XLA does not copy into its
+  from a reduction by :func:`once`, which XLA does not copy into its
   readers: a ``state_format`` step 1.2 to 1.9 times as fast (see
   ``benchmarks/README.md``). Other platforms get ``x`` unchanged: unmeasured
   there, so left to their compilers. The choice is made when the step is
   lowered (:func:`jax.lax.platform_dependent`); the values are the same.
   """
-
-  def cpu(x):
-    bits = _as_bits(x)
-    (reduced,) = jax.lax.reduce(
-        [jnp.stack([bits, jnp.zeros_like(bits)])],
-        [np.zeros((), bits.dtype)],
-        lambda xs, ys: [jax.lax.bitwise_or(xs[0], ys[0])],
-        (0,),
-    )
-    return jax.lax.bitcast_convert_type(reduced, x.dtype)
-
-  return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: x)
+  return jax.lax.platform_dependent(x, cpu=once, default=lambda x: x)
 
 
 def _as_bits(x: jax.Array) -> jax.Array:

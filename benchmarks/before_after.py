@@ -76,14 +76,9 @@ def import_baseline(revision: str, directory: str) -> Any:
 
 
 def run(
-    baseline: Any,
-    specs: Any,
-    rounds: int,
-    configs: Optional[dict[str, dict[str, Any]]] = None,
+    baseline: Any, specs: Any, rounds: int, configs: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-  """Both versions' times for every configuration (default
-  :data:`CONFIGS`), ``rounds`` times."""
-  configs = CONFIGS if configs is None else configs
+  """Both versions' times for every configuration, ``rounds`` times."""
   times: dict[tuple[str, str], list[tuple[float, float]]] = {}
   versions = [('this', amx), ('baseline', baseline)]
   for r in range(rounds):
